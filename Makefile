@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make run` trains the tiny MoE model, `make test` runs the tests.
+# Both create (or reuse) the virtualenv .venv in this checkout with sparse_train installed in it.
+VENV ?= .venv
+EXTRAS ?= dev
+CONFIG ?= configs/tiny-moe.yaml
+PYTEST_ARGS ?=
+
+.PHONY: venv run test test-slow test-all lint clean
+
+venv:
+	@VENV=$(VENV) EXTRAS=$(EXTRAS) scripts/ensure-venv.sh
+
+run: venv
+	$(VENV)/bin/sparse-train train --config $(CONFIG)
+
+test: venv
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: venv
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check sparse_train tests tools
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,192 @@
+"""`sparse-train` (and `python -m sparse_train`): train, eval, generate, config.
+
+Errors the user can fix (config, data, checkpoints, arguments) end the process with exit status
+2 and one line on stderr naming the problem; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sparse_train.configtypes import ConfigError, field_help
+
+USER_ERROR = 2
+
+
+class UsageError(Exception):
+    """A bad command line; exit status 2."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's default prints usage too)
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (e.g. configs/tiny-moe.yaml); omitted = built-in defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set train.steps=100 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="sparse-train", description="Train sparse (MoE / FFF) language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+
+    train = sub.add_parser("train", help="train a model from a config")
+    _add_config_args(train)
+    train.add_argument("--run-dir", help="output directory (default runs/CONFIG_NAME/TIMESTAMP)")
+    train.add_argument("--resume", help="'auto' (newest complete checkpoint in the run dir) or a checkpoint path")
+
+    ev = sub.add_parser("eval", help="validation loss of a checkpoint, as JSON")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override fields of the checkpoint's config, e.g. data.path or train.eval_batches")
+
+    gen = sub.add_parser("generate", help="generate text from a checkpoint")
+    gen.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    gen.add_argument("--seed", type=int, default=0)
+
+    cfg = sub.add_parser("config", help="print the resolved config (YAML), or every field with its help")
+    _add_config_args(cfg)
+    cfg.add_argument("--fields", action="store_true", help="list every field, its default and meaning")
+    return parser
+
+
+def _default_run_dir(config_path: str | None) -> Path:
+    name = Path(config_path).stem if config_path else "default"
+    return Path("runs") / name / time.strftime("%Y%m%d-%H%M%S")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sparse_train.config import load_config
+    from sparse_train.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
+    if args.resume is not None and args.run_dir is None and args.resume == "auto":
+        raise UsageError("sparse-train train: --resume auto needs --run-dir (the run to continue)")
+    trainer = Trainer(cfg, run_dir, resume=args.resume)
+    summary = trainer.fit()
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(s) -> str:
+    def loss(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = [
+        f"trained {s.steps} steps  ({s.params.get('total', 0):,} parameters, {s.params.get('active', 0):,} active per token)",
+        f"  loss          {loss(s.first_loss)} (first step) -> {loss(s.last_loss)} (last step)",
+        f"  val loss      {loss(s.val_loss)}",
+        f"  throughput    {s.tokens_per_s:,.0f} tokens/s",
+    ]
+    if s.load_imbalance:
+        balance = ", ".join(f"{k} {v:.2f}" for k, v in s.load_imbalance.items())
+        lines.append(f"  expert load   max/mean per MoE layer (1.00 = balanced): {balance}")
+    if s.nonfinite_steps:
+        lines.append(f"  skipped       {s.nonfinite_steps} non-finite steps")
+    lines += [
+        f"  metrics       {s.run_dir / 'metrics.jsonl'}",
+        f"  tensorboard   {s.run_dir / 'tb'}   (tensorboard --logdir {s.run_dir / 'tb'})",
+        f"  plots         {s.run_dir / 'plots'}",
+        f"  checkpoint    {s.checkpoint if s.checkpoint else 'none written'}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    from sparse_train.data.dataset import load_token_data, validation_batches
+    from sparse_train.inference import load_trained
+    from sparse_train.train.loss import lm_loss
+
+    loaded = load_trained(Path(args.checkpoint), args.overrides)
+    cfg = loaded.cfg
+    data = load_token_data(cfg.data, loaded.tokenizer, cfg.model.vocab_size)
+    batches = validation_batches(data.val, cfg.data.seq_len, cfg.train.batch_size, cfg.train.eval_batches)
+    import torch
+
+    with torch.no_grad():
+        losses = [float(lm_loss(loaded.model(x).logits_BSV, y)) for x, y in batches]
+    val = sum(losses) / len(losses)
+    print(json.dumps({
+        "checkpoint": str(loaded.path), "step": loaded.step, "val_loss": val, "val_ppl": math.exp(val),
+        "tokens": len(batches) * cfg.train.batch_size * cfg.data.seq_len, "data": data.source,
+    }))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sparse_train.inference import generate, load_trained
+
+    if args.max_new_tokens < 1:
+        raise UsageError("sparse-train generate: --max-new-tokens must be >= 1")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UsageError("sparse-train generate: --top-p must be in (0, 1]")
+    if args.temperature <= 0:
+        raise UsageError("sparse-train generate: --temperature must be > 0 (use --greedy for argmax)")
+    loaded = load_trained(Path(args.checkpoint))
+    prompt_ids = loaded.tokenizer.encode(args.prompt).tolist()
+    if not prompt_ids:
+        raise UsageError("sparse-train generate: --prompt is empty")
+    new_ids = generate(
+        loaded.model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop_id=loaded.tokenizer.eot_id,
+    )
+    print(args.prompt + loaded.tokenizer.decode(new_ids))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from sparse_train.config import Config, load_config
+
+    if args.fields:
+        for name, help_text, default in field_help(Config):
+            print(f"{name} = {default!r}\n    {help_text}")
+        return 0
+    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "config": cmd_config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sparse_train.data.corpus import DataError
+    from sparse_train.train.checkpoint import CheckpointError
+    from sparse_train.train.trainer import TrainingStopped
+
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return USER_ERROR
+    except (DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR
+    except TrainingStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The run configuration: one dataclass per component, validated on construction.
+
+Precedence: `--set key=value` overrides > YAML file > the defaults below. Configs hold plain
+values only (no devices, process groups or other runtime objects).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sparse_train.configtypes import (
+    ConfigError,
+    Section,
+    apply_override,
+    from_dict,
+    option,
+    parse_override,
+)
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "RouterConfig",
+    "TrainConfig",
+    "load_config",
+]
+
+
+def _positive(section: Section, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value <= 0:
+            raise ConfigError(name, f"must be > 0, got {value}")
+
+
+def _non_negative(section: Section, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < 0:
+            raise ConfigError(name, f"must be >= 0, got {value}")
+
+
+@dataclass
+class ModelConfig(Section):
+    vocab_size: int | None = option(None, "vocabulary size; null = the tokenizer's size")
+    d_model: int = option(128, "residual stream width")
+    n_layers: int = option(4, "number of transformer blocks")
+    n_heads: int = option(4, "attention heads; must divide d_model")
+    n_kv_heads: int | None = option(None, "key/value heads for grouped-query attention; null = n_heads")
+    ffn: Literal["dense", "moe"] = option("moe", "FFN kind of the sparse slots: dense SwiGLU or MoE")
+    ffn_hidden: int = option(512, "hidden width of dense SwiGLU FFNs")
+    max_seq_len: int = option(256, "longest sequence the rotary embedding table covers")
+    rope_theta: float = option(10000.0, "rotary embedding base")
+    norm_eps: float = option(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = option(False, "share the input embedding with the output projection")
+    init_std: float = option(0.02, "std of the normal initialisation of weights")
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
+        _positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std")
+        if self.d_model % self.n_heads != 0:
+            raise ConfigError(
+                "d_model", f"must be divisible by model.n_heads ({self.n_heads}), got {self.d_model}"
+            )
+        if (self.d_model // self.n_heads) % 2 != 0:
+            raise ConfigError("n_heads", "d_model / n_heads must be even for rotary embeddings")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError("n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class MoEConfig(Section):
+    num_experts: int = option(8, "routed experts per MoE layer")
+    expert_hidden: int = option(256, "hidden width of each routed expert (SwiGLU)")
+    num_shared_experts: int = option(0, "always-on shared experts beside the routed ones (DeepSeekMoE)")
+    shared_expert_hidden: int | None = option(None, "hidden width of each shared expert; null = expert_hidden")
+    every_n: int = option(1, "MoE in every n-th block (blocks n-1, 2n-1, ...); 1 = every block")
+    layers: list[int] | None = option(None, "explicit block indices that are MoE; overrides every_n")
+    capacity_factor: float | None = option(
+        None, "expert capacity = ceil(factor * tokens * top_k / num_experts); null = dropless"
+    )
+    drop_policy: Literal["position", "probability"] = option(
+        "position", "over capacity, keep earliest tokens (position) or highest router probability"
+    )
+    gemm_backend: Literal["auto", "torch", "reference"] = option(
+        "auto", "grouped-GEMM implementation for expert compute"
+    )
+
+    def validate(self) -> None:
+        _positive(self, "num_experts", "expert_hidden", "every_n", "shared_expert_hidden")
+        _non_negative(self, "num_shared_experts")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(
+                "capacity_factor", f"must be > 0, or null for dropless, got {self.capacity_factor}"
+            )
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise ConfigError("layers", f"block indices must be >= 0, got {self.layers}")
+
+    def is_moe_layer(self, index: int, n_layers: int) -> bool:
+        if self.layers is not None:
+            return index in self.layers
+        return index % self.every_n == self.every_n - 1
+
+
+@dataclass
+class RouterConfig(Section):
+    type: Literal["topk_softmax"] = option("topk_softmax", "router kind")
+    top_k: int = option(2, "experts per token")
+    renormalize: bool = option(True, "renormalise the top-k weights to sum to 1 (Mixtral)")
+    aux_loss_coef: float = option(0.01, "weight of the load-balancing loss N_E * sum f_i p_i")
+    z_loss_coef: float = option(0.001, "weight of the router z-loss mean(logsumexp(logits)^2)")
+    balance_scope: Literal["micro_batch", "sequence"] = option(
+        "micro_batch", "tokens over which expert fractions f_i are counted for the balancing loss"
+    )
+
+    def validate(self) -> None:
+        _positive(self, "top_k")
+        _non_negative(self, "aux_loss_coef", "z_loss_coef")
+
+
+@dataclass
+class DataConfig(Section):
+    path: str | None = option(
+        None, "text file/dir, .jsonl, or pre-tokenised .bin; null = the Python standard library sources"
+    )
+    format: Literal["auto", "text", "jsonl", "bin"] = option("auto", "how to read data.path")
+    text_field: str = option("text", "JSONL field holding each document's text")
+    bin_dtype: Literal["uint16", "uint32"] = option("uint16", "token dtype of a .bin memmap")
+    tokenizer: Literal["byte"] = option("byte", "tokenizer: byte-level (256 bytes + specials)")
+    seq_len: int = option(128, "tokens per training sequence")
+    val_fraction: float = option(0.02, "fraction of documents (or of a .bin's tail) held out for validation")
+
+    def validate(self) -> None:
+        _positive(self, "seq_len")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.path is not None and not Path(os.path.expanduser(self.path)).exists():
+            raise ConfigError("path", f"no such file or directory: {self.path}")
+
+
+@dataclass
+class OptimizerConfig(Section):
+    lr: float = option(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of lr (cosine schedule)")
+    schedule: Literal["cosine", "constant"] = option("cosine", "decay after the linear warmup")
+    warmup_steps: int = option(20, "linear warmup steps")
+    weight_decay: float = option(0.1, "decoupled weight decay on matrices (not norms or embeddings)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    grad_clip: float | None = option(1.0, "clip the global gradient norm to this; null = no clipping")
+
+    def validate(self) -> None:
+        _positive(self, "lr", "eps", "grad_clip")
+        _non_negative(self, "warmup_steps", "weight_decay")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig(Section):
+    steps: int = option(300, "optimizer steps")
+    seed: int = option(0, "seed for initialisation and data order")
+    batch_size: int = option(16, "sequences per micro-batch")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    log_every: int = option(10, "steps between metrics records")
+    eval_every: int = option(100, "steps between validation runs (0 = only at the end)")
+    eval_batches: int = option(8, "micro-batches per validation run")
+    precision: Literal["fp32", "bf16"] = option("fp32", "fp32, or bf16 autocast with fp32 master weights")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available, else cpu")
+    max_nonfinite_steps: int = option(5, "stop after this many non-finite steps in a row")
+
+    def validate(self) -> None:
+        _positive(self, "steps", "batch_size", "grad_accum", "log_every", "eval_batches")
+        _positive(self, "max_nonfinite_steps")
+        _non_negative(self, "eval_every", "seed")
+
+
+@dataclass
+class CheckpointConfig(Section):
+    every: int = option(100, "steps between checkpoints (0 = only the final one)")
+    keep: int = option(3, "complete checkpoints kept; older ones are deleted")
+    save_final: bool = option(True, "write a checkpoint when training ends")
+
+    def validate(self) -> None:
+        _non_negative(self, "every")
+        _positive(self, "keep")
+
+
+@dataclass
+class LoggingConfig(Section):
+    tensorboard: bool = option(True, "write TensorBoard events under RUN_DIR/tb")
+    progress: bool = option(True, "show a progress bar")
+    plots: bool = option(True, "write PNG plots (loss curve, expert-load heatmap) under RUN_DIR/plots")
+
+
+@dataclass
+class ParallelConfig(Section):
+    dp_replicate: int = option(1, "data-parallel replicas (DDP-style)")
+    dp_shard: int = option(1, "data-parallel shards (FSDP-style)")
+    ep: int = option(1, "expert-parallel degree (borrowed from the data-parallel ranks)")
+    tp: int = option(1, "tensor-parallel degree")
+    pp: int = option(1, "pipeline-parallel degree")
+
+    def validate(self) -> None:
+        _positive(self, "dp_replicate", "dp_shard", "ep", "tp", "pp")
+
+    def describe_product(self) -> tuple[str, int]:
+        """'dp_replicate(1) * dp_shard(2) * tp(1) * pp(1)' and its value (ep folds into dp)."""
+        names = ("dp_replicate", "dp_shard", "tp", "pp")
+        product = 1
+        for name in names:
+            product *= getattr(self, name)
+        return " * ".join(f"{n}({getattr(self, n)})" for n in names), product
+
+
+@dataclass
+class Config(Section):
+    model: ModelConfig = option(factory=ModelConfig, help="the decoder LM")
+    moe: MoEConfig = option(factory=MoEConfig, help="MoE layers")
+    router: RouterConfig = option(factory=RouterConfig, help="MoE routing and its losses")
+    data: DataConfig = option(factory=DataConfig, help="corpus, tokenizer, split")
+    optimizer: OptimizerConfig = option(factory=OptimizerConfig, help="AdamW and schedule")
+    train: TrainConfig = option(factory=TrainConfig, help="the training loop")
+    checkpoint: CheckpointConfig = option(factory=CheckpointConfig, help="checkpoint cadence")
+    logging: LoggingConfig = option(factory=LoggingConfig, help="metrics outputs")
+    parallel: ParallelConfig = option(factory=ParallelConfig, help="parallel layout (degrees)")
+
+    def validate(self) -> None:
+        if self.model.ffn == "moe" and self.router.top_k > self.moe.num_experts:
+            raise ConfigError(
+                "router.top_k",
+                f"must be <= moe.num_experts ({self.moe.num_experts}), got {self.router.top_k}",
+            )
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                "data.seq_len",
+                f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}",
+            )
+        if self.model.ffn == "moe" and self.moe.layers is not None:
+            bad = [i for i in self.moe.layers if i >= self.model.n_layers]
+            if bad:
+                raise ConfigError(
+                    "moe.layers", f"indices must be < model.n_layers ({self.model.n_layers}), got {bad}"
+                )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe (or the defaults when `path` is None) and apply `a.b=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", f"no such file: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError("--config", f"{path} is not valid YAML{where}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("--config", f"{path} must hold a mapping of sections")
+        data = loaded or {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(data, Config, parts, value)
+    return from_dict(Config, data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return from_dict(Config, data)

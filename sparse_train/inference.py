@@ -1,0 +1,73 @@
+"""Loading a trained checkpoint for evaluation and text generation (greedy or nucleus sampling)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from sparse_train.config import Config, config_from_dict
+from sparse_train.configtypes import apply_override, parse_override
+from sparse_train.data.tokenizer import ByteTokenizer, build_tokenizer
+from sparse_train.models.transformer import Transformer
+from sparse_train.train import checkpoint as ckpt
+
+
+@dataclass
+class LoadedModel:
+    cfg: Config
+    model: Transformer
+    tokenizer: ByteTokenizer
+    step: int
+    path: Path
+
+
+def load_trained(path: Path, overrides: list[str] | tuple[str, ...] = (), device: str = "cpu") -> LoadedModel:
+    """Build the model a checkpoint (or a run directory's newest valid checkpoint) describes."""
+    resolved = ckpt.resolve_checkpoint_path(path, warn=lambda msg: None)
+    data = yaml.safe_load(ckpt.read_checkpoint_config(resolved))
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(data, Config, parts, value)
+    cfg = config_from_dict(data)
+    model = Transformer(cfg).to(device)
+    state = ckpt.load_checkpoint(resolved, model)
+    model.eval()
+    return LoadedModel(cfg, model, build_tokenizer(cfg.data.tokenizer), int(state["step"]), resolved)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    seed: int = 0,
+    stop_id: int | None = None,
+) -> list[int]:
+    """Autoregressive sampling; the context is cropped to the model's max_seq_len."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = list(prompt_ids)
+    window = model.cfg.model.max_seq_len
+    for _ in range(max_new_tokens):
+        context = torch.tensor([ids[-window:]], device=device)
+        logits_V = model(context).logits_BSV[0, -1].float()
+        if greedy:
+            next_id = int(logits_V.argmax())
+        else:
+            probs_V = torch.softmax(logits_V / temperature, dim=-1).cpu()
+            sorted_p, order = probs_V.sort(descending=True)
+            # nucleus: keep the smallest prefix whose mass reaches top_p (always at least one token)
+            keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+            sorted_p = sorted_p * keep
+            next_id = int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)])
+        ids.append(next_id)
+        if stop_id is not None and next_id == stop_id:
+            break
+    return ids[len(prompt_ids) :]

@@ -1,0 +1,71 @@
+"""Router losses, computed from `Routing.stats` and returned by the layer (never kept in globals).
+
+Load-balancing loss (Switch / GShard):  LBL = N_E * sum_i f_i * p_i
+    f_i  fraction of routed assignments that chose expert i (counts, no gradient)
+    p_i  mean router probability of expert i (carries the gradient)
+It equals 1 for a perfectly uniform router and grows as load concentrates.
+
+`balance_scope` says over which tokens f_i and p_i are taken:
+    micro_batch  all tokens of the micro-batch on this rank
+    sequence     each sequence separately, then averaged (DeepSeek's sequence-wise loss)
+The counts pass through a `CountSync` before f_i is formed. On one process it is the identity;
+the parallel layer installs one that sums the counts over data-parallel ranks and accumulation
+micro-batches ("global_batch" scope, Demons in the Detail) while p_i stays local.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+CountSync = Callable[[torch.Tensor], torch.Tensor]
+
+
+def local_counts(counts_E: torch.Tensor) -> torch.Tensor:
+    """The single-process CountSync: the counts of this micro-batch as they are."""
+    return counts_E
+
+
+def expert_counts(experts_Tk: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert, as fp32 `[E]` (before any capacity drop)."""
+    return torch.bincount(experts_Tk.reshape(-1), minlength=num_experts).float()
+
+
+def load_balancing_loss(
+    probs_TE: torch.Tensor,
+    experts_Tk: torch.Tensor,
+    *,
+    scope: str = "micro_batch",
+    seq_len: int | None = None,
+    count_sync: CountSync = local_counts,
+) -> torch.Tensor:
+    """N_E * sum_i f_i p_i over the tokens `scope` names; fp32 scalar."""
+    num_experts = probs_TE.shape[-1]
+    if scope == "micro_batch":
+        counts_E = count_sync(expert_counts(experts_Tk, num_experts))
+        f_E = counts_E / counts_E.sum().clamp_min(1.0)
+        p_E = probs_TE.float().mean(dim=0)
+        return num_experts * torch.dot(f_E, p_E)
+    if scope == "sequence":
+        if seq_len is None or probs_TE.shape[0] % seq_len != 0:
+            raise ValueError(f"sequence-scope balancing needs T ({probs_TE.shape[0]}) divisible by seq_len ({seq_len})")
+        B = probs_TE.shape[0] // seq_len
+        experts_BA = experts_Tk.reshape(B, -1)
+        counts_BE = torch.zeros(B, num_experts, device=probs_TE.device)
+        counts_BE.scatter_add_(1, experts_BA, torch.ones_like(experts_BA, dtype=counts_BE.dtype))
+        f_BE = counts_BE / experts_BA.shape[1]
+        p_BE = probs_TE.float().reshape(B, seq_len, num_experts).mean(dim=1)
+        return num_experts * (f_BE * p_BE).sum(dim=-1).mean()
+    raise ValueError(f"unknown balance scope {scope!r}; allowed: micro_batch, sequence")
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the routing distribution per token; a metric, no gradient."""
+    p = probs_TE.detach().float()
+    return -(p * torch.log(p.clamp_min(1e-20))).sum(dim=-1).mean()

@@ -1,0 +1,144 @@
+"""Decoder-only language model: RMSNorm, rotary attention (SDPA, causal, GQA), SwiGLU or MoE FFNs.
+
+Single-device code only: no process groups here. Parameter names and the rotary convention
+(half-split rotation, as Llama/Mixtral in Hugging Face) are chosen so that weights map 1:1
+onto the HF Mixtral/Llama layout.
+
+Shape legend: B batch, S sequence, D model width, H heads, Hkv key/value heads, Dh head width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_train.config import Config
+from sparse_train.models.experts import SwiGLU, SwiGLUExperts
+from sparse_train.models.moe import MoEAux, MoELayer
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles_SF = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles_SDh = torch.cat([angles_SF, angles_SF], dim=-1)
+    return angles_SDh.cos().float(), angles_SDh.sin().float()
+
+
+def apply_rotary(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+    half = x_BHSDh.shape[-1] // 2
+    rotated = torch.cat([-x_BHSDh[..., half:], x_BHSDh[..., :half]], dim=-1)
+    return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos_SDh, sin_SDh), apply_rotary(k, cos_SDh, sin_SDh)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, sparse: bool) -> None:
+        super().__init__()
+        m = cfg.model
+        self.attn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
+        self.attn = Attention(m.d_model, m.n_heads, m.n_kv_heads or m.n_heads)
+        self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
+        self.ffn: nn.Module = MoELayer(m.d_model, cfg.moe, cfg.router) if sparse else SwiGLU(m.d_model, m.ffn_hidden)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, MoEAux | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        h_BSD = self.ffn_norm(x_BSD)
+        if isinstance(self.ffn, MoELayer):
+            y_BSD, aux = self.ffn(h_BSD)
+            return x_BSD + y_BSD, aux
+        return x_BSD + self.ffn(h_BSD), None
+
+
+@dataclass
+class ModelOutput:
+    logits_BSV: torch.Tensor
+    moe_aux: list[MoEAux] = field(default_factory=list)  # one entry per MoE block, in block order
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        m = cfg.model
+        if m.vocab_size is None:
+            raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.blocks = nn.ModuleList(
+            Block(cfg, sparse=m.ffn == "moe" and cfg.moe.is_moe_layer(i, m.n_layers)) for i in range(m.n_layers)
+        )
+        self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rotary_tables(m.head_dim, m.max_seq_len, m.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std); output projections scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+        std = self.cfg.model.init_std
+        out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # RMSNorm scales
+            elif name.endswith(("wo.weight", "w_down.weight", "w_down_EFD")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+        S = tokens_BS.shape[1]
+        if S > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len {self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        x_BSD = self.embed(tokens_BS)
+        aux: list[MoEAux] = []
+        for block in self.blocks:
+            x_BSD, layer_aux = block(x_BSD, cos, sin)
+            if layer_aux is not None:
+                aux.append(layer_aux)
+        return ModelOutput(self.lm_head(self.norm(x_BSD)), aux)
+
+
+def count_parameters(model: Transformer) -> dict[str, int]:
+    """Total parameters and those active per token (routed experts count top_k of E)."""
+    total = sum(p.numel() for p in model.parameters())
+    active = total
+    k = model.cfg.router.top_k
+    for layer in model.moe_layers:
+        experts: SwiGLUExperts = layer.experts
+        per_expert = sum(p[0].numel() for p in experts.parameters())
+        active -= per_expert * (layer.num_experts - k)
+    return {"total": total, "active": active}

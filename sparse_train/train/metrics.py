@@ -1,0 +1,82 @@
+"""Metrics sinks: RUN_DIR/metrics.jsonl (one JSON object per record) and TensorBoard (RUN_DIR/tb)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparse_train.train import plots
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; null marks a non-finite value
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, tensorboard: bool, plots_enabled: bool, resume_step: int | None) -> None:
+        self.run_dir = run_dir
+        self.jsonl_path = run_dir / "metrics.jsonl"
+        self.tb_dir = run_dir / "tb"
+        self.plots_dir = run_dir / "plots"
+        self.plots_enabled = plots_enabled
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif self.jsonl_path.exists():
+            self.jsonl_path.unlink()
+        self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a crashed run wrote after the checkpoint we resume from
+            self._tb = SummaryWriter(str(self.tb_dir), purge_step=None if resume_step is None else resume_step + 1)
+        if plots_enabled:
+            self.plots_dir.mkdir(parents=True, exist_ok=True)
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep only records up to `step`: later ones came from a run that did not reach a checkpoint."""
+        if not self.jsonl_path.exists():
+            return
+        kept = [line for line in self.jsonl_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.jsonl_path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        clean = {k: (_finite_or_none(v) if not isinstance(v, list) else v) for k, v in record.items()}
+        self._jsonl.write(json.dumps(clean) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+
+    def log_expert_load(self, step: int, load_LE: np.ndarray, layer_names: list[str]) -> None:
+        if self._tb is None and not self.plots_enabled:
+            return
+        fig = plots.expert_load_heatmap(load_LE, layer_names, step)
+        if self._tb is not None:
+            self._tb.add_figure("moe/expert_load", fig, step, close=False)
+        if self.plots_enabled:
+            plots.save(fig, str(self.plots_dir / "expert_load.png"))
+        else:
+            plots.plt.close(fig)
+
+    def records(self) -> list[dict[str, Any]]:
+        self._jsonl.flush()
+        return [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line]
+
+    def close(self) -> None:
+        if self.plots_enabled:
+            plots.save(plots.loss_curve(self.records()), str(self.plots_dir / "loss.png"))
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

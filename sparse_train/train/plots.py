@@ -1,0 +1,47 @@
+"""Figures users look at: the loss curve and the expert-load heatmap (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a screen
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def expert_load_heatmap(load_LE: np.ndarray, layer_names: Sequence[str], step: int) -> Figure:
+    """Rows: MoE layers; columns: experts; colour: load relative to uniform (1.0 = even share)."""
+    relative = load_LE * load_LE.shape[1]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * load_LE.shape[1], 1.0 + 0.45 * load_LE.shape[0]))
+    image = ax.imshow(relative, cmap="viridis", vmin=0.0, vmax=max(2.0, float(relative.max())), aspect="auto")
+    ax.set_xticks(range(load_LE.shape[1]))
+    ax.set_yticks(range(load_LE.shape[0]), labels=list(layer_names))
+    ax.set_xlabel("expert")
+    ax.set_title(f"expert load / uniform share, step {step}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curve(records: Sequence[dict]) -> Figure:
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    train = [(r["step"], r["lm_loss"]) for r in records if "lm_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train lm loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: str) -> None:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
