@@ -23,7 +23,8 @@ test-all: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check sparse_train tests tools
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

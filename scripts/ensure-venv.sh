@@ -5,7 +5,7 @@
 # torch is installed first and then pinned for every later pip call, so no other package can
 # pull a different (multi-GB CUDA) build of it. Which torch build:
 #   - TORCH_INDEX set          -> from that index (e.g. https://download.pytorch.org/whl/cu128)
-#   - a CPU wheel on local disk -> that wheel (pip's find-links; these CI machines have one)
+#   - a CPU wheel on local disk -> that wheel ($TORCH_WHEEL_DIRS, pip's find-links, /opt/wheels)
 #   - no NVIDIA driver         -> the CPU build from https://download.pytorch.org/whl/cpu
 #   - otherwise                -> PyPI's default build (CUDA on Linux x86_64)
 set -euo pipefail
@@ -16,6 +16,7 @@ EXTRAS=${EXTRAS:-dev}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_INDEX=${TORCH_INDEX:-}
+TORCH_WHEEL_DIRS=${TORCH_WHEEL_DIRS:-${PIP_FIND_LINKS:-} /opt/wheels}
 
 stamp="$VENV/.sparse-train-installed"
 fingerprint="$(cat pyproject.toml | sha256sum | cut -c1-16) extras=$EXTRAS torch=$TORCH_VERSION index=$TORCH_INDEX"
@@ -33,7 +34,8 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   if [ -n "$TORCH_INDEX" ]; then
     "${pip[@]}" install --index-url "$TORCH_INDEX" "torch==$TORCH_VERSION"
-  elif "${pip[@]}" install --quiet --no-deps --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
+  elif "${pip[@]}" install --quiet --no-deps --no-index $(for d in $TORCH_WHEEL_DIRS; do
+          [ -d "$d" ] && printf -- '--find-links %s ' "$d"; done) "torch==$TORCH_VERSION" 2>/dev/null; then
     "${pip[@]}" install "torch==$TORCH_VERSION"   # the local wheel is in; now its dependencies
   elif ! command -v nvidia-smi >/dev/null 2>&1; then
     "${pip[@]}" install --index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION"

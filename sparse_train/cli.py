@@ -29,8 +29,14 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML recipe (e.g. configs/tiny-moe.yaml); omitted = built-in defaults")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set train.steps=100 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="validation loss of a checkpoint, as JSON")
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
-    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override fields of the checkpoint's config, e.g. data.path or train.eval_batches")
+    ev.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override fields of the checkpoint's config, e.g. data.path or train.eval_batches",
+    )
 
     gen = sub.add_parser("generate", help="generate text from a checkpoint")
     gen.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
@@ -86,7 +98,8 @@ def format_summary(s) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
     lines = [
-        f"trained {s.steps} steps  ({s.params.get('total', 0):,} parameters, {s.params.get('active', 0):,} active per token)",
+        f"trained {s.steps} steps  ({s.params.get('total', 0):,} parameters, "
+        f"{s.params.get('active', 0):,} active per token)",
         f"  loss          {loss(s.first_loss)} (first step) -> {loss(s.last_loss)} (last step)",
         f"  val loss      {loss(s.val_loss)}",
         f"  throughput    {s.tokens_per_s:,.0f} tokens/s",
@@ -121,10 +134,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with torch.no_grad():
         losses = [float(lm_loss(loaded.model(x).logits_BSV, y)) for x, y in batches]
     val = sum(losses) / len(losses)
-    print(json.dumps({
-        "checkpoint": str(loaded.path), "step": loaded.step, "val_loss": val, "val_ppl": math.exp(val),
-        "tokens": len(batches) * cfg.train.batch_size * cfg.data.seq_len, "data": data.source,
-    }))
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(loaded.path),
+                "step": loaded.step,
+                "val_loss": val,
+                "val_ppl": math.exp(val),
+                "tokens": len(batches) * cfg.train.batch_size * cfg.data.seq_len,
+                "data": data.source,
+            }
+        )
+    )
     return 0
 
 
@@ -142,8 +163,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt_ids:
         raise UsageError("sparse-train generate: --prompt is empty")
     new_ids = generate(
-        loaded.model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop_id=loaded.tokenizer.eot_id,
+        loaded.model,
+        prompt_ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        greedy=args.greedy,
+        seed=args.seed,
+        stop_id=loaded.tokenizer.eot_id,
     )
     print(args.prompt + loaded.tokenizer.decode(new_ids))
     return 0

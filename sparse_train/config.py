@@ -71,9 +71,7 @@ class ModelConfig(Section):
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
         _positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std")
         if self.d_model % self.n_heads != 0:
-            raise ConfigError(
-                "d_model", f"must be divisible by model.n_heads ({self.n_heads}), got {self.d_model}"
-            )
+            raise ConfigError("d_model", f"must be divisible by model.n_heads ({self.n_heads}), got {self.d_model}")
         if (self.d_model // self.n_heads) % 2 != 0:
             raise ConfigError("n_heads", "d_model / n_heads must be even for rotary embeddings")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads != 0:
@@ -106,9 +104,7 @@ class MoEConfig(Section):
         _positive(self, "num_experts", "expert_hidden", "every_n", "shared_expert_hidden")
         _non_negative(self, "num_shared_experts")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ConfigError(
-                "capacity_factor", f"must be > 0, or null for dropless, got {self.capacity_factor}"
-            )
+            raise ConfigError("capacity_factor", f"must be > 0, or null for dropless, got {self.capacity_factor}")
         if self.layers is not None and any(i < 0 for i in self.layers):
             raise ConfigError("layers", f"block indices must be >= 0, got {self.layers}")
 
@@ -259,9 +255,7 @@ class Config(Section):
         if self.model.ffn == "moe" and self.moe.layers is not None:
             bad = [i for i in self.moe.layers if i >= self.model.n_layers]
             if bad:
-                raise ConfigError(
-                    "moe.layers", f"indices must be < model.n_layers ({self.model.n_layers}), got {bad}"
-                )
+                raise ConfigError("moe.layers", f"indices must be < model.n_layers ({self.model.n_layers}), got {bad}")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

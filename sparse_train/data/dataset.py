@@ -98,7 +98,9 @@ def load_token_data(cfg: DataConfig, tokenizer: ByteTokenizer, vocab_size: int) 
 def _load_bin(path: Path, cfg: DataConfig, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     dtype = np.dtype(cfg.bin_dtype)
     if path.stat().st_size % dtype.itemsize:
-        raise DataError(f"{path}: size {path.stat().st_size} is not a multiple of {cfg.bin_dtype} ({dtype.itemsize} bytes)")
+        raise DataError(
+            f"{path}: size {path.stat().st_size} is not a multiple of {cfg.bin_dtype} ({dtype.itemsize} bytes)"
+        )
     tokens = np.memmap(path, dtype=dtype, mode="r")
     if tokens.size and int(tokens.max()) >= vocab_size:
         raise DataError(f"{path}: token id {int(tokens.max())} >= model.vocab_size ({vocab_size})")

@@ -185,7 +185,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}: weights do not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            f"{path}: weights do not match the model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))

@@ -65,7 +65,9 @@ def resolve_config(cfg: Config, vocab_size: int) -> Config:
     if data["model"]["vocab_size"] is None:
         data["model"]["vocab_size"] = vocab_size
     elif data["model"]["vocab_size"] < vocab_size:
-        raise ConfigError("model.vocab_size", f"must be >= the tokenizer's {vocab_size}, got {data['model']['vocab_size']}")
+        raise ConfigError(
+            "model.vocab_size", f"must be >= the tokenizer's {vocab_size}, got {data['model']['vocab_size']}"
+        )
     return config_from_dict(data)
 
 
@@ -133,7 +135,8 @@ class Trainer:
             if ckpt.list_checkpoints(self.checkpoints_dir):
                 raise ConfigError(
                     "--run-dir",
-                    f"{self.run_dir} already holds checkpoints; pass --resume auto to continue it or pick another --run-dir",
+                    f"{self.run_dir} already holds checkpoints; "
+                    "pass --resume auto to continue it or pick another --run-dir",
                 )
             return None
         if resume == "auto":
@@ -177,7 +180,12 @@ class Trainer:
 
     def save(self) -> Path:
         path = ckpt.save_checkpoint(
-            self.checkpoints_dir, self.step, self.model, self.optimizer, self._state(), self.cfg.to_yaml(),
+            self.checkpoints_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self._state(),
+            self.cfg.to_yaml(),
             keep=self.cfg.checkpoint.keep,
         )
         return path
@@ -212,7 +220,9 @@ class Trainer:
             _accumulate_layer_stats(layer_stats, moe_aux, accum)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.optimizer.grad_clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))) if params else 0.0
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))) if params else 0.0
+        )
         finite = finite and np.isfinite(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         if finite:
@@ -264,8 +274,13 @@ class Trainer:
         window_tokens, window_time, total_tokens, total_time = 0, 0.0, 0, 0.0
         last_record: dict[str, Any] = {}
         bar = tqdm(
-            total=t.steps, initial=self.step, disable=not self.cfg.logging.progress, desc="train",
-            unit="step", dynamic_ncols=True, file=sys.stderr,
+            total=t.steps,
+            initial=self.step,
+            disable=not self.cfg.logging.progress,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
         )
         try:
             while self.step < t.steps:
@@ -280,7 +295,9 @@ class Trainer:
                 if "loss" in record:
                     last_loss = record["loss"]
                     first_loss = first_loss if first_loss is not None else record["loss"]
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{window_tokens / max(window_time, 1e-9):,.0f}")
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}", tok_s=f"{window_tokens / max(window_time, 1e-9):,.0f}"
+                    )
                 if self.step % t.log_every == 0 or self.step == t.steps or record.get("skipped"):
                     record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
                     window_tokens, window_time = 0, 0.0
@@ -304,9 +321,7 @@ class Trainer:
             last_loss=last_loss,
             val_loss=val_loss,
             tokens_per_s=total_tokens / max(total_time, 1e-9),
-            load_imbalance={
-                k.split("/")[1]: v for k, v in last_record.items() if k.endswith("/load_imbalance")
-            },
+            load_imbalance={k.split("/")[1]: v for k, v in last_record.items() if k.endswith("/load_imbalance")},
             nonfinite_steps=self.nonfinite_total,
             checkpoint=last_ckpt,
             params=count_parameters(self.model),
@@ -323,7 +338,9 @@ class Trainer:
 def _accumulate_layer_stats(acc: list[dict[str, Any]], moe_aux: list, accum: int) -> None:
     for i, aux in enumerate(moe_aux):
         if len(acc) <= i:
-            acc.append({"expert_load": torch.zeros(aux.expert_load_E.shape), "dropped_fraction": 0.0, "router_entropy": 0.0})
+            acc.append(
+                {"expert_load": torch.zeros(aux.expert_load_E.shape), "dropped_fraction": 0.0, "router_entropy": 0.0}
+            )
         acc[i]["expert_load"] += aux.expert_load_E.detach().cpu() / accum
         acc[i]["dropped_fraction"] += float(aux.dropped_fraction) / accum
         acc[i]["router_entropy"] += float(aux.router_entropy) / accum

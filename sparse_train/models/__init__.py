@@ -1,0 +1,1 @@
+"""Single-device model code: the transformer, the MoE layer and its seams. No process groups here."""

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sparse_train.cli import main
+from sparse_train.config import Config, ConfigError, MoEConfig, load_config
+
+
+def test_defaults_validate_and_roundtrip_through_yaml():
+    cfg = load_config(None)
+    again = load_config(None, [])
+    assert cfg == again
+    assert Config(**{k: v for k, v in vars(cfg).items()}) == cfg
+    assert yaml.safe_load(cfg.to_yaml())["router"]["top_k"] == cfg.router.top_k
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 7\n  seed: 3\noptimizer:\n  lr: 3e-4\n")
+    cfg = load_config(recipe, ["train.steps=11"])
+    assert cfg.train.steps == 11  # CLI wins over the file
+    assert cfg.train.seed == 3  # file wins over the default
+    assert cfg.optimizer.lr == pytest.approx(3e-4)  # `3e-4` (a string to PyYAML) is read as a number
+    assert cfg.train.batch_size == Config().train.batch_size  # default where neither says
+
+
+def test_required_field_names_exist():
+    cfg = load_config(None, ["train.steps=5", "train.seed=9", "train.log_every=2", "checkpoint.every=4"])
+    assert (cfg.train.steps, cfg.train.seed, cfg.train.log_every, cfg.checkpoint.every) == (5, 9, 2, 4)
+    assert hasattr(cfg.data, "path")
+
+
+def test_override_values_are_parsed_as_yaml():
+    cfg = load_config(None, ["moe.layers=[1, 3]", "moe.capacity_factor=null", "model.tie_embeddings=true"])
+    assert cfg.moe.layers == [1, 3]
+    assert cfg.moe.capacity_factor is None
+    assert cfg.model.tie_embeddings is True
+
+
+def test_sections_validate_on_direct_construction():
+    with pytest.raises(ConfigError, match="capacity_factor"):
+        MoEConfig(capacity_factor=-1.0)
+
+
+def test_moe_layer_selection():
+    assert [i for i in range(4) if MoEConfig(every_n=1).is_moe_layer(i, 4)] == [0, 1, 2, 3]
+    assert [i for i in range(4) if MoEConfig(every_n=2).is_moe_layer(i, 4)] == [1, 3]
+    assert [i for i in range(4) if MoEConfig(layers=[0, 2]).is_moe_layer(i, 4)] == [0, 2]
+
+
+INVALID = [
+    (["--set", "train.stepz=5"], "train.stepz: unknown key (did you mean 'steps'?)"),
+    (["--set", "nosuch.x=1"], "nosuch: unknown key"),
+    (["--set", "train.steps=ten"], "train.steps: must be an integer"),
+    (["--set", "train.steps=2.5"], "train.steps: must be an integer"),
+    (["--set", "model.tie_embeddings=3"], "model.tie_embeddings: must be true or false"),
+    (["--set", "router.top_k=9"], "router.top_k: must be <= moe.num_experts (8), got 9"),
+    (["--set", "moe.capacity_factor=0"], "moe.capacity_factor: must be > 0"),
+    (["--set", "moe.capacity_factor=-1.5"], "moe.capacity_factor: must be > 0"),
+    (["--set", "model.d_model=100", "--set", "model.n_heads=3"], "model.d_model: must be divisible by model.n_heads"),
+    (["--set", "data.path=/no/such/corpus.txt"], "data.path: no such file or directory"),
+    (["--set", "moe.drop_policy=random"], "moe.drop_policy: must be one of 'position', 'probability'"),
+    (["--set", "router.balance_scope=everything"], "router.balance_scope: must be one of"),
+    (["--set", "train.batch_size=0"], "train.batch_size: must be > 0"),
+    (["--set", "data.val_fraction=1.5"], "data.val_fraction: must be in (0, 1)"),
+    (["--set", "data.seq_len=512"], "data.seq_len: must be <= model.max_seq_len"),
+    (["--set", "moe.layers=[0, 9]"], "moe.layers: indices must be < model.n_layers"),
+    (["--set", "train.steps.deeper=1"], "train.steps: is not a section"),
+    (["--set", "train.steps"], "--set: expected KEY=VALUE"),
+    (["--config", "/no/such.yaml"], "--config: no such file"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), INVALID, ids=[e for _, e in INVALID])
+def test_invalid_config_exits_2_with_one_line(args, expected, capsys):
+    code = main(["train", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("moe:\n  num_experts: many\n", "moe.num_experts: must be an integer"),
+        ("moe:\n  nmu_experts: 4\n", "moe.nmu_experts: unknown key (did you mean 'num_experts'?)"),
+        ("train: [1, 2]\n", "train: must be a mapping"),
+        ("- just\n- a list\n", "must hold a mapping of sections"),
+        ("model:\n  d_model: [\n", "is not valid YAML at line"),
+    ],
+)
+def test_invalid_yaml_files(tmp_path, capsys, text, expected):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+
+
+def test_real_process_exit_code_and_stderr():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparse_train", "train", "--set", "router.top_k=0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "config error: router.top_k: must be > 0, got 0"
+    assert proc.stdout == ""
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    recipes = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+    assert {"tiny-moe.yaml", "tiny-dense.yaml"} <= {p.name for p in recipes}
+    for recipe in recipes:
+        load_config(recipe)
+
+
+def test_config_command_prints_fields(capsys):
+    assert main(["config", "--fields"]) == 0
+    out = capsys.readouterr().out
+    assert "router.balance_scope" in out and "checkpoint.every" in out

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_train.train import checkpoint as ckpt
+
+
+def _model_and_opt(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _save(dir_, step, model, opt, **kw):
+    return ckpt.save_checkpoint(dir_, step, model, opt, {"step": step}, "train: {}\n", keep=kw.pop("keep", 10), **kw)
+
+
+def test_roundtrip_restores_weights_optimizer_and_state(tmp_path):
+    model, opt = _model_and_opt(0)
+    path = _save(tmp_path, 5, model, opt)
+    assert path.name == "step_00000005" and (path / "manifest.json").is_file()
+    other, other_opt = _model_and_opt(1)
+    state = ckpt.load_checkpoint(path, other, other_opt)
+    assert state == {"step": 5}
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_crash_before_publish_leaves_previous_checkpoint_and_is_ignored(tmp_path):
+    model, opt = _model_and_opt()
+    _save(tmp_path, 1, model, opt)
+
+    def crash(_tmp):
+        raise KeyboardInterrupt("killed mid-save")
+
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 2, model, opt, before_rename=crash)
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert ckpt.latest_valid_checkpoint(tmp_path, warn=print).name == "step_00000001"
+    _save(tmp_path, 3, model, opt)  # the next save cleans the leftover
+    assert not list(tmp_path.glob(".step_*"))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete-manifest", "delete-file", "bad-manifest"])
+def test_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, damage):
+    model, opt = _model_and_opt()
+    _save(tmp_path, 1, model, opt)
+    newest = _save(tmp_path, 2, model, opt)
+    weights = newest / "model.safetensors"
+    if damage == "flip":
+        raw = bytearray(weights.read_bytes())
+        raw[-3] ^= 0xFF
+        weights.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-10])
+    elif damage == "delete-manifest":
+        (newest / "manifest.json").unlink()
+    elif damage == "delete-file":
+        (newest / "optimizer.pt").unlink()
+    else:
+        (newest / "manifest.json").write_text("{")
+    warnings = []
+    found = ckpt.latest_valid_checkpoint(tmp_path, warn=warnings.append)
+    assert found.name == "step_00000001"
+    assert len(warnings) == 1 and "step_00000002" in warnings[0]
+    with pytest.raises(ckpt.CheckpointError, match="step_00000002"):
+        ckpt.load_checkpoint(newest, model, opt)
+
+
+def test_all_broken_is_an_error_not_a_fresh_start(tmp_path):
+    model, opt = _model_and_opt()
+    path = _save(tmp_path, 1, model, opt)
+    (path / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint verifies"):
+        ckpt.latest_valid_checkpoint(tmp_path, warn=lambda m: None)
+    assert ckpt.latest_valid_checkpoint(tmp_path / "empty", warn=lambda m: None) is None
+
+
+def test_keep_last_n(tmp_path):
+    model, opt = _model_and_opt()
+    for step in range(1, 6):
+        _save(tmp_path, step, model, opt, keep=2)
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [5, 4]
+
+
+def test_refuses_to_save_non_finite_weights(tmp_path):
+    model, opt = _model_and_opt()
+    _save(tmp_path, 1, model, opt)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(ckpt.CheckpointError, match="not finite"):
+        _save(tmp_path, 2, model, opt)
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [1]
+
+
+def test_manifest_lists_sizes_and_checksums(tmp_path):
+    model, opt = _model_and_opt()
+    path = _save(tmp_path, 7, model, opt)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["step"] == 7
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "state.pt", "config.yaml"}
+    assert all(len(m["sha256"]) == 64 for m in manifest["files"].values())
