@@ -96,8 +96,8 @@ class MoEConfig(Section):
     drop_policy: Literal["position", "probability"] = option(
         "position", "over capacity, keep earliest tokens (position) or highest router probability"
     )
-    gemm_backend: Literal["auto", "torch", "reference"] = option(
-        "auto", "grouped-GEMM implementation for expert compute"
+    kernel_backend: Literal["auto", "triton", "torch", "reference"] = option(
+        "auto", "expert-compute kernels: auto = triton on CUDA, torch elsewhere; reference = per-expert loop"
     )
 
     def validate(self) -> None:

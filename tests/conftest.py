@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: many small test processes share 2 cores
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidiactl"):
+    # No GPU: run Triton kernels on CPU tensors through the interpreter. Must be set before any
+    # @triton.jit function is defined, i.e. before sparse_train.kernels.triton_kernels is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,5 +1,13 @@
-"""Expert-compute kernels: one module per kernel family, each with a torch reference beside it."""
+"""Expert-compute kernels: one module per kernel family, each with a torch reference beside it.
 
-from sparse_train.kernels.grouped_gemm import grouped_gemm
+grouped_gemm     [T,K] x [G,K,N] by group, optional fused row gather / scatter
+permute          gather rows into expert order
+unpermute        weighted scatter-add of rows back to their tokens
+swiglu_experts   the whole routed SwiGLU expert MLP with gather and scatter fused in
+"""
 
-__all__ = ["grouped_gemm"]
+from sparse_train.kernels.expert_mlp import swiglu_experts
+from sparse_train.kernels.grouped_gemm import BACKENDS, grouped_gemm, resolve_backend, triton_available
+from sparse_train.kernels.permute import permute, unpermute
+
+__all__ = ["BACKENDS", "grouped_gemm", "permute", "resolve_backend", "swiglu_experts", "triton_available", "unpermute"]

@@ -1,9 +1,14 @@
-"""The single-device token dispatcher: the second seam of an MoE layer.
+"""Token dispatchers: the second seam of an MoE layer.
 
-`dispatch` gathers every kept (token, slot) assignment into expert order; `combine` scatters
-the expert outputs back to their tokens, weighted by the routing weights. The parallel
-dispatchers (sparse_train.parallel.dispatch) have the same interface and move tokens between
-ranks in between.
+`dispatch(x, routing)` turns the routing into an `ExpertInput`: the rows the experts read, which
+row each (token, slot) assignment uses, sorted by expert, and the weight the experts apply when
+they scatter their outputs back. `combine(y, handle)` brings the expert outputs home.
+
+On one device nothing moves: the experts gather the rows they need and scatter-add their
+weighted outputs straight into a `[T, D]` tensor (sparse_train.kernels.swiglu_experts), so
+`combine` is the identity and no permuted copy of the tokens is ever made. The parallel
+dispatchers (sparse_train.parallel.dispatch) move rows between ranks inside dispatch/combine
+and keep the same interface.
 
 Shape legend: T tokens, D model width, E experts, k slots per token, A kept assignments.
 """
@@ -18,32 +23,36 @@ from sparse_train.models.routers import Routing
 
 
 @dataclass
-class DispatchHandle:
-    token_A: torch.Tensor  # source token of each sorted assignment
-    weights_A: torch.Tensor  # routing weight of each sorted assignment (fp32)
-    num_tokens: int
+class ExpertInput:
+    x: torch.Tensor  # [R, D] rows the experts read and write
+    rows_A: torch.Tensor  # int64 row of x per assignment, sorted by expert
+    counts_E: torch.Tensor  # int64 assignments per (local) expert
+    weight_A: torch.Tensor | None  # combine weight per assignment, or None when combine applies it
+
+
+def sort_assignments(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(expert, token, weight) of every kept assignment, sorted by expert with a stable sort."""
+    T, k = routing.experts_Tk.shape
+    experts_A = routing.experts_Tk.reshape(-1)
+    weights_A = routing.weights_Tk.reshape(-1)
+    assignment_A = torch.arange(T * k, device=experts_A.device)
+    if routing.kept_Tk is not None:
+        kept_A = routing.kept_Tk.reshape(-1)
+        experts_A, weights_A, assignment_A = experts_A[kept_A], weights_A[kept_A], assignment_A[kept_A]
+    order_A = torch.argsort(experts_A, stable=True)
+    return experts_A[order_A], assignment_A[order_A] // k, weights_A[order_A], order_A
 
 
 class LocalDispatcher:
-    """Sort assignments by expert with one stable argsort; no per-token Python work."""
+    """Single device: sort the assignments by expert; the experts gather and scatter in place."""
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
-        T, k = routing.experts_Tk.shape
-        experts_A = routing.experts_Tk.reshape(-1)
-        weights_A = routing.weights_Tk.reshape(-1)
-        token_A = torch.arange(T, device=x_TD.device).repeat_interleave(k)
-        if routing.kept_Tk is not None:
-            kept_A = routing.kept_Tk.reshape(-1)
-            experts_A, weights_A, token_A = experts_A[kept_A], weights_A[kept_A], token_A[kept_A]
-        order_A = torch.argsort(experts_A, stable=True)
-        token_A, weights_A = token_A[order_A], weights_A[order_A]
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[ExpertInput, None]:
+        experts_A, token_A, weight_A, _ = sort_assignments(routing)
         counts_E = torch.bincount(experts_A, minlength=self.num_experts)
-        return x_TD.index_select(0, token_A), counts_E, DispatchHandle(token_A, weights_A, T)
+        return ExpertInput(x_TD, token_A, counts_E, weight_A), None
 
-    def combine(self, y_AD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        weighted_AD = y_AD * handle.weights_A.to(y_AD.dtype)[:, None]
-        y_TD = y_AD.new_zeros(handle.num_tokens, y_AD.shape[1])
-        return y_TD.index_add(0, handle.token_A, weighted_AD)
+    def combine(self, y_TD: torch.Tensor, handle: None) -> torch.Tensor:
+        return y_TD

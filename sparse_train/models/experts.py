@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_train.kernels import grouped_gemm
+from sparse_train.kernels import swiglu_experts
 from sparse_train.kernels.grouped_gemm import Backend
+from sparse_train.models.dispatch import ExpertInput
 
 
 class SwiGLU(nn.Module):
@@ -28,7 +29,7 @@ class SwiGLU(nn.Module):
 
 
 class SwiGLUExperts(nn.Module):
-    """E SwiGLU experts with stacked weights; computes rows already sorted by expert."""
+    """E SwiGLU experts with stacked weights, computed over routed rows (kernels.swiglu_experts)."""
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, backend: Backend = "auto") -> None:
         super().__init__()
@@ -38,10 +39,12 @@ class SwiGLUExperts(nn.Module):
         self.w_up_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
 
-    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        gate_AF = grouped_gemm(x_AD, self.w_gate_EDF, counts_E, backend=self.backend)
-        up_AF = grouped_gemm(x_AD, self.w_up_EDF, counts_E, backend=self.backend)
-        return grouped_gemm(F.silu(gate_AF) * up_AF, self.w_down_EFD, counts_E, backend=self.backend)
+    def forward(self, inp: ExpertInput) -> torch.Tensor:
+        """y[r] = sum of weight_a * expert_e(a)(x[r]) over the assignments a that read row r."""
+        return swiglu_experts(
+            inp.x, self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, inp.rows_A, inp.counts_E, inp.weight_A,
+            backend=self.backend,
+        )  # fmt: skip
 
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         """One expert on its own rows, with plain matmuls: the per-expert reference."""

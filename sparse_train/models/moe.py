@@ -1,7 +1,6 @@
-"""The MoE layer, composed from four seams: router -> dispatcher -> experts -> (combine) + losses.
+"""The MoE layer, composed from four seams: router -> dispatcher -> experts -> combine, + losses.
 
-Shape legend: B batch, S sequence, T = B*S tokens, D model width, E experts, k slots,
-A kept assignments sorted by expert.
+Shape legend: B batch, S sequence, T = B*S tokens, D model width, E experts, k slots.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ class MoELayer(nn.Module):
         self.drop_policy = moe.drop_policy
         self.balance_scope = router.balance_scope
         self.router = TopKSoftmaxRouter(d_model, moe.num_experts, router.top_k, router.renormalize)
-        self.experts = SwiGLUExperts(moe.num_experts, d_model, moe.expert_hidden, moe.gemm_backend)
+        self.experts = SwiGLUExperts(moe.num_experts, d_model, moe.expert_hidden, moe.kernel_backend)
         shared_hidden = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
         self.shared_experts = SwiGLU(d_model, shared_hidden) if shared_hidden else None
         # Swappable from outside by the parallel layer (never set inside model code):
@@ -61,8 +60,8 @@ class MoELayer(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.route(x_TD)
-        x_AD, counts_E, handle = self.dispatcher.dispatch(x_TD, routing)
-        y_TD = self.dispatcher.combine(self.experts(x_AD, counts_E), handle)
+        expert_input, handle = self.dispatcher.dispatch(x_TD, routing)
+        y_TD = self.dispatcher.combine(self.experts(expert_input), handle)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.reshape(B, S, D), self.aux(routing, seq_len=S)

@@ -34,7 +34,12 @@ def test_short_run_loss_falls_and_metrics_are_complete(tmp_path):
         assert record[f"moe/block{block}/dropped_fraction"] == 0.0
         assert 0 < record[f"moe/block{block}/router_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
     assert [r["step"] for r in _records(tmp_path) if "val_loss" in r] == [10, 20, 30, 40]
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    assert "moe/expert_load" in events.Tags()["images"]
+    assert [e.step for e in events.Images("moe/expert_load")] == [10, 20, 30, 40]  # one heatmap per evaluation
+    assert {"lm_loss", "val_loss", "moe/block0/load_imbalance"} <= set(events.Tags()["scalars"])
     assert (tmp_path / "plots" / "expert_load.png").stat().st_size > 0
     assert (tmp_path / "plots" / "loss.png").stat().st_size > 0
     assert summary.checkpoint.name == "step_00000040"

@@ -1,0 +1,310 @@
+"""Triton kernels for expert compute: grouped GEMM (forward / dX via transposed w / dW) with
+optional fused row gather and scatter (ScatterMoE's scatter2scatter), and the permute /
+unpermute row moves. Imported only when triton is installed.
+
+All offsets that multiply a row index are int64, so tensors past 2^31 elements are addressed
+correctly. Accumulation is fp32 for every input dtype. Under the Triton interpreter
+(TRITON_INTERPRET=1, which runs these kernels on CPU tensors) bf16/fp16 tiles are upcast to
+fp32 before `tl.dot`, because the interpreter's low-precision dot is wrong.
+
+Rows are "sorted by group": group g owns rows [start_g, end_g) of the sorted row space. An
+M-tile never straddles two groups; the tile schedule is computed on the device from `counts`
+with an upper bound on the tile count, so launching needs no device-to-host sync.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DEFAULT_BLOCK_M = 64
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _flags(*tensors: torch.Tensor) -> dict[str, bool]:
+    low_precision = any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
+    fp32_exact = all(t.dtype == torch.float32 for t in tensors) and not torch.backends.cuda.matmul.allow_tf32
+    return {"UPCAST": interpreting() and low_precision, "FP32_IEEE": fp32_exact and not interpreting()}
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped GEMM: C[c_row(m)] = A[a_row(m)] @ B[group(m)]   for sorted rows m
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _gmm_kernel(
+    a_ptr, b_ptr, c_ptr, a_rows_ptr, c_rows_ptr,
+    tile_group_ptr, tile_row_ptr, group_end_ptr,
+    N, K,
+    stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn,
+    GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.load(tile_group_ptr + pid_m)
+    if group >= 0:  # tiles past the last group (the schedule is an upper bound) do nothing
+        row0 = tl.load(tile_row_ptr + pid_m)
+        row_end = tl.load(group_end_ptr + group)
+        offs_m = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < row_end
+        if GATHER_A:
+            a_rows = tl.load(a_rows_ptr + offs_m, mask=mask_m, other=0)
+        else:
+            a_rows = offs_m
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        b_base = b_ptr + group.to(tl.int64) * stride_bg
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(
+                a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                b_base + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if FP32_IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        if SCATTER_C:
+            c_rows = tl.load(c_rows_ptr + offs_m, mask=mask_m, other=0)
+        else:
+            c_rows = offs_m
+        tl.store(
+            c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+            acc.to(c_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
+
+
+_GMM_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [(128, 32, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3)]
+]
+_gmm_autotuned = triton.autotune(configs=_GMM_CONFIGS, key=["N", "K", "GATHER_A", "SCATTER_C"])(_gmm_kernel)
+
+
+def tile_schedule(counts: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """Per M-tile (group id or -1, first sorted row) and per-group end offsets; no host sync."""
+    G = counts.numel()
+    counts = counts.to(torch.int64)
+    group_end = torch.cumsum(counts, 0)
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    max_tiles = (num_rows + block_m - 1) // block_m + G
+    ids = torch.arange(max_tiles, device=counts.device)
+    group = torch.searchsorted(tile_end, ids, right=True)
+    valid = group < G
+    group_c = group.clamp(max=max(G - 1, 0))
+    first_tile = tile_end[group_c] - tiles[group_c]
+    tile_row = (group_end - counts)[group_c] + (ids - first_tile) * block_m
+    tile_group = torch.where(valid, group, torch.full_like(group, -1))
+    return tile_group, tile_row, group_end
+
+
+def grouped_gemm_triton(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    counts: torch.Tensor,
+    x_index: torch.Tensor | None = None,
+    out_index: torch.Tensor | None = None,
+    out_rows: int | None = None,
+    trans_w: bool = False,
+    block_sizes: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """out[out_index[m]] = x[x_index[m]] @ (w[g] or w[g]^T) for sorted rows m of group g."""
+    num_rows = x_index.numel() if x_index is not None else x.shape[0]
+    K = x.shape[1]
+    N = w.shape[1] if trans_w else w.shape[2]
+    rows_out = num_rows if out_rows is None else out_rows
+    alloc = torch.zeros if out_index is not None else torch.empty  # unscattered rows stay zero
+    out = alloc(rows_out, N, device=x.device, dtype=x.dtype)
+    if num_rows == 0 or N == 0:
+        return out
+    stride_bk, stride_bn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
+    block_m = (block_sizes or {}).get("BLOCK_M", DEFAULT_BLOCK_M)
+    tile_group, tile_row, group_end = tile_schedule(counts, num_rows, block_m)
+    dummy = tile_row  # an int64 tensor for the pointer arguments a disabled feature ignores
+    args = (
+        x, w, out,
+        x_index if x_index is not None else dummy, out_index if out_index is not None else dummy,
+        tile_group, tile_row, group_end, N, K,
+        x.stride(0), x.stride(1), w.stride(0), stride_bk, stride_bn, out.stride(0), out.stride(1),
+    )  # fmt: skip
+    flags = {"GATHER_A": x_index is not None, "SCATTER_C": out_index is not None, **_flags(x, w)}
+    if block_sizes is not None or interpreting():
+        sizes = {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32, **(block_sizes or {})}
+        grid = (tile_group.numel(), triton.cdiv(N, sizes["BLOCK_N"]))
+        _gmm_kernel[grid](*args, **flags, **sizes)
+    else:
+        grid = lambda meta: (tile_group.numel(), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        _gmm_autotuned[grid](*args, **flags, BLOCK_M=block_m)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped weight gradient: dW[g] = A[a_row(m)]^T @ B[b_row(m)] summed over the rows m of group g
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _gmm_dw_kernel(
+    a_ptr, b_ptr, c_ptr, a_rows_ptr, b_rows_ptr, group_end_ptr, counts_ptr,
+    K, N,
+    stride_am, stride_ak, stride_bm, stride_bn, stride_cg, stride_ck, stride_cn,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    end = tl.load(group_end_ptr + g)
+    start = end - tl.load(counts_ptr + g)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < end
+        if GATHER_A:
+            a_rows = tl.load(a_rows_ptr + offs_m, mask=mask_m, other=0)
+        else:
+            a_rows = offs_m
+        if GATHER_B:
+            b_rows = tl.load(b_rows_ptr + offs_m, mask=mask_m, other=0)
+        else:
+            b_rows = offs_m
+        a = tl.load(
+            a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+            mask=mask_m[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if FP32_IEEE:
+            acc = tl.dot(tl.trans(a), b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(a), b, acc)
+    tl.store(
+        c_ptr + g.to(tl.int64) * stride_cg + offs_k[:, None] * stride_ck + offs_n[None, :] * stride_cn,
+        acc.to(c_ptr.dtype.element_ty),
+        mask=mask_k[:, None] & mask_n[None, :],
+    )
+
+
+def grouped_gemm_dw_triton(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    counts: torch.Tensor,
+    x_index: torch.Tensor | None = None,
+    dy_index: torch.Tensor | None = None,
+    block_sizes: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """dW[g] = sum over group g's sorted rows m of x[x_index[m]]^T dy[dy_index[m]]; [G, K, N]."""
+    G, K, N = counts.numel(), x.shape[1], dy.shape[1]
+    out = torch.empty(G, K, N, device=x.device, dtype=x.dtype)
+    if G == 0 or K == 0 or N == 0:
+        return out
+    counts = counts.to(torch.int64)
+    group_end = torch.cumsum(counts, 0)
+    sizes = {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32, **(block_sizes or {})}
+    if block_sizes is None and not interpreting():
+        sizes = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 64}
+    dummy = group_end
+    grid = (G, triton.cdiv(K, sizes["BLOCK_K"]), triton.cdiv(N, sizes["BLOCK_N"]))
+    _gmm_dw_kernel[grid](
+        x, dy, out,
+        x_index if x_index is not None else dummy, dy_index if dy_index is not None else dummy,
+        group_end, counts, K, N,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        GATHER_A=x_index is not None, GATHER_B=dy_index is not None, **_flags(x, dy), **sizes,
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# row moves: permute (gather rows, optionally scaled) and unpermute (weighted scatter-add)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _gather_rows_kernel(
+    src_ptr, out_ptr, index_ptr, scale_ptr, M, D, stride_s, stride_o,
+    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask = mask_m[:, None] & (offs_d[None, :] < D)
+    rows = tl.load(index_ptr + offs_m, mask=mask_m, other=0)
+    vals = tl.load(src_ptr + rows[:, None] * stride_s + offs_d[None, :], mask=mask, other=0.0)
+    if SCALE:
+        scale = tl.load(scale_ptr + offs_m, mask=mask_m, other=0.0)
+        vals = (vals.to(tl.float32) * scale.to(tl.float32)[:, None]).to(vals.dtype)
+    tl.store(out_ptr + offs_m[:, None] * stride_o + offs_d[None, :], vals, mask=mask)
+
+
+@triton.jit
+def _scatter_add_rows_kernel(
+    src_ptr, out_ptr, index_ptr, weight_ptr, M, D, stride_s, stride_o,
+    WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask = mask_m[:, None] & (offs_d[None, :] < D)
+    rows = tl.load(index_ptr + offs_m, mask=mask_m, other=0)
+    vals = tl.load(src_ptr + offs_m[:, None] * stride_s + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if WEIGHT:
+        vals = vals * tl.load(weight_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    tl.atomic_add(out_ptr + rows[:, None] * stride_o + offs_d[None, :], vals, mask=mask)
+
+
+_ROW_BLOCKS = {"BLOCK_M": 32, "BLOCK_D": 64}
+
+
+def gather_rows_triton(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """out[i] = src[index[i]] (* scale[i])."""
+    src = src.contiguous()
+    out = torch.empty(index.numel(), src.shape[1], device=src.device, dtype=src.dtype)
+    if out.numel():
+        grid = (triton.cdiv(index.numel(), _ROW_BLOCKS["BLOCK_M"]), triton.cdiv(src.shape[1], _ROW_BLOCKS["BLOCK_D"]))
+        _gather_rows_kernel[grid](
+            src, out, index, scale if scale is not None else index, index.numel(), src.shape[1],
+            src.stride(0), out.stride(0), SCALE=scale is not None, **_ROW_BLOCKS,
+        )  # fmt: skip
+    return out
+
+
+def scatter_add_rows_triton(
+    src: torch.Tensor, index: torch.Tensor, num_rows: int, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """out[index[i]] += src[i] (* weight[i]); accumulated in fp32, returned in src's dtype."""
+    src = src.contiguous()
+    out = torch.zeros(num_rows, src.shape[1], device=src.device, dtype=torch.float32)
+    if src.numel():
+        grid = (triton.cdiv(index.numel(), _ROW_BLOCKS["BLOCK_M"]), triton.cdiv(src.shape[1], _ROW_BLOCKS["BLOCK_D"]))
+        _scatter_add_rows_kernel[grid](
+            src, out, index, weight if weight is not None else index, index.numel(), src.shape[1],
+            src.stride(0), out.stride(0), WEIGHT=weight is not None, **_ROW_BLOCKS,
+        )  # fmt: skip
+    return out.to(src.dtype)
