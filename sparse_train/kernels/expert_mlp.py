@@ -96,23 +96,25 @@ def _backward_triton(dy, x, w_gate, w_up, w_down, rows, counts, weight, gate, up
         scatter_add_rows_triton,
     )
 
-    d_act = grouped_gemm_triton(dy, w_down, counts, x_index=rows, trans_w=True)
+    # Row-space gradients stay fp32 until they feed a GEMM: bf16 inputs then lose no more
+    # precision than a bf16 reference does.
+    fp32 = torch.float32
+    d_act = grouped_gemm_triton(dy, w_down, counts, x_index=rows, trans_w=True, out_dtype=fp32)
     if weight is not None:
-        w_col = weight[:, None].to(d_act.dtype)
-        dweight = (d_act.float() * act.float()).sum(dim=1).to(weight.dtype)
-        dw_down = grouped_gemm_dw_triton(act * w_col, dy, counts, dy_index=rows)
-        d_act = d_act * w_col
+        dweight = (d_act * act.float()).sum(dim=1).to(weight.dtype)
+        dw_down = grouped_gemm_dw_triton((act.float() * weight[:, None]).to(act.dtype), dy, counts, dy_index=rows)
+        d_act = d_act * weight[:, None].float()
     else:
         dweight = x.new_empty(0)
         dw_down = grouped_gemm_dw_triton(act, dy, counts, dy_index=rows)
-    d_gate = torch.ops.aten.silu_backward(d_act * up, gate)
-    d_up = d_act * F.silu(gate)
+    gate32 = gate.float()
+    d_gate = torch.ops.aten.silu_backward(d_act * up.float(), gate32).to(x.dtype)
+    d_up = (d_act * F.silu(gate32)).to(x.dtype)
     dw_gate = grouped_gemm_dw_triton(x, d_gate, counts, x_index=rows)
     dw_up = grouped_gemm_dw_triton(x, d_up, counts, x_index=rows)
-    dx_sorted = grouped_gemm_triton(d_gate, w_gate, counts, trans_w=True) + grouped_gemm_triton(
-        d_up, w_up, counts, trans_w=True
-    )
-    dx = scatter_add_rows_triton(dx_sorted, rows, x.shape[0])
+    dx_sorted = grouped_gemm_triton(d_gate, w_gate, counts, trans_w=True, out_dtype=fp32)
+    dx_sorted += grouped_gemm_triton(d_up, w_up, counts, trans_w=True, out_dtype=fp32)
+    dx = scatter_add_rows_triton(dx_sorted, rows, x.shape[0], out_dtype=x.dtype)
     return dx, dw_gate, dw_up, dw_down, dweight
 
 

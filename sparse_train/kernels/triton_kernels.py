@@ -5,7 +5,9 @@ unpermute row moves. Imported only when triton is installed.
 All offsets that multiply a row index are int64, so tensors past 2^31 elements are addressed
 correctly. Accumulation is fp32 for every input dtype. Under the Triton interpreter
 (TRITON_INTERPRET=1, which runs these kernels on CPU tensors) bf16/fp16 tiles are upcast to
-fp32 before `tl.dot`, because the interpreter's low-precision dot is wrong.
+fp32 before `tl.dot`, because the interpreter's low-precision dot is wrong, and kernels store
+fp32 that torch then rounds to 16 bits, because the interpreter truncates fp32 -> bf16 instead
+of rounding to nearest (measured: twice the rounding error; GPUs round correctly).
 
 Rows are "sorted by group": group g owns rows [start_g, end_g) of the sorted row space. An
 M-tile never straddles two groups; the tile schedule is computed on the device from `counts`
@@ -25,6 +27,11 @@ DEFAULT_BLOCK_M = 64
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes: fp32 for 16-bit outputs under the interpreter (see above)."""
+    return torch.float32 if interpreting() and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _flags(*tensors: torch.Tensor) -> dict[str, bool]:
@@ -126,16 +133,21 @@ def grouped_gemm_triton(
     out_rows: int | None = None,
     trans_w: bool = False,
     block_sizes: dict[str, int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """out[out_index[m]] = x[x_index[m]] @ (w[g] or w[g]^T) for sorted rows m of group g."""
+    """out[out_index[m]] = x[x_index[m]] @ (w[g] or w[g]^T) for sorted rows m of group g.
+
+    `out_dtype` (default x's) lets intermediates of a backward stay fp32 for 16-bit inputs.
+    """
     num_rows = x_index.numel() if x_index is not None else x.shape[0]
     K = x.shape[1]
     N = w.shape[1] if trans_w else w.shape[2]
     rows_out = num_rows if out_rows is None else out_rows
     alloc = torch.zeros if out_index is not None else torch.empty  # unscattered rows stay zero
-    out = alloc(rows_out, N, device=x.device, dtype=x.dtype)
+    result_dtype = out_dtype or x.dtype
+    out = alloc(rows_out, N, device=x.device, dtype=_store_dtype(result_dtype))
     if num_rows == 0 or N == 0:
-        return out
+        return out.to(result_dtype)
     stride_bk, stride_bn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
     block_m = (block_sizes or {}).get("BLOCK_M", DEFAULT_BLOCK_M)
     tile_group, tile_row, group_end = tile_schedule(counts, num_rows, block_m)
@@ -154,7 +166,7 @@ def grouped_gemm_triton(
     else:
         grid = lambda meta: (tile_group.numel(), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
         _gmm_autotuned[grid](*args, **flags, BLOCK_M=block_m)
-    return out
+    return out.to(result_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +235,9 @@ def grouped_gemm_dw_triton(
 ) -> torch.Tensor:
     """dW[g] = sum over group g's sorted rows m of x[x_index[m]]^T dy[dy_index[m]]; [G, K, N]."""
     G, K, N = counts.numel(), x.shape[1], dy.shape[1]
-    out = torch.empty(G, K, N, device=x.device, dtype=x.dtype)
+    out = torch.empty(G, K, N, device=x.device, dtype=_store_dtype(x.dtype))
     if G == 0 or K == 0 or N == 0:
-        return out
+        return out.to(x.dtype)
     counts = counts.to(torch.int64)
     group_end = torch.cumsum(counts, 0)
     sizes = {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32, **(block_sizes or {})}
@@ -240,7 +252,7 @@ def grouped_gemm_dw_triton(
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), out.stride(0), out.stride(1), out.stride(2),
         GATHER_A=x_index is not None, GATHER_B=dy_index is not None, **_flags(x, dy), **sizes,
     )  # fmt: skip
-    return out
+    return out.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +271,8 @@ def _gather_rows_kernel(
     vals = tl.load(src_ptr + rows[:, None] * stride_s + offs_d[None, :], mask=mask, other=0.0)
     if SCALE:
         scale = tl.load(scale_ptr + offs_m, mask=mask_m, other=0.0)
-        vals = (vals.to(tl.float32) * scale.to(tl.float32)[:, None]).to(vals.dtype)
-    tl.store(out_ptr + offs_m[:, None] * stride_o + offs_d[None, :], vals, mask=mask)
+        vals = vals.to(tl.float32) * scale.to(tl.float32)[:, None]
+    tl.store(out_ptr + offs_m[:, None] * stride_o + offs_d[None, :], vals.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -285,20 +297,24 @@ _ROW_BLOCKS = {"BLOCK_M": 32, "BLOCK_D": 64}
 def gather_rows_triton(src: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """out[i] = src[index[i]] (* scale[i])."""
     src = src.contiguous()
-    out = torch.empty(index.numel(), src.shape[1], device=src.device, dtype=src.dtype)
+    out = torch.empty(index.numel(), src.shape[1], device=src.device, dtype=_store_dtype(src.dtype))
     if out.numel():
         grid = (triton.cdiv(index.numel(), _ROW_BLOCKS["BLOCK_M"]), triton.cdiv(src.shape[1], _ROW_BLOCKS["BLOCK_D"]))
         _gather_rows_kernel[grid](
             src, out, index, scale if scale is not None else index, index.numel(), src.shape[1],
             src.stride(0), out.stride(0), SCALE=scale is not None, **_ROW_BLOCKS,
         )  # fmt: skip
-    return out
+    return out.to(src.dtype)
 
 
 def scatter_add_rows_triton(
-    src: torch.Tensor, index: torch.Tensor, num_rows: int, weight: torch.Tensor | None = None
+    src: torch.Tensor,
+    index: torch.Tensor,
+    num_rows: int,
+    weight: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """out[index[i]] += src[i] (* weight[i]); accumulated in fp32, returned in src's dtype."""
+    """out[index[i]] += src[i] (* weight[i]); accumulated in fp32, returned in out_dtype (src's)."""
     src = src.contiguous()
     out = torch.zeros(num_rows, src.shape[1], device=src.device, dtype=torch.float32)
     if src.numel():
@@ -307,4 +323,4 @@ def scatter_add_rows_triton(
             src, out, index, weight if weight is not None else index, index.numel(), src.shape[1],
             src.stride(0), out.stride(0), WEIGHT=weight is not None, **_ROW_BLOCKS,
         )  # fmt: skip
-    return out.to(src.dtype)
+    return out.to(out_dtype or src.dtype)

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_train.kernels import swiglu_experts
+from tests.kernels.helpers import FAST_BACKENDS, assert_all_close, routed_problem
+
+CASES = {
+    # counts per expert, rows of x
+    "empty-and-one-row-experts": ([0, 1, 6, 0, 25], 12),
+    "all-to-one-expert": ([0, 0, 33, 0], 17),
+    "single-assignment": ([1], 1),
+    "no-assignments": ([0, 0, 0], 4),
+    "odd-sizes": ([19, 3, 41], 30),
+}
+NAMES = ["y", "dx", "dw_gate", "dw_up", "dw_down", "dweight"]
+
+
+def _weights(E, D, F, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(dtype) for shape in ((E, D, F), (E, D, F), (E, F, D))
+    ]
+
+
+def _run(backend, x, ws, rows, counts, weight, dy):
+    x = x.detach().clone().requires_grad_()
+    ws = [w.detach().clone().requires_grad_() for w in ws]
+    inputs = [x, *ws]
+    if weight is not None:
+        weight = weight.detach().clone().requires_grad_()
+        inputs.append(weight)
+    y = swiglu_experts(x, *ws, rows, counts, weight, backend=backend)
+    if rows.numel() == 0:
+        return [y, *(torch.zeros_like(t) for t in inputs)]
+    return [y, *torch.autograd.grad(y, inputs, dy)]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+def test_matches_reference_in_output_and_every_gradient(backend, case, dtype, weighted):
+    counts, T = CASES[case]
+    D, F = 24, 40
+    rows, counts_t = routed_problem(counts, T)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    weight = torch.rand(rows.numel(), generator=g) if weighted else None
+    dy = torch.randn(T, D, generator=g).to(dtype)
+    ws = _weights(len(counts), D, F, dtype)
+    got = _run(backend, x, ws, rows, counts_t, weight, dy)
+    exact_weight = None if weight is None else weight.double()
+    exact = _run("reference", x.double(), [w.double() for w in ws], rows, counts_t, exact_weight, dy.double())
+    same = _run("reference", x, ws, rows, counts_t, weight, dy)
+    assert got[0].dtype == dtype
+    assert_all_close(got, exact, NAMES[: len(got)], dtype, same)
+
+
+def test_reference_is_a_sum_over_routed_experts():
+    """Spelled out for one row: y[r] = sum_a weight_a * SwiGLU_e(a)(x[r])."""
+    counts = torch.tensor([2, 1])
+    rows = torch.tensor([0, 1, 0])  # row 0 goes to experts 0 and 1, row 1 to expert 0
+    weight = torch.tensor([0.25, 1.0, 0.75])
+    x = torch.randn(2, 4, dtype=torch.float64)
+    wg, wu, wd = _weights(2, 4, 3, torch.float64)
+
+    def expert(e, v):
+        return (torch.nn.functional.silu(v @ wg[e]) * (v @ wu[e])) @ wd[e]
+
+    y = swiglu_experts(x, wg, wu, wd, rows, counts, weight, backend="torch")
+    torch.testing.assert_close(y[0], 0.25 * expert(0, x[0]) + 0.75 * expert(1, x[0]))
+    torch.testing.assert_close(y[1], 1.0 * expert(0, x[1]))
+
+
+def test_fused_op_passes_opcheck():
+    rows, counts = routed_problem([3, 0, 4], 5)
+    x = torch.randn(5, 6, requires_grad=True)
+    ws = [w.requires_grad_() for w in _weights(3, 6, 8, torch.float32)]
+    weight = torch.rand(7, requires_grad=True)
+    torch.library.opcheck(torch.ops.sparse_train.swiglu_experts, (x, *ws, rows, counts, weight, "torch"))
+    torch.library.opcheck(torch.ops.sparse_train.swiglu_experts, (x, *ws, rows, counts, None, "torch"))
+
+
+def test_rejects_mismatched_routing():
+    ws = _weights(3, 4, 5, torch.float32)
+    with pytest.raises(ValueError, match="counts"):
+        swiglu_experts(torch.randn(2, 4), *ws, torch.tensor([0, 1]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="weight"):
+        swiglu_experts(torch.randn(2, 4), *ws, torch.tensor([0, 1]), torch.tensor([1, 1, 0]), torch.ones(3))
