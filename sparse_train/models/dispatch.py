@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_train.models.routers import Routing
+from sparse_train.models.routers import Routing, count_per_expert
 
 
 @dataclass
@@ -51,7 +51,7 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[ExpertInput, None]:
         experts_A, token_A, weight_A, _ = sort_assignments(routing)
-        counts_E = torch.bincount(experts_A, minlength=self.num_experts)
+        counts_E = count_per_expert(experts_A, self.num_experts)
         return ExpertInput(x_TD, token_A, counts_E, weight_A), None
 
     def combine(self, y_TD: torch.Tensor, handle: None) -> torch.Tensor:

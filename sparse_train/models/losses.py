@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from sparse_train.models.routers import count_per_expert
+
 CountSync = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -29,7 +31,7 @@ def local_counts(counts_E: torch.Tensor) -> torch.Tensor:
 
 def expert_counts(experts_Tk: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Assignments per expert, as fp32 `[E]` (before any capacity drop)."""
-    return torch.bincount(experts_Tk.reshape(-1), minlength=num_experts).float()
+    return count_per_expert(experts_Tk, num_experts).float()
 
 
 def load_balancing_loss(

@@ -58,6 +58,13 @@ class TopKSoftmaxRouter(nn.Module):
         return Routing(experts_Tk, weights_Tk, RoutingStats(logits_TE, probs_TE))
 
 
+def count_per_expert(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 `[E]` occurrences of each expert id. A scatter-add rather than bincount, whose
+    output shape depends on the data and breaks torch.compile graphs."""
+    flat = experts.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """ceil(capacity_factor * T * k / E): assignments an expert accepts per micro-batch."""
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
@@ -84,7 +91,7 @@ def apply_capacity(
         order_A = by_prob_A[torch.argsort(experts_A[by_prob_A], stable=True)]
     else:
         raise ValueError(f"unknown drop policy {policy!r}; allowed: position, probability")
-    counts_E = torch.bincount(experts_A, minlength=num_experts)
+    counts_E = count_per_expert(experts_A, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     sorted_experts_A = experts_A[order_A]
     rank_in_expert_A = torch.arange(experts_A.numel(), device=experts_A.device) - starts_E[sorted_experts_A]
