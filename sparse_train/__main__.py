@@ -1,7 +1,5 @@
 """`python -m sparse_train` is the `sparse-train` command."""
 
-import sys
+from sparse_train.cli import entry
 
-from sparse_train.cli import main
-
-sys.exit(main())
+entry()

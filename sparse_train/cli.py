@@ -68,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     gen.add_argument("--seed", type=int, default=0)
 
+    bench = sub.add_parser("bench", help="benchmarks that print JSON (one object per measured case)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_ArgumentParser)
+    moe = bench_sub.add_parser("moe-layer", help="MoE layer vs the dense limit, HF Mixtral and DeepSpeed-MoE")
+    moe.add_argument("--json", action="store_true", help="only the JSON lines on stdout (no table on stderr)")
+    moe.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["mixtral-like", "fine-grained", "skewed"],
+        choices=["mixtral-like", "fine-grained", "skewed"],
+    )
+    moe.add_argument("--tokens", type=int, help="override the token count of every shape (quick runs)")
+    moe.add_argument("--repeats", type=int, default=5)
+    moe.add_argument("--warmup", type=int, default=2)
+    moe.add_argument("--seed", type=int, default=0)
+    moe.add_argument("--peers", default="hf,deepspeed", help="comma list of hf, deepspeed; empty for none")
+
+    sub.add_parser("info", help="versions, devices, optional integrations and runtime settings, as JSON")
+
     cfg = sub.add_parser("config", help="print the resolved config (YAML), or every field with its help")
     _add_config_args(cfg)
     cfg.add_argument("--fields", action="store_true", help="list every field, its default and meaning")
@@ -187,7 +205,57 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "config": cmd_config}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sparse_train.bench import moe_layer
+
+    peers = {p for p in args.peers.split(",") if p}
+    unknown = peers - {"hf", "deepspeed"}
+    if unknown:
+        raise UsageError(f"sparse-train bench moe-layer: unknown --peers {sorted(unknown)}; allowed: hf, deepspeed")
+    if args.repeats < 1 or args.warmup < 0 or (args.tokens is not None and args.tokens < 1):
+        raise UsageError("sparse-train bench moe-layer: --repeats >= 1, --warmup >= 0 and --tokens >= 1 required")
+    moe_layer.run(args.shapes, tokens=args.tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                  peers=peers, as_json=args.json)  # fmt: skip
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import importlib.metadata
+    import os
+
+    import torch
+
+    import sparse_train
+    from sparse_train.runtime import MALLOC_ENV
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    print(json.dumps({
+        "sparse_train": sparse_train.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": torch.cuda.device_count(),
+        "threads": torch.get_num_threads(),
+        "integrations": {name: version(name) for name in ("triton", "transformers", "deepspeed", "ray")},
+        "malloc_tuning": {key: os.environ.get(key) for key in MALLOC_ENV},
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+    }, indent=1))  # fmt: skip
+    return 0
+
+
+COMMANDS = {
+    "bench": cmd_bench,
+    "info": cmd_info,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "config": cmd_config,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,5 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script and `python -m sparse_train`: tune the process, then run `main`."""
+    from sparse_train.runtime import exec_with_tuned_allocator
+
+    exec_with_tuned_allocator(sys.argv[1:])
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

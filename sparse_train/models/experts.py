@@ -35,17 +35,25 @@ class SwiGLUExperts(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.backend: Backend = backend
-        self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.w_up_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.hidden = hidden
+        # gate and up in one [E, D, 2F] tensor (gate columns first, as HF's gate_up_proj): one GEMM
+        self.w_gate_up_ED2F = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
 
     def forward(self, inp: ExpertInput) -> torch.Tensor:
         """y[r] = sum of weight_a * expert_e(a)(x[r]) over the assignments a that read row r."""
         return swiglu_experts(
-            inp.x, self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, inp.rows_A, inp.counts_E, inp.weight_A,
+            inp.x, self.w_gate_up_ED2F, self.w_down_EFD, inp.rows_A, inp.counts_E, inp.weight_A,
             backend=self.backend,
         )  # fmt: skip
 
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         """One expert on its own rows, with plain matmuls: the per-expert reference."""
-        return (F.silu(x_nD @ self.w_gate_EDF[e]) * (x_nD @ self.w_up_EDF[e])) @ self.w_down_EFD[e]
+        gate_nF, up_nF = (x_nD @ self.w_gate_up_ED2F[e]).split(self.hidden, dim=-1)
+        return (F.silu(gate_nF) * up_nF) @ self.w_down_EFD[e]
+
+    def gate_EDF(self) -> torch.Tensor:
+        return self.w_gate_up_ED2F[:, :, : self.hidden]
+
+    def up_EDF(self) -> torch.Tensor:
+        return self.w_gate_up_ED2F[:, :, self.hidden :]

@@ -14,14 +14,13 @@ CASES = {
     "no-assignments": ([0, 0, 0], 4),
     "odd-sizes": ([19, 3, 41], 30),
 }
-NAMES = ["y", "dx", "dw_gate", "dw_up", "dw_down", "dweight"]
+NAMES = ["y", "dx", "dw_gate_up", "dw_down", "dweight"]
 
 
 def _weights(E, D, F, dtype, seed=0):
+    """[w_gate_up [E, D, 2F], w_down [E, F, D]]."""
     g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(dtype) for shape in ((E, D, F), (E, D, F), (E, F, D))
-    ]
+    return [(torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(dtype) for shape in ((E, D, 2 * F), (E, F, D))]
 
 
 def _run(backend, x, ws, rows, counts, weight, dy):
@@ -64,12 +63,12 @@ def test_reference_is_a_sum_over_routed_experts():
     rows = torch.tensor([0, 1, 0])  # row 0 goes to experts 0 and 1, row 1 to expert 0
     weight = torch.tensor([0.25, 1.0, 0.75])
     x = torch.randn(2, 4, dtype=torch.float64)
-    wg, wu, wd = _weights(2, 4, 3, torch.float64)
+    wgu, wd = _weights(2, 4, 3, torch.float64)
 
     def expert(e, v):
-        return (torch.nn.functional.silu(v @ wg[e]) * (v @ wu[e])) @ wd[e]
+        return (torch.nn.functional.silu(v @ wgu[e, :, :3]) * (v @ wgu[e, :, 3:])) @ wd[e]
 
-    y = swiglu_experts(x, wg, wu, wd, rows, counts, weight, backend="torch")
+    y = swiglu_experts(x, wgu, wd, rows, counts, weight, backend="torch")
     torch.testing.assert_close(y[0], 0.25 * expert(0, x[0]) + 0.75 * expert(1, x[0]))
     torch.testing.assert_close(y[1], 1.0 * expert(0, x[1]))
 
@@ -85,6 +84,8 @@ def test_fused_op_passes_opcheck():
 
 def test_rejects_mismatched_routing():
     ws = _weights(3, 4, 5, torch.float32)
+    with pytest.raises(ValueError, match="w_gate_up must be"):
+        swiglu_experts(torch.randn(2, 4), ws[0][:, :, :9], ws[1], torch.tensor([0, 1]), torch.tensor([1, 1, 0]))
     with pytest.raises(ValueError, match="counts"):
         swiglu_experts(torch.randn(2, 4), *ws, torch.tensor([0, 1]), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="weight"):

@@ -1,0 +1,1 @@
+"""Benchmarks behind `sparse-train bench ...`: commands that print JSON, not timed tests."""

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparse_train.bench.measure import interleaved_median_ms, peak_activation_mb
+from sparse_train.bench.moe_layer import SHAPES, Shape, bench_shape, build_problem, dense_equivalent, hf_mixtral_block
+from sparse_train.models.experts import SwiGLU
+
+REQUIRED_KEYS = {
+    "shape", "ours_ms", "dense_ms", "ratio_vs_dense", "hf_mixtral_ms", "speedup_vs_hf", "max_abs_diff_vs_hf",
+    "peak_mem_mb_ours", "peak_mem_mb_dense", "deepspeed_ms", "speedup_vs_deepspeed",
+}  # fmt: skip
+TINY = Shape("tiny", tokens=48, d_model=32, num_experts=4, top_k=2, expert_hidden=16)
+
+
+def test_dense_equivalent_has_the_active_parameters_and_computes_the_top_k_experts_sum():
+    layer, x, _ = build_problem(TINY, 0, torch.device("cpu"))
+    dense = dense_equivalent(layer, TINY)
+    active = sum(p[0].numel() for p in layer.experts.parameters()) * TINY.top_k
+    assert sum(p.numel() for p in dense.parameters()) == active
+    # dense(x) equals the unweighted sum of experts 0..k-1, by construction of its weights
+    x2 = x[0, :5]
+    want = sum(layer.experts.expert_forward(e, x2) for e in range(TINY.top_k))
+    torch.testing.assert_close(dense(x2), want, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_block_gets_identical_weights_and_the_difference_can_fail():
+    pytest.importorskip("transformers")
+    layer, x, _ = build_problem(TINY, 0, torch.device("cpu"))
+    block = hf_mixtral_block(layer, TINY)
+    with torch.no_grad():
+        ours, _ = layer(x)
+        assert float((block(x) - ours).abs().max()) <= 1e-5
+        layer.experts.w_down_EFD[1] += 0.1  # a real comparison notices a changed expert
+        ours_changed, _ = layer(x)
+        assert float((block(x) - ours_changed).abs().max()) > 1e-3
+
+
+def test_skewed_shape_sends_half_the_tokens_to_expert_0():
+    skewed = Shape(**{**SHAPES["skewed"].__dict__, "tokens": 256})
+    layer, x, _ = build_problem(skewed, 0, torch.device("cpu"))
+    with torch.no_grad():
+        routing = layer.route(x[0])
+    first_choice = routing.experts_Tk[:, 0]
+    assert float((first_choice == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_bench_shape_reports_every_key_consistently():
+    pytest.importorskip("transformers")
+    result = bench_shape(TINY, repeats=1, warmup=0, seed=0, peers={"hf"}, log=lambda m: None)
+    assert REQUIRED_KEYS - {"deepspeed_ms", "speedup_vs_deepspeed"} <= set(result)
+    assert result["ratio_vs_dense"] == pytest.approx(result["ours_ms"] / result["dense_ms"], rel=1e-3)
+    hf_times = [result[k] for k in ("hf_eager_ms", "hf_grouped_mm_ms", "hf_batched_mm_ms") if result.get(k)]
+    assert result["hf_mixtral_ms"] == min(hf_times)
+    assert result["speedup_vs_hf"] == pytest.approx(result["hf_mixtral_ms"] / result["ours_ms"], rel=1e-3)
+    assert result["max_abs_diff_vs_hf"] <= 1e-5
+    assert result["peak_mem_mb_ours"] > 0 and result["peak_mem_mb_dense"] > 0
+
+
+@pytest.mark.slow
+def test_cli_prints_one_json_object_per_shape_with_deepspeed():
+    pytest.importorskip("deepspeed")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparse_train", "bench", "moe-layer", "--json", "--tokens", "64", "--repeats", "1",
+         "--warmup", "0", "--shapes", "mixtral-like", "skewed"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["shape"] for r in rows] == ["mixtral-like", "skewed"]
+    for row in rows:
+        assert REQUIRED_KEYS <= set(row)
+        assert row["deepspeed_ms"] is not None, row.get("deepspeed_error")
+        assert row["speedup_vs_deepspeed"] == pytest.approx(row["deepspeed_ms"] / row["ours_ms"], rel=1e-3)
+
+
+def test_bad_bench_arguments_exit_2(capsys):
+    from sparse_train.cli import main
+
+    assert main(["bench", "moe-layer", "--peers", "megablocks"]) == 2
+    assert "unknown --peers ['megablocks']" in capsys.readouterr().err
+
+
+def test_peak_activation_memory_counts_saved_activations_not_gradients():
+    torch.manual_seed(0)
+    ffn = SwiGLU(64, 256)
+    x = torch.randn(512, 64)
+
+    def step():
+        ffn(x).sum().backward()
+
+    peak = peak_activation_mb(step, ffn.parameters())
+    one = 512 * 256 * 4 / 2**20  # one [512, 256] fp32 activation
+    # autograd keeps gate, up, silu(gate) and their product: at least 4 activations, and the
+    # parameter gradients (3 * 64 * 256 floats) are not counted
+    assert 4 * one <= peak <= 12 * one
+
+
+def test_interleaved_median_is_a_median():
+    calls = []
+    times = interleaved_median_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                  repeats=3, warmup=1, device=torch.device("cpu"))  # fmt: skip
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
