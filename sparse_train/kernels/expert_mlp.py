@@ -95,7 +95,7 @@ def _backward_torch(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, act
         d_act = torch.mm(dy_e, w_down[e].t(), out=ws["d_act"][:n])  # gradient of the unweighted output
         if weight is not None:
             w_e = weight[s, None].to(d_act.dtype)
-            torch.sum(torch.mul(d_act, act[s], out=ws["tmp"][:n]), dim=1, out=dweight[s])
+            dweight[s] = torch.linalg.vecdot(d_act, act[s])  # one read pass, no [n, F] temporary
             torch.mm(act[s].t(), dy_e.mul_(w_e), out=dw_down[e])
             d_act.mul_(w_e)
         else:
@@ -199,10 +199,13 @@ def _setup(ctx, inputs, output) -> None:
     x, w_gate_up, w_down, rows, counts, weight, backend = inputs
     _, gate_up, act = output
     ctx.save_for_backward(x, w_gate_up, w_down, rows, counts, weight, gate_up, act)
+    ctx.set_materialize_grads(False)  # gate_up and act are outputs only to be saved: no zero grads for them
     ctx.backend = backend
 
 
 def _backward(ctx, dy, _d_gate_up, _d_act):
+    if dy is None:  # the output was not used (grads are not materialised for this op)
+        return None, None, None, None, None, None, None
     x, w_gate_up, w_down, rows, counts, weight, gate_up, act = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     dx, dw_gate_up, dw_down, dweight = _swiglu_experts_backward_op(
