@@ -30,15 +30,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sparse_train.kernels.cpu_parallel import balanced_parts, expert_workers, run_parts
 from sparse_train.kernels.grouped_gemm import Backend, autocast_inputs, resolve_backend
 
 
-def _swiglu_grads(d_act: torch.Tensor, gate_up: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+def _swiglu_grads(
+    d_act: torch.Tensor, gate_up: torch.Tensor, silu: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor
+) -> torch.Tensor:
     """d(gate_up) of act = silu(gate) * up, written into `out` ([n, 2F]); `tmp` is [n, F] scratch."""
     hidden = gate_up.shape[1] // 2
     gate, up = gate_up[:, :hidden], gate_up[:, hidden:]
     torch.ops.aten.silu_backward.grad_input(torch.mul(d_act, up, out=tmp), gate, grad_input=out[:, :hidden])
-    torch.mul(d_act, torch.ops.aten.silu.out(gate, out=tmp), out=out[:, hidden:])
+    torch.mul(d_act, silu, out=out[:, hidden:])
     return out
 
 
@@ -46,66 +49,103 @@ def _swiglu_grads(d_act: torch.Tensor, gate_up: torch.Tensor, out: torch.Tensor,
 # Per-expert temporaries live in one workspace sized for the largest expert and reused by every
 # expert: fresh multi-MB allocations per expert would each be a new mmap with page faults to
 # zero it (measured: ~15% of the fine-grained layer's time on 2 cores), and reused buffers stay
-# warm in cache.
+# warm in cache. With several CPU threads the experts are split into groups of about equal
+# rows that run concurrently, one thread each (kernels.cpu_parallel); each group scatter-adds
+# into its own buffer, and the buffers are summed in group order, so results are deterministic.
 def _workspace(x: torch.Tensor, counts_list: list[int], widths: dict[str, int]) -> dict[str, torch.Tensor]:
     rows = max(counts_list, default=0)
     return {name: x.new_empty(rows, width) for name, width in widths.items()}
 
 
+def _starts(counts_list: list[int]) -> list[int]:
+    starts, total = [], 0
+    for n in counts_list:
+        starts.append(total)
+        total += n
+    return starts
+
+
+def _sum_parts(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if not parts:
+        return torch.zeros_like(like)
+    for other in parts[1:]:
+        parts[0].add_(other)
+    return parts[0]
+
+
 def _forward_torch(x, w_gate_up, w_down, rows, counts, weight):
     A, hidden, D = rows.numel(), w_down.shape[1], x.shape[1]
-    gate_up, act = x.new_empty(A, 2 * hidden), x.new_empty(A, hidden)
-    y = torch.zeros_like(x)
+    gate_up, silu, act = x.new_empty(A, 2 * hidden), x.new_empty(A, hidden), x.new_empty(A, hidden)
     counts_list = counts.tolist()
-    ws = _workspace(x, counts_list, {"x": D, "silu": hidden, "out": D})
-    start = 0
-    for e, n in enumerate(counts_list):
-        if n:
-            s = slice(start, start + n)
+    starts = _starts(counts_list)
+    weight_act = weight is not None and hidden < D  # weight the narrower of act [n, F] and out [n, D]
+
+    def run(_part: int, experts: list[int]) -> torch.Tensor:
+        y = torch.zeros_like(x)
+        ws = _workspace(x, [counts_list[e] for e in experts], {"x": D, "out": D, "act_w": hidden})
+        for e in experts:
+            n = counts_list[e]
+            s = slice(starts[e], starts[e] + n)
             idx = rows[s]
             x_e = torch.index_select(x, 0, idx, out=ws["x"][:n])
             gu = torch.mm(x_e, w_gate_up[e], out=gate_up[s])
-            silu = torch.ops.aten.silu.out(gu[:, :hidden], out=ws["silu"][:n])
-            torch.mul(silu, gu[:, hidden:], out=act[s])
-            out_e = torch.mm(act[s], w_down[e], out=ws["out"][:n])
-            if weight is not None:
-                out_e.mul_(weight[s, None].to(out_e.dtype))
+            torch.mul(torch.ops.aten.silu.out(gu[:, :hidden], out=silu[s]), gu[:, hidden:], out=act[s])
+            if weight_act:
+                act_w = torch.mul(act[s], weight[s, None].to(act.dtype), out=ws["act_w"][:n])
+                out_e = torch.mm(act_w, w_down[e], out=ws["out"][:n])
+            else:
+                out_e = torch.mm(act[s], w_down[e], out=ws["out"][:n])
+                if weight is not None:
+                    out_e.mul_(weight[s, None].to(out_e.dtype))
             y.index_add_(0, idx, out_e)
-        start += n
-    return y, gate_up, act
+        return y
+
+    workers = expert_workers(x.device)
+    y = _sum_parts(run_parts(run, balanced_parts(counts_list, workers), workers), x)
+    return y, gate_up, silu, act
 
 
-def _backward_torch(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, act, need_dx):
+def _backward_torch(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, silu, act, need_dx):
     hidden, D = w_down.shape[1], x.shape[1]
-    dx = torch.zeros_like(x) if need_dx else x.new_empty(0)
     dw_gate_up, dw_down = torch.empty_like(w_gate_up), torch.empty_like(w_down)
     dweight = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     counts_list = counts.tolist()
-    ws = _workspace(x, counts_list, {"dy": D, "x": D, "d_act": hidden, "d_gate_up": 2 * hidden, "tmp": hidden,
-                                     "dx": D})  # fmt: skip
-    start = 0
+    starts = _starts(counts_list)
     for e, n in enumerate(counts_list):
-        if not n:
+        if not n:  # experts that received nothing have zero weight gradients
             dw_gate_up[e].zero_()
             dw_down[e].zero_()
-            continue
-        s = slice(start, start + n)
-        idx = rows[s]
-        dy_e = torch.index_select(dy, 0, idx, out=ws["dy"][:n])
-        d_act = torch.mm(dy_e, w_down[e].t(), out=ws["d_act"][:n])  # gradient of the unweighted output
-        if weight is not None:
-            w_e = weight[s, None].to(d_act.dtype)
-            dweight[s] = torch.linalg.vecdot(d_act, act[s])  # one read pass, no [n, F] temporary
-            torch.mm(act[s].t(), dy_e.mul_(w_e), out=dw_down[e])
-            d_act.mul_(w_e)
-        else:
-            torch.mm(act[s].t(), dy_e, out=dw_down[e])
-        d_gate_up = _swiglu_grads(d_act, gate_up[s], ws["d_gate_up"][:n], ws["tmp"][:n])
-        x_e = torch.index_select(x, 0, idx, out=ws["x"][:n])
-        torch.mm(x_e.t(), d_gate_up, out=dw_gate_up[e])
-        if need_dx:
-            dx.index_add_(0, idx, torch.mm(d_gate_up, w_gate_up[e].t(), out=ws["dx"][:n]))
-        start += n
+
+    def run(_part: int, experts: list[int]) -> torch.Tensor:
+        dx = torch.zeros_like(x) if need_dx else x.new_empty(0)
+        widths = {"dy": D, "x": D, "d_act": hidden, "d_gate_up": 2 * hidden, "tmp": hidden, "dx": D}
+        ws = _workspace(x, [counts_list[e] for e in experts], widths)
+        for e in experts:
+            n = counts_list[e]
+            s = slice(starts[e], starts[e] + n)
+            idx = rows[s]
+            dy_e = torch.index_select(dy, 0, idx, out=ws["dy"][:n])
+            d_act = torch.mm(dy_e, w_down[e].t(), out=ws["d_act"][:n])  # gradient of the unweighted output
+            if weight is not None:
+                w_e = weight[s, None].to(d_act.dtype)
+                dweight[s] = torch.linalg.vecdot(d_act, act[s])  # one read pass, no [n, F] temporary
+                if hidden < D:  # dW_down = (w * act)^T dy, weighting the narrower operand
+                    torch.mm(torch.mul(act[s], w_e, out=ws["tmp"][:n]).t(), dy_e, out=dw_down[e])
+                else:
+                    torch.mm(act[s].t(), dy_e.mul_(w_e), out=dw_down[e])
+                d_act.mul_(w_e)
+            else:
+                torch.mm(act[s].t(), dy_e, out=dw_down[e])
+            d_gate_up = _swiglu_grads(d_act, gate_up[s], silu[s], ws["d_gate_up"][:n], ws["tmp"][:n])
+            x_e = torch.index_select(x, 0, idx, out=ws["x"][:n])
+            torch.mm(x_e.t(), d_gate_up, out=dw_gate_up[e])
+            if need_dx:
+                dx.index_add_(0, idx, torch.mm(d_gate_up, w_gate_up[e].t(), out=ws["dx"][:n]))
+        return dx
+
+    workers = expert_workers(x.device)
+    dx_parts = run_parts(run, balanced_parts(counts_list, workers), workers)
+    dx = _sum_parts(dx_parts, x) if need_dx else x.new_empty(0)
     return dx, dw_gate_up, dw_down, dweight
 
 
@@ -115,12 +155,13 @@ def _forward_triton(x, w_gate_up, w_down, rows, counts, weight):
 
     hidden = w_down.shape[1]
     gate_up = grouped_gemm_triton(x, w_gate_up, counts, x_index=rows)
-    act = F.silu(gate_up[:, :hidden]) * gate_up[:, hidden:]
+    silu = F.silu(gate_up[:, :hidden])
+    act = silu * gate_up[:, hidden:]
     out = grouped_gemm_triton(act, w_down, counts)
-    return scatter_add_rows_triton(out, rows, x.shape[0], weight), gate_up, act
+    return scatter_add_rows_triton(out, rows, x.shape[0], weight), gate_up, silu, act
 
 
-def _backward_triton(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, act, need_dx):
+def _backward_triton(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, silu, act, need_dx):
     from sparse_train.kernels.triton_kernels import (
         grouped_gemm_dw_triton,
         grouped_gemm_triton,
@@ -138,7 +179,9 @@ def _backward_triton(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, ac
     else:
         dweight = x.new_empty(0)
         dw_down = grouped_gemm_dw_triton(act, dy, counts, dy_index=rows)
-    d_gate_up = _swiglu_grads(d_act, gate_up.float(), d_act.new_empty(gate_up.shape), torch.empty_like(d_act))
+    d_gate_up = _swiglu_grads(
+        d_act, gate_up.float(), silu.float(), d_act.new_empty(gate_up.shape), torch.empty_like(d_act)
+    )
     d_gate_up = d_gate_up.to(x.dtype)
     dw_gate_up = grouped_gemm_dw_triton(x, d_gate_up, counts, x_index=rows)
     dx = x.new_empty(0)
@@ -161,14 +204,14 @@ def _swiglu_experts_op(
     counts: torch.Tensor,
     weight: torch.Tensor | None,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _IMPLS[backend][0](x, w_gate_up, w_down, rows, counts, weight)
 
 
 @_swiglu_experts_op.register_fake
 def _(x, w_gate_up, w_down, rows, counts, weight, backend):
     A, hidden = rows.shape[0], w_down.shape[1]
-    return x.new_empty(x.shape), x.new_empty(A, 2 * hidden), x.new_empty(A, hidden)
+    return x.new_empty(x.shape), x.new_empty(A, 2 * hidden), x.new_empty(A, hidden), x.new_empty(A, hidden)
 
 
 @torch.library.custom_op("sparse_train::swiglu_experts_backward", mutates_args=())
@@ -181,15 +224,17 @@ def _swiglu_experts_backward_op(
     counts: torch.Tensor,
     weight: torch.Tensor | None,
     gate_up: torch.Tensor,
+    silu: torch.Tensor,
     act: torch.Tensor,
     need_dx: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _IMPLS[backend][1](dy.contiguous(), x, w_gate_up, w_down, rows, counts, weight, gate_up, act, need_dx)
+    args = (dy.contiguous(), x, w_gate_up, w_down, rows, counts, weight, gate_up, silu, act, need_dx)
+    return _IMPLS[backend][1](*args)
 
 
 @_swiglu_experts_backward_op.register_fake
-def _(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, act, need_dx, backend):
+def _(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, silu, act, need_dx, backend):
     dweight = weight.new_empty(weight.shape) if weight is not None else x.new_empty(0)
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return dx, w_gate_up.new_empty(w_gate_up.shape), w_down.new_empty(w_down.shape), dweight
@@ -197,19 +242,19 @@ def _(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, act, need_dx, bac
 
 def _setup(ctx, inputs, output) -> None:
     x, w_gate_up, w_down, rows, counts, weight, backend = inputs
-    _, gate_up, act = output
-    ctx.save_for_backward(x, w_gate_up, w_down, rows, counts, weight, gate_up, act)
-    ctx.set_materialize_grads(False)  # gate_up and act are outputs only to be saved: no zero grads for them
+    _, gate_up, silu, act = output
+    ctx.save_for_backward(x, w_gate_up, w_down, rows, counts, weight, gate_up, silu, act)
+    ctx.set_materialize_grads(False)  # gate_up, silu, act are outputs only to be saved: no zero grads for them
     ctx.backend = backend
 
 
-def _backward(ctx, dy, _d_gate_up, _d_act):
+def _backward(ctx, dy, _d_gate_up, _d_silu, _d_act):
     if dy is None:  # the output was not used (grads are not materialised for this op)
         return None, None, None, None, None, None, None
-    x, w_gate_up, w_down, rows, counts, weight, gate_up, act = ctx.saved_tensors
+    x, w_gate_up, w_down, rows, counts, weight, gate_up, silu, act = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     dx, dw_gate_up, dw_down, dweight = _swiglu_experts_backward_op(
-        dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, act, need_dx, ctx.backend
+        dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, silu, act, need_dx, ctx.backend
     )
     return (dx if need_dx else None), dw_gate_up, dw_down, None, None, (dweight if weight is not None else None), None
 

@@ -90,3 +90,37 @@ def test_rejects_mismatched_routing():
         swiglu_experts(torch.randn(2, 4), *ws, torch.tensor([0, 1]), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="weight"):
         swiglu_experts(torch.randn(2, 4), *ws, torch.tensor([0, 1]), torch.tensor([1, 1, 0]), torch.ones(3))
+
+
+@pytest.mark.parametrize("case", ["empty-and-one-row-experts", "odd-sizes", "all-to-one-expert"])
+def test_cpu_path_with_concurrent_expert_groups_matches_reference(case):
+    """With several CPU threads the torch backend runs expert groups concurrently (cpu_parallel)."""
+    counts, T = CASES[case]
+    rows, counts_t = routed_problem(counts, T)
+    g = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(T, 24, generator=g), torch.randn(T, 24, generator=g)
+    weight = torch.rand(rows.numel(), generator=g)
+    ws = _weights(len(counts), 24, 40, torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # three groups even where the machine has fewer cores
+    try:
+        got = _run("torch", x, ws, rows, counts_t, weight, dy)
+        again = _run("torch", x, ws, rows, counts_t, weight, dy)
+    finally:
+        torch.set_num_threads(threads)
+    exact = _run("reference", x.double(), [w.double() for w in ws], rows, counts_t, weight.double(), dy.double())
+    assert_all_close(got, exact, NAMES, torch.float32)
+    for a, b in zip(got, again, strict=True):
+        assert torch.equal(a, b), "concurrent expert groups must give bitwise-identical results run to run"
+
+
+def test_balanced_parts_split_rows_evenly_and_skip_empty_experts():
+    from sparse_train.kernels.cpu_parallel import balanced_parts
+
+    parts = balanced_parts([5, 0, 3, 3, 2, 0, 1], 2)
+    assert sorted(e for p in parts for e in p) == [0, 2, 3, 4, 6]
+    assert all(p == sorted(p) for p in parts)
+    loads = sorted(sum([5, 0, 3, 3, 2, 0, 1][e] for e in p) for p in parts)
+    assert loads == [7, 7]
+    assert balanced_parts([0, 0], 2) == []
+    assert balanced_parts([4], 3) == [[0]]
