@@ -79,10 +79,14 @@ def _forward_torch(x, w_gate_up, w_down, rows, counts, weight):
     counts_list = counts.tolist()
     starts = _starts(counts_list)
     weight_act = weight is not None and hidden < D  # weight the narrower of act [n, F] and out [n, D]
+    workers = expert_workers(x.device)
+    parts = balanced_parts(counts_list, workers)
+    # Buffers are allocated here, in the calling thread: its allocator keeps freed memory warm.
+    outputs = [torch.zeros_like(x) for _ in parts]
+    spaces = [_workspace(x, [counts_list[e] for e in p], {"x": D, "out": D, "act_w": hidden}) for p in parts]
 
-    def run(_part: int, experts: list[int]) -> torch.Tensor:
-        y = torch.zeros_like(x)
-        ws = _workspace(x, [counts_list[e] for e in experts], {"x": D, "out": D, "act_w": hidden})
+    def run(part: int, experts: list[int]) -> torch.Tensor:
+        y, ws = outputs[part], spaces[part]
         for e in experts:
             n = counts_list[e]
             s = slice(starts[e], starts[e] + n)
@@ -100,8 +104,7 @@ def _forward_torch(x, w_gate_up, w_down, rows, counts, weight):
             y.index_add_(0, idx, out_e)
         return y
 
-    workers = expert_workers(x.device)
-    y = _sum_parts(run_parts(run, balanced_parts(counts_list, workers), workers), x)
+    y = _sum_parts(run_parts(run, parts, workers), x)
     return y, gate_up, silu, act
 
 
@@ -116,10 +119,14 @@ def _backward_torch(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, sil
             dw_gate_up[e].zero_()
             dw_down[e].zero_()
 
-    def run(_part: int, experts: list[int]) -> torch.Tensor:
-        dx = torch.zeros_like(x) if need_dx else x.new_empty(0)
-        widths = {"dy": D, "x": D, "d_act": hidden, "d_gate_up": 2 * hidden, "tmp": hidden, "dx": D}
-        ws = _workspace(x, [counts_list[e] for e in experts], widths)
+    workers = expert_workers(x.device)
+    parts = balanced_parts(counts_list, workers)
+    widths = {"dy": D, "x": D, "d_act": hidden, "d_gate_up": 2 * hidden, "tmp": hidden, "dx": D}
+    outputs = [torch.zeros_like(x) if need_dx else x.new_empty(0) for _ in parts]
+    spaces = [_workspace(x, [counts_list[e] for e in p], widths) for p in parts]
+
+    def run(part: int, experts: list[int]) -> torch.Tensor:
+        dx, ws = outputs[part], spaces[part]
         for e in experts:
             n = counts_list[e]
             s = slice(starts[e], starts[e] + n)
@@ -143,8 +150,7 @@ def _backward_torch(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, sil
                 dx.index_add_(0, idx, torch.mm(d_gate_up, w_gate_up[e].t(), out=ws["dx"][:n]))
         return dx
 
-    workers = expert_workers(x.device)
-    dx_parts = run_parts(run, balanced_parts(counts_list, workers), workers)
+    dx_parts = run_parts(run, parts, workers)
     dx = _sum_parts(dx_parts, x) if need_dx else x.new_empty(0)
     return dx, dw_gate_up, dw_down, dweight
 
