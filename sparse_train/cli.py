@@ -48,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="output directory (default runs/CONFIG_NAME/TIMESTAMP)")
     train.add_argument("--resume", help="'auto' (newest complete checkpoint in the run dir) or a checkpoint path")
 
+    launch = sub.add_parser(
+        "launch",
+        help="run a command on N processes per node with torchrun (e.g. launch --nproc-per-node 4 train ...)",
+    )
+    launch.add_argument("--nproc-per-node", type=int, required=True, help="processes on this node (GPUs or CPU ranks)")
+    launch.add_argument("--nnodes", type=int, default=1, help="nodes in the job")
+    launch.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
+    launch.add_argument("--master-addr", default=None, help="address of node 0 (multi-node); default localhost")
+    launch.add_argument("--master-port", type=int, default=29500, help="port on node 0 (multi-node)")
+    launch.add_argument("--max-restarts", type=int, default=0, help="restart all workers this often after a failure")
+    launch.add_argument(
+        "command", nargs=argparse.REMAINDER, help="the sparse-train command to run, e.g. train --config ..."
+    )
+
     ev = sub.add_parser("eval", help="validation loss of a checkpoint, as JSON")
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     ev.add_argument(
@@ -84,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--seed", type=int, default=0)
     moe.add_argument("--peers", default="hf,deepspeed", help="comma list of hf, deepspeed; empty for none")
 
+    disp = bench_sub.add_parser("dispatch", help="expert-parallel all-to-all of the tiny model on gloo: bytes, time")
+    disp.add_argument("--json", action="store_true", help="only the JSON lines on stdout (no table on stderr)")
+    disp.add_argument("--ep", type=int, nargs="+", default=[2, 4], help="expert-parallel sizes (one process each)")
+    disp.add_argument("--steps", type=int, default=12, help="optimizer steps per case, warm-up included")
+    disp.add_argument("--warmup", type=int, default=2)
+    disp.add_argument("--compare-no-dedup", action="store_true", help="also run each EP size without deduplication")
+
     sub.add_parser("info", help="versions, devices, optional integrations and runtime settings, as JSON")
 
     cfg = sub.add_parser("config", help="print the resolved config (YAML), or every field with its help")
@@ -106,9 +127,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None and args.run_dir is None and args.resume == "auto":
         raise UsageError("sparse-train train: --resume auto needs --run-dir (the run to continue)")
     trainer = Trainer(cfg, run_dir, resume=args.resume)
-    summary = trainer.fit()
-    print(format_summary(summary))
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.is_main:
+        print(format_summary(summary))
     return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Validate the layout for nproc_per_node * nnodes ranks, then become torchrun."""
+    import os
+
+    from sparse_train.launch.torchrun import torchrun_argv, validate_launch
+
+    command = [a for a in args.command if a != "--"]
+    if not command:
+        raise UsageError(
+            "sparse-train launch: name the command to run, e.g. launch --nproc-per-node 2 train --config ..."
+        )
+    if args.nproc_per_node < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise UsageError("sparse-train launch: --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
+    validate_launch(build_parser().parse_args(command), args.nproc_per_node * args.nnodes)
+    argv = torchrun_argv(args, command)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
+    return 0  # not reached
 
 
 def format_summary(s) -> str:
@@ -206,6 +252,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "dispatch":
+        from sparse_train.bench import dispatch
+
+        if args.steps <= args.warmup or args.warmup < 0 or any(ep < 2 for ep in args.ep):
+            raise UsageError("sparse-train bench dispatch: --steps > --warmup >= 0 and every --ep >= 2 required")
+        dispatch.run(args.ep, steps=args.steps, warmup=args.warmup, dedup_off=args.compare_no_dedup, as_json=args.json)
+        return 0
     from sparse_train.bench import moe_layer
 
     peers = {p for p in args.peers.split(",") if p}
@@ -249,6 +302,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "launch": cmd_launch,
     "bench": cmd_bench,
     "info": cmd_info,
     "train": cmd_train,

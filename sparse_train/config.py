@@ -121,8 +121,10 @@ class RouterConfig(Section):
     renormalize: bool = option(True, "renormalise the top-k weights to sum to 1 (Mixtral)")
     aux_loss_coef: float = option(0.01, "weight of the load-balancing loss N_E * sum f_i p_i")
     z_loss_coef: float = option(0.001, "weight of the router z-loss mean(logsumexp(logits)^2)")
-    balance_scope: Literal["micro_batch", "sequence"] = option(
-        "micro_batch", "tokens over which expert fractions f_i are counted for the balancing loss"
+    balance_scope: Literal["micro_batch", "sequence", "global_batch"] = option(
+        "micro_batch",
+        "tokens over which expert fractions f_i are counted for the balancing loss; global_batch = all "
+        "data-parallel ranks and the step's micro-batches so far (p_i stays local)",
     )
 
     def validate(self) -> None:
@@ -211,22 +213,26 @@ class LoggingConfig(Section):
 
 @dataclass
 class ParallelConfig(Section):
-    dp_replicate: int = option(1, "data-parallel replicas (DDP-style)")
-    dp_shard: int = option(1, "data-parallel shards (FSDP-style)")
-    ep: int = option(1, "expert-parallel degree (borrowed from the data-parallel ranks)")
-    tp: int = option(1, "tensor-parallel degree")
-    pp: int = option(1, "pipeline-parallel degree")
+    dp_replicate: int = option(1, "data-parallel replicas (parameters replicated, gradients all-reduced)")
+    dp_shard: int = option(
+        -1, "data-parallel shards (FSDP2: parameters, gradients and optimizer state sharded); -1 = the remaining ranks"
+    )
+    ep: int = option(1, "expert-parallel degree; borrows ranks from the data-parallel ones (parallel folding)")
+    tp: int = option(1, "tensor-parallel degree (attention heads, dense FFN and expert hidden widths)")
+    pp: int = option(
+        1, "pipeline-parallel degree (blocks split into pp stages, 1F1B over train.grad_accum micro-batches)"
+    )
+    ep_dispatcher: Literal["alltoall", "allgather"] = option(
+        "alltoall", "how tokens reach their experts' ranks: uneven all-to-all, or all-gather for small EP groups"
+    )
+    ep_dedup: bool = option(
+        True, "all-to-all: send a token once per destination rank, however many of its experts are there"
+    )
 
     def validate(self) -> None:
-        _positive(self, "dp_replicate", "dp_shard", "ep", "tp", "pp")
-
-    def describe_product(self) -> tuple[str, int]:
-        """'dp_replicate(1) * dp_shard(2) * tp(1) * pp(1)' and its value (ep folds into dp)."""
-        names = ("dp_replicate", "dp_shard", "tp", "pp")
-        product = 1
-        for name in names:
-            product *= getattr(self, name)
-        return " * ".join(f"{n}({getattr(self, n)})" for n in names), product
+        _positive(self, "dp_replicate", "ep", "tp", "pp")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ConfigError("dp_shard", f"must be > 0, or -1 for the remaining ranks, got {self.dp_shard}")
 
 
 @dataclass

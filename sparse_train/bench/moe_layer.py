@@ -111,7 +111,7 @@ def hf_mixtral_block(layer: MoELayer, shape: Shape) -> torch.nn.Module:
     with torch.no_grad():
         w = layer.experts
         block.gate.weight.copy_(layer.router.weight)
-        block.experts.gate_up_proj.copy_(w.w_gate_up_ED2F.transpose(1, 2))
+        block.experts.gate_up_proj.copy_(w.w_gate_up_ED2F.flatten(2).transpose(1, 2))
         block.experts.down_proj.copy_(w.w_down_EFD.transpose(1, 2))
     return block
 

@@ -1,7 +1,11 @@
 """Feed-forward blocks: the dense SwiGLU FFN and routed experts stored stacked `[E, ...]`.
 
 Shape legend: T tokens, A routed assignments (sorted by expert), D model width,
-F hidden width, E experts.
+F hidden width, E experts; "2" is the gate/up pair.
+
+Expert weights may be DTensors when the parallel layer shards them (experts over the EP ranks
+on dim 0, the hidden width over the TP ranks on the F dim); the compute always runs on the
+local shard, which is itself a complete set of (fewer, or narrower) SwiGLU experts.
 """
 
 from __future__ import annotations
@@ -9,10 +13,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from sparse_train.kernels import swiglu_experts
 from sparse_train.kernels.grouped_gemm import Backend
 from sparse_train.models.dispatch import ExpertInput
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly DTensor) parameter, differentiably; the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class SwiGLU(nn.Module):
@@ -36,24 +46,28 @@ class SwiGLUExperts(nn.Module):
         self.num_experts = num_experts
         self.backend: Backend = backend
         self.hidden = hidden
-        # gate and up in one [E, D, 2F] tensor (gate columns first, as HF's gate_up_proj): one GEMM
-        self.w_gate_up_ED2F = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
+        # Gate and up in one [E, D, 2, F] tensor: viewed as [E, D, 2F] (gate columns first, as
+        # HF's gate_up_proj) each expert is one GEMM; sharding F over TP ranks keeps gate and
+        # up columns of the same hidden units together.
+        self.w_gate_up_ED2F = nn.Parameter(torch.empty(num_experts, d_model, 2, hidden))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
 
     def forward(self, inp: ExpertInput) -> torch.Tensor:
         """y[r] = sum of weight_a * expert_e(a)(x[r]) over the assignments a that read row r."""
+        w_gate_up = local_shard(self.w_gate_up_ED2F).flatten(2)
         return swiglu_experts(
-            inp.x, self.w_gate_up_ED2F, self.w_down_EFD, inp.rows_A, inp.counts_E, inp.weight_A,
+            inp.x, w_gate_up, local_shard(self.w_down_EFD), inp.rows_A, inp.counts_E, inp.weight_A,
             backend=self.backend,
         )  # fmt: skip
 
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         """One expert on its own rows, with plain matmuls: the per-expert reference."""
-        gate_nF, up_nF = (x_nD @ self.w_gate_up_ED2F[e]).split(self.hidden, dim=-1)
-        return (F.silu(gate_nF) * up_nF) @ self.w_down_EFD[e]
+        w_gate_up = local_shard(self.w_gate_up_ED2F)[e]
+        gate_nF, up_nF = x_nD @ w_gate_up[:, 0], x_nD @ w_gate_up[:, 1]
+        return (F.silu(gate_nF) * up_nF) @ local_shard(self.w_down_EFD)[e]
 
     def gate_EDF(self) -> torch.Tensor:
-        return self.w_gate_up_ED2F[:, :, : self.hidden]
+        return self.w_gate_up_ED2F[:, :, 0]
 
     def up_EDF(self) -> torch.Tensor:
-        return self.w_gate_up_ED2F[:, :, self.hidden :]
+        return self.w_gate_up_ED2F[:, :, 1]

@@ -6,11 +6,13 @@ Load-balancing loss (Switch / GShard):  LBL = N_E * sum_i f_i * p_i
 It equals 1 for a perfectly uniform router and grows as load concentrates.
 
 `balance_scope` says over which tokens f_i and p_i are taken:
-    micro_batch  all tokens of the micro-batch on this rank
-    sequence     each sequence separately, then averaged (DeepSeek's sequence-wise loss)
-The counts pass through a `CountSync` before f_i is formed. On one process it is the identity;
-the parallel layer installs one that sums the counts over data-parallel ranks and accumulation
-micro-batches ("global_batch" scope, Demons in the Detail) while p_i stays local.
+    micro_batch   all tokens of the micro-batch on this rank
+    sequence      each sequence separately, then averaged (DeepSeek's sequence-wise loss)
+    global_batch  f_i over the whole optimizer step so far: every data-parallel rank's tokens and
+                  the step's earlier accumulation micro-batches ("Demons in the Detail"); p_i
+                  stays this micro-batch's own, so gradients stay local
+The counts pass through a `CountSync` before f_i is formed: the identity for micro_batch, a
+`GlobalBatchCounts` for global_batch (docs/decisions.md, decision 16).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from sparse_train.models.routers import count_per_expert
 
@@ -25,8 +28,32 @@ CountSync = Callable[[torch.Tensor], torch.Tensor]
 
 
 def local_counts(counts_E: torch.Tensor) -> torch.Tensor:
-    """The single-process CountSync: the counts of this micro-batch as they are."""
+    """The micro_batch CountSync: the counts of this micro-batch as they are."""
     return counts_E
+
+
+class GlobalBatchCounts:
+    """The global_batch CountSync: counts summed over ranks and over the step's micro-batches.
+
+    Micro-batch j of an optimizer step forms f_i from the counts of micro-batches 1..j of every
+    rank in `group` (later micro-batches do not exist yet when j's loss is formed), as
+    Megatron's global_aux_loss does. `reset()` starts a new step. Model code leaves `group`
+    None (one process); the parallel layer sets it to the data-parallel group.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.running_E: torch.Tensor | None = None
+
+    def __call__(self, counts_E: torch.Tensor) -> torch.Tensor:
+        counts_E = counts_E.detach().clone()
+        if self.group is not None:
+            dist.all_reduce(counts_E, group=self.group)
+        self.running_E = counts_E if self.running_E is None else self.running_E + counts_E
+        return self.running_E
+
+    def reset(self) -> None:
+        self.running_E = None
 
 
 def expert_counts(experts_Tk: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -44,7 +71,7 @@ def load_balancing_loss(
 ) -> torch.Tensor:
     """N_E * sum_i f_i p_i over the tokens `scope` names; fp32 scalar."""
     num_experts = probs_TE.shape[-1]
-    if scope == "micro_batch":
+    if scope in ("micro_batch", "global_batch"):  # they differ only in the CountSync
         counts_E = count_sync(expert_counts(experts_Tk, num_experts))
         f_E = counts_E / counts_E.sum().clamp_min(1.0)
         p_E = probs_TE.float().mean(dim=0)
@@ -59,7 +86,7 @@ def load_balancing_loss(
         f_BE = counts_BE / experts_BA.shape[1]
         p_BE = probs_TE.float().reshape(B, seq_len, num_experts).mean(dim=1)
         return num_experts * (f_BE * p_BE).sum(dim=-1).mean()
-    raise ValueError(f"unknown balance scope {scope!r}; allowed: micro_batch, sequence")
+    raise ValueError(f"unknown balance scope {scope!r}; allowed: micro_batch, sequence, global_batch")
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from sparse_train.models.dispatch import LocalDispatcher
 from sparse_train.models.experts import SwiGLU, SwiGLUExperts
 from sparse_train.models.losses import (
     CountSync,
+    GlobalBatchCounts,
     expert_counts,
     load_balancing_loss,
     local_counts,
@@ -48,7 +49,7 @@ class MoELayer(nn.Module):
         self.shared_experts = SwiGLU(d_model, shared_hidden) if shared_hidden else None
         # Swappable from outside by the parallel layer (never set inside model code):
         self.dispatcher = LocalDispatcher(moe.num_experts)
-        self.count_sync: CountSync = local_counts
+        self.count_sync: CountSync = GlobalBatchCounts() if self.balance_scope == "global_batch" else local_counts
 
     def route(self, x_TD: torch.Tensor) -> Routing:
         routing = self.router(x_TD)

@@ -46,12 +46,14 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts come from the projections' outputs, not from self.n_heads: under tensor
+        # parallelism each rank holds n_heads / tp of them (sparse_train.parallel.tensor).
+        q = self.wq(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos_SDh, sin_SDh), apply_rotary(k, cos_SDh, sin_SDh)
-        if self.n_kv_heads != self.n_heads:
-            repeat = self.n_heads // self.n_kv_heads
+        if k.shape[1] != q.shape[1]:
+            repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         out_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1))

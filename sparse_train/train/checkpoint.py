@@ -28,8 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -66,11 +71,37 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A single-process model's weights by name (tied weights appear under each name)."""
+    return {name: t.detach() for name, t in model.state_dict().items()}
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, full: bool = False) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name, so any layout can read it back.
+
+    `full` gathers sharded (DTensor) states into whole tensors: a collective on every rank.
+    """
+    options = StateDictOptions(full_state_dict=full)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _unique_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors stores a tensor once: later names of a tied weight are dropped (load restores them)."""
+    seen: set[tuple[int, int]] = set()
+    unique = {}
+    for name, t in weights.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            unique[name] = t.contiguous()
+    return unique
+
+
 def save_checkpoint(
     checkpoints_dir: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optim_state: dict[str, Any],
     state: dict[str, Any],
     config_yaml: str,
     *,
@@ -78,8 +109,8 @@ def save_checkpoint(
     before_rename: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically, then delete all but the newest `keep`."""
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+    for name, t in weights.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"refusing to save step {step}: parameter {name} is not finite")
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / step_dir_name(step)
@@ -87,8 +118,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(_unique_storage(weights), str(tmp / "model.safetensors"))
+    torch.save(optim_state, tmp / "optimizer.pt")
     torch.save(state, tmp / "state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     files = {}
@@ -178,18 +209,106 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
         shutil.rmtree(info.path)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Verify, then load weights (and optimizer state); return the trainer state dict."""
-    verify_checkpoint(path)
-    device = next(model.parameters()).device
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match the model "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+# Parameters whose stored shape changed without changing their elements' order; older
+# checkpoints hold them in the previous shape and are reshaped on load.
+#   w_gate_up_ED2F: [E, D, 2F] before the parallel issue, [E, D, 2, F] since (decision 6)
+RESHAPED_ON_LOAD = ("w_gate_up_ED2F",)
+
+
+def _fit_shape(name: str, stored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if stored.shape != target.shape and name.endswith(RESHAPED_ON_LOAD) and stored.numel() == target.numel():
+        return stored.reshape(target.shape)
+    return stored
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def fit_weights(
+    path: Path, stored: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`stored` checked against the names and shapes of `targets` (one model or one pipeline
+    stage's part of it), reshaped where an older layout differs only in shape; tied weights
+    may be stored under either of their names."""
+    stored = {k: _fit_shape(k, v, targets[k]) if k in targets else v for k, v in stored.items()}
+    aliases: dict[int, list[str]] = {}
+    for name, t in targets.items():
+        aliases.setdefault(id(t), []).append(name)
+    missing = {m for m in targets if m not in stored and not any(a in stored for a in aliases[id(targets[m])])}
+    if missing:
+        raise CheckpointError(f"{path}: weights do not match the model (missing {sorted(missing)[:3]})")
+    for name, t in targets.items():
+        value = stored.get(name)
+        if value is None:
+            value = next(stored[a] for a in aliases[id(t)] if a in stored)
+        if tuple(value.shape) != tuple(t.shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(t.shape)}")
+        stored[name] = value
+    return {name: stored[name] for name in targets}
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load a checkpoint's weights into a single-process model, exactly (no unexpected names)."""
+    stored = read_weights(path)
+    targets = model.state_dict(keep_vars=True)
+    unexpected = sorted(set(stored) - set(targets))
+    if unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model (unexpected {unexpected[:3]})")
+    model.load_state_dict(fit_weights(path, stored, targets))
+
+
+def read_optimizer_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+
+
+def _fit_optimizer_state(state: dict[str, Any], named: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Reshape moment tensors saved in an older parameter shape (see RESHAPED_ON_LOAD)."""
+    for key, per_param in state["state"].items():
+        target = named.get(key) if isinstance(key, str) else None
+        if target is None:
+            continue
+        for k, v in per_param.items():
+            if isinstance(v, torch.Tensor) and v.dim() and v.shape != target.shape and v.numel() == target.numel():
+                per_param[k] = v.reshape(target.shape)
+    return state
+
+
+def load_optimizer_state(
+    path: Path, saved: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, *, full: bool = False
+) -> None:
+    """Restore a name-keyed optimizer state into `optimizer` over `model` (its part of it, if sharded)."""
+    if any(isinstance(k, int) for k in saved["state"]):  # checkpoints before name-keyed states
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        named = {i: p for i, p in enumerate(params)}
+        for i, per_param in saved["state"].items():
+            for k, v in per_param.items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != named[i].shape:
+                    per_param[k] = v.reshape(named[i].shape)
+        optimizer.load_state_dict(saved)
+        return
+    named = dict(model.named_parameters())
+    saved = _fit_optimizer_state(saved, named)
+    mine = {k: v for k, v in saved["state"].items() if k in named}
+    groups = [{**g, "params": [n for n in g["params"] if n in named]} for g in saved["param_groups"]]
+    try:
+        set_optimizer_state_dict(
+            model, optimizer, {"state": mine, "param_groups": groups}, options=StateDictOptions(full_state_dict=full)
         )
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: optimizer state does not match the model ({err})") from None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Verify, then load weights (and optimizer state) into a single-process model; return the trainer state."""
+    verify_checkpoint(path)
+    load_weights(path, model)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        load_optimizer_state(path, read_optimizer_state(path), model, optimizer)
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
     return torch.load(path / "state.pt", weights_only=True)
 
 

@@ -20,18 +20,25 @@ def _finite_or_none(value: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, tensorboard: bool, plots_enabled: bool, resume_step: int | None) -> None:
+    """Writes metrics; with `enabled=False` (ranks other than the main one) it writes nothing."""
+
+    def __init__(
+        self, run_dir: Path, *, tensorboard: bool, plots_enabled: bool, resume_step: int | None, enabled: bool = True
+    ) -> None:
+        self.enabled = enabled
         self.run_dir = run_dir
         self.jsonl_path = run_dir / "metrics.jsonl"
         self.tb_dir = run_dir / "tb"
         self.plots_dir = run_dir / "plots"
-        self.plots_enabled = plots_enabled
+        self.plots_enabled = plots_enabled and enabled
+        self._tb = None
+        if not enabled:
+            return
         if resume_step is not None:
             self._truncate_after(resume_step)
         elif self.jsonl_path.exists():
             self.jsonl_path.unlink()
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
-        self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -50,6 +57,8 @@ class MetricsLogger:
         os.replace(tmp, self.jsonl_path)
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         clean = {k: (_finite_or_none(v) if not isinstance(v, list) else v) for k, v in record.items()}
         self._jsonl.write(json.dumps(clean) + "\n")
         self._jsonl.flush()
@@ -71,10 +80,14 @@ class MetricsLogger:
             plots.plt.close(fig)
 
     def records(self) -> list[dict[str, Any]]:
+        if not self.enabled:
+            return []
         self._jsonl.flush()
         return [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line]
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         if self.plots_enabled:
             plots.save(plots.loss_curve(self.records()), str(self.plots_dir / "loss.png"))
         self._jsonl.close()

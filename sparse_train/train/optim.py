@@ -10,7 +10,10 @@ from torch import nn
 from sparse_train.config import OptimizerConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, *, foreach: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters. `foreach=False` for sharded models, whose
+    DTensor parameters live on different meshes (experts vs the rest) that one foreach kernel
+    cannot mix."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -19,7 +22,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=foreach)
 
 
 def lr_factor(completed_steps: int, cfg: OptimizerConfig, total_steps: int) -> float:

@@ -24,8 +24,9 @@ from sparse_train.config import Config, ConfigError, config_from_dict
 from sparse_train.data.dataset import BatchSampler, TokenData, load_token_data, validation_batches
 from sparse_train.data.tokenizer import build_tokenizer
 from sparse_train.models.transformer import Transformer, count_parameters
+from sparse_train.parallel.runtime import DistributedRuntime, init_distributed
 from sparse_train.train import checkpoint as ckpt
-from sparse_train.train.loss import LossParts, total_loss
+from sparse_train.train.engine import Engine
 from sparse_train.train.metrics import MetricsLogger
 from sparse_train.train.optim import build_optimizer, build_scheduler
 
@@ -84,10 +85,6 @@ def first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> 
     return None
 
 
-def layer_names(model: Transformer) -> list[str]:
-    return [f"block{i}" for i, b in enumerate(model.blocks) if b.ffn in model.moe_layers]
-
-
 class Trainer:
     def __init__(
         self,
@@ -98,19 +95,32 @@ class Trainer:
         log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
         data: TokenData | None = None,
     ) -> None:
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.cfg = resolve_config(cfg, self.tokenizer.vocab_size)
+        # Validates the parallel layout before any process group exists, then starts one.
+        self.runtime: DistributedRuntime | None = init_distributed(self.cfg, select_device(cfg.train.device))
+        self.device = self.runtime.device if self.runtime else select_device(cfg.train.device)
+        self.is_main = self.runtime is None or self.runtime.is_main
+        self._log_file = None
+        if self.runtime is not None:
+            run_dir = Path(self.runtime.agree(str(run_dir)))  # the main rank's (e.g. timestamped) choice
+            log = self._rank_log(run_dir, log)
         self.log = log
         self.run_dir = run_dir
         self.checkpoints_dir = run_dir / "checkpoints"
-        self.device = select_device(cfg.train.device)
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
-        self.cfg = resolve_config(cfg, self.tokenizer.vocab_size)
         resume_path = self._find_resume(resume)
 
         torch.manual_seed(self.cfg.train.seed)
         random.seed(self.cfg.train.seed)
         self.data = data or load_token_data(self.cfg.data, self.tokenizer, self.cfg.model.vocab_size)
-        self.model = Transformer(self.cfg).to(self.device)
-        self.optimizer = build_optimizer(self.model, self.cfg.optimizer)
+        # Every rank builds the whole model from the seed, then keeps its part of the layout.
+        model = Transformer(self.cfg).to(self.device)
+        self.params = count_parameters(model)
+        self.engine = Engine(model, self.cfg, self.runtime)
+        self.model = self.engine.module  # this rank's part: the model itself on one process
+        # One foreach kernel cannot mix DTensors of different meshes (experts vs the rest).
+        foreach = None if self.runtime is None else False
+        self.optimizer = build_optimizer(self.engine.module, self.cfg.optimizer, foreach=foreach)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.cfg.train.steps)
         t = self.cfg.train
         self.sampler = BatchSampler(self.data.train, self.cfg.data.seq_len, t.batch_size, t.seed)
@@ -120,14 +130,42 @@ class Trainer:
         self.nonfinite_streak = 0
         if resume_path is not None:
             self._load(resume_path)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        # Only the main rank writes metrics; the others' records are the same numbers.
         self.metrics = MetricsLogger(
             run_dir,
             tensorboard=self.cfg.logging.tensorboard,
             plots_enabled=self.cfg.logging.plots,
             resume_step=self.step if resume_path is not None else None,
+            enabled=self.is_main,
         )
+
+    def _rank_log(self, run_dir: Path, to_console: Callable[[str], None]) -> Callable[[str], None]:
+        """Every rank logs to RUN_DIR/logs/rank<r>.log; the main rank also to the console."""
+        assert self.runtime is not None
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self._log_file = (run_dir / "logs" / f"rank{self.runtime.rank}.log").open("a", encoding="utf-8")
+        self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank {self.runtime.rank}: "
+                             f"{self.runtime.dims.describe()}\n")  # fmt: skip
+        self._log_file.flush()
+
+        def log(msg: str) -> None:
+            self._log_file.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+            self._log_file.flush()
+            if self.is_main:
+                to_console(msg)
+
+        return log
+
+    def close(self) -> None:
+        """Release the process group and the per-rank log (no-op on one process)."""
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self.runtime is not None:
+            self.runtime.close()
 
     # ---- resume -------------------------------------------------------------------------
     def _find_resume(self, resume: str | None) -> Path | None:
@@ -154,7 +192,13 @@ class Trainer:
             diff = first_difference(saved[section], current[section], section + ".")
             if diff:
                 raise ConfigError("--resume", f"{path} was trained with a different config: {diff}")
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        ckpt.verify_checkpoint(path)
+        module = self.engine.module
+        weights = ckpt.fit_weights(path, ckpt.read_weights(path), module.state_dict(keep_vars=True))
+        self.engine.load_full_state_dict(weights)
+        distributed = self.runtime is not None
+        ckpt.load_optimizer_state(path, ckpt.read_optimizer_state(path), module, self.optimizer, full=distributed)
+        state = ckpt.read_trainer_state(path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
@@ -178,16 +222,22 @@ class Trainer:
             },
         }
 
-    def save(self) -> Path:
-        path = ckpt.save_checkpoint(
-            self.checkpoints_dir,
-            self.step,
-            self.model,
-            self.optimizer,
-            self._state(),
-            self.cfg.to_yaml(),
-            keep=self.cfg.checkpoint.keep,
-        )
+    def save(self) -> Path | None:
+        """Write a checkpoint of the whole model (every rank takes part; the main rank writes)."""
+        if self.runtime is None:
+            weights = ckpt.model_weights(self.model)
+            optim_state = ckpt.optimizer_state(self.model, self.optimizer)
+        else:
+            weights = self.engine.full_state_dict()
+            optim_state = self.engine.full_optimizer_state(self.optimizer)
+        path = None
+        if self.is_main:
+            path = ckpt.save_checkpoint(
+                self.checkpoints_dir, self.step, weights, optim_state, self._state(), self.cfg.to_yaml(),
+                keep=self.cfg.checkpoint.keep,
+            )  # fmt: skip
+        if self.runtime is not None:
+            torch.distributed.barrier()  # no rank runs ahead of a checkpoint that is not yet published
         return path
 
     # ---- one step -----------------------------------------------------------------------
@@ -196,34 +246,13 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[LossParts, list]:
-        with self.autocast():
-            output = self.model(inputs)
-        return total_loss(output, targets, self.cfg.router), output.moe_aux
-
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches; returns its metrics."""
-        self.model.train()
-        accum = self.cfg.train.grad_accum
-        sums: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
-        layer_stats: list[dict[str, Any]] = []
-        finite = True
-        for _ in range(accum):
-            inputs, targets = (t.to(self.device) for t in self.sampler.next_batch())
-            parts, moe_aux = self.compute_loss(inputs, targets)
-            if not torch.isfinite(parts.loss):
-                finite = False
-                continue  # the batch is consumed either way, so the data order stays deterministic
-            (parts.loss / accum).backward()
-            for key in sums:
-                sums[key] += float(getattr(parts, key).detach()) / accum
-            _accumulate_layer_stats(layer_stats, moe_aux, accum)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.optimizer.grad_clip
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))) if params else 0.0
-        )
-        finite = finite and np.isfinite(grad_norm)
+        self.engine.module.train()
+        batches = [self.sampler.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        result = self.engine.forward_backward(batches, self.autocast)
+        grad_norm = self.engine.clip_grad_norm(self.cfg.optimizer.grad_clip)
+        finite = result.finite and np.isfinite(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         if finite:
             self.optimizer.step()
@@ -243,8 +272,9 @@ class Trainer:
                     "by any of them and the last checkpoint is intact. Lower optimizer.lr or check the data."
                 )
             return {"step": self.step, "skipped": True, "lr": lr, "nonfinite_steps": self.nonfinite_total}
-        record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm, "nonfinite_steps": self.nonfinite_total}
-        for name, stats in zip(layer_names(self.model), layer_stats, strict=True):
+        record = {"step": self.step, **result.losses, "lr": lr, "grad_norm": grad_norm,
+                  "nonfinite_steps": self.nonfinite_total}  # fmt: skip
+        for name, stats in zip(result.layer_names, result.layer_stats, strict=True):
             load = stats["expert_load"]
             record[f"moe/{name}/expert_load"] = [round(float(v), 5) for v in load]
             record[f"moe/{name}/load_imbalance"] = float(load.max() * load.numel())
@@ -252,17 +282,11 @@ class Trainer:
             record[f"moe/{name}/router_entropy"] = stats["router_entropy"]
         return record
 
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, np.ndarray]:
         """Mean validation LM loss over the fixed validation batches, and expert load [layers, E]."""
-        self.model.eval()
-        total, loads = 0.0, []
-        for inputs, targets in self.val_batches:
-            parts, moe_aux = self.compute_loss(inputs.to(self.device), targets.to(self.device))
-            total += float(parts.lm_loss)
-            loads.append([a.expert_load_E.cpu().numpy() for a in moe_aux])
-        load_LE = np.mean(np.array(loads), axis=0) if loads and loads[0] else np.zeros((0, 0))
-        return total / len(self.val_batches), load_LE
+        val_loss, loads = self.engine.evaluate(self.val_batches, self.autocast)
+        load_LE = np.stack([v.numpy() for v in loads]) if loads else np.zeros((0, 0))
+        return val_loss, load_LE
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> RunSummary:
@@ -276,7 +300,7 @@ class Trainer:
         bar = tqdm(
             total=t.steps,
             initial=self.step,
-            disable=not self.cfg.logging.progress,
+            disable=not (self.cfg.logging.progress and self.is_main),
             desc="train",
             unit="step",
             dynamic_ncols=True,
@@ -324,26 +348,15 @@ class Trainer:
             load_imbalance={k.split("/")[1]: v for k, v in last_record.items() if k.endswith("/load_imbalance")},
             nonfinite_steps=self.nonfinite_total,
             checkpoint=last_ckpt,
-            params=count_parameters(self.model),
+            params=self.params,
         )
 
     def _evaluate_and_log(self) -> float:
         val_loss, load_LE = self.evaluate()
         self.metrics.log({"step": self.step, "val_loss": val_loss})
         if load_LE.size:
-            self.metrics.log_expert_load(self.step, load_LE, layer_names(self.model))
+            self.metrics.log_expert_load(self.step, load_LE, self.engine.layer_names())
         return val_loss
-
-
-def _accumulate_layer_stats(acc: list[dict[str, Any]], moe_aux: list, accum: int) -> None:
-    for i, aux in enumerate(moe_aux):
-        if len(acc) <= i:
-            acc.append(
-                {"expert_load": torch.zeros(aux.expert_load_E.shape), "dropped_fraction": 0.0, "router_entropy": 0.0}
-            )
-        acc[i]["expert_load"] += aux.expert_load_E.detach().cpu() / accum
-        acc[i]["dropped_fraction"] += float(aux.dropped_fraction) / accum
-        acc[i]["router_entropy"] += float(aux.router_entropy) / accum
 
 
 def _as_python_rng_state(saved: list) -> tuple:

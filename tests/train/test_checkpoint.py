@@ -19,7 +19,9 @@ def _model_and_opt(seed: int = 0):
 
 
 def _save(dir_, step, model, opt, **kw):
-    return ckpt.save_checkpoint(dir_, step, model, opt, {"step": step}, "train: {}\n", keep=kw.pop("keep", 10), **kw)
+    weights, optim_state = ckpt.model_weights(model), ckpt.optimizer_state(model, opt)
+    keep = kw.pop("keep", 10)
+    return ckpt.save_checkpoint(dir_, step, weights, optim_state, {"step": step}, "train: {}\n", keep=keep, **kw)
 
 
 def test_roundtrip_restores_weights_optimizer_and_state(tmp_path):

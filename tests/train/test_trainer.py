@@ -86,15 +86,15 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
 
 def _poison(trainer: Trainer, bad_steps: set[int]) -> None:
     """Make the loss NaN on the given (1-based) steps."""
-    original = trainer.compute_loss
+    original = trainer.engine.loss_of
 
-    def compute_loss(inputs, targets):
-        parts, aux = original(inputs, targets)
+    def loss_of(output, targets):
+        parts = original(output, targets)
         if trainer.step + 1 in bad_steps:
             parts.loss = parts.loss * float("nan")
-        return parts, aux
+        return parts
 
-    trainer.compute_loss = compute_loss
+    trainer.engine.loss_of = loss_of
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path):

@@ -1,0 +1,118 @@
+"""`sparse-train bench dispatch`: the expert-parallel token exchange of the tiny model on gloo.
+
+For each EP size, N processes on this host train `configs/tiny-moe.yaml` (global_batch
+balancing, the same global batch as one process) for a few steps, and one process trains it
+alone for comparison. One JSON object per case:
+
+  bytes_sent_per_step     token payload the all-to-alls sent to other ranks in one optimizer
+                          step, summed over ranks, MoE layers and micro-batches, forward and
+                          backward (the backward sends the same rows back)
+  bytes_min_per_step      the least any dispatcher could send: each token once per distinct
+                          remote rank holding one of its experts, there and back
+  bytes_ratio_vs_min      bytes_sent_per_step / bytes_min_per_step (1.00 with deduplication)
+  all_to_all_share        wall time inside the token all-to-alls (counts, rows, routing
+                          weights, combine; forward and backward) / step time, mean over ranks
+  tokens_per_s            global tokens per second, median step after warm-up
+  single_process_tokens_per_s, speedup_vs_single_process
+                          the same config in one process, measured in the same command
+
+On one 2-core machine N processes share the cores, so tokens/s says what the exchange costs,
+not what N machines would gain.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-moe.yaml"
+
+
+def _overrides(steps: int, ep: int, dedup: bool) -> list[str]:
+    return [
+        f"train.steps={steps}", "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
+        "logging.progress=false", "logging.tensorboard=false", "logging.plots=false",
+        "router.balance_scope=global_batch", f"parallel.ep={ep}", f"parallel.ep_dedup={str(dedup).lower()}",
+    ]  # fmt: skip
+
+
+def _measure(config_path: str, overrides: list[str], run_dir: str, steps: int, warmup: int) -> dict[str, Any]:
+    """Train `steps` steps on this rank; per-step times, a2a seconds and bytes after warm-up."""
+    import torch.distributed as dist
+
+    from sparse_train.config import load_config
+    from sparse_train.parallel.dispatch import AllToAllDispatcher
+    from sparse_train.train.trainer import Trainer
+
+    trainer = Trainer(load_config(config_path, overrides), Path(run_dir), log=lambda msg: None)
+    dispatchers = [m.dispatcher for m in trainer.engine.module.modules() if hasattr(m, "dispatcher")]
+    dispatchers = [d for d in dispatchers if isinstance(d, AllToAllDispatcher)]
+    step_s, comm_s, sent, least = [], [], [], []
+    try:
+        for i in range(steps):
+            for d in dispatchers:
+                d.stats.reset()
+            if dist.is_initialized():
+                dist.barrier()
+            started = time.perf_counter()
+            trainer.train_step()
+            elapsed = time.perf_counter() - started
+            if i >= warmup:
+                step_s.append(elapsed)
+                comm_s.append(sum(d.stats.comm_seconds for d in dispatchers))
+                sent.append(2 * sum(d.stats.total_bytes_sent for d in dispatchers))  # forward + backward
+                least.append(2 * sum(d.stats.total_bytes_min for d in dispatchers))
+        cfg = trainer.cfg
+        tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    finally:
+        trainer.metrics.close()
+        trainer.close()
+    return {"step_s": step_s, "comm_s": comm_s, "sent": sent, "min": least, "tokens_per_step": tokens}
+
+
+def _case(ep: int, dedup: bool, steps: int, warmup: int, single_tps: float) -> dict[str, Any]:
+    from sparse_train.launch.local import run_ranks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = run_ranks(_measure, ep, str(CONFIG), _overrides(steps, ep, dedup), tmp, steps, warmup)
+    n = len(ranks[0]["step_s"])
+    step_s = [max(r["step_s"][i] for r in ranks) for i in range(n)]  # a step ends when its slowest rank does
+    sent = statistics.median(sum(r["sent"][i] for r in ranks) for i in range(n))
+    least = statistics.median(sum(r["min"][i] for r in ranks) for i in range(n))
+    share = statistics.mean(sum(r["comm_s"]) / sum(r["step_s"]) for r in ranks)
+    tps = ranks[0]["tokens_per_step"] / statistics.median(step_s)
+    return {
+        "layout": f"ep={ep}", "ep": ep, "world_size": ep, "dedup": dedup, "backend": "gloo",
+        "bytes_sent_per_step": int(sent), "bytes_min_per_step": int(least),
+        "bytes_ratio_vs_min": round(sent / least, 4) if least else None,
+        "all_to_all_share": round(share, 4), "tokens_per_s": round(tps, 1),
+        "single_process_tokens_per_s": round(single_tps, 1), "speedup_vs_single_process": round(tps / single_tps, 3),
+        "steps_timed": n,
+    }  # fmt: skip
+
+
+def run(eps: list[int], *, steps: int, warmup: int, dedup_off: bool, as_json: bool) -> list[dict[str, Any]]:
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    log(f"single process: {steps} steps of {CONFIG.name}")
+    with tempfile.TemporaryDirectory() as tmp:
+        single = _measure(str(CONFIG), _overrides(steps, 1, True), tmp, steps, warmup)
+    single_tps = single["tokens_per_step"] / statistics.median(single["step_s"])
+    results = []
+    for ep in eps:
+        for dedup in (True, False) if dedup_off else (True,):
+            log(f"ep={ep} dedup={dedup}: {ep} processes, {steps} steps")
+            result = _case(ep, dedup, steps, warmup, single_tps)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    if not as_json:
+        cols = ["layout", "dedup", "bytes_ratio_vs_min", "all_to_all_share", "tokens_per_s"]
+        cols.append("speedup_vs_single_process")
+        log(" | ".join(cols))
+        for r in results:
+            log(" | ".join(str(r[c]) for c in cols))
+    return results

@@ -1,0 +1,1 @@
+"""Launchers: torchrun (this package) and, later, Ray."""

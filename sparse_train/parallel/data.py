@@ -1,0 +1,44 @@
+"""Data parallelism with FSDP2 (`fully_shard`) over the data-parallel ranks.
+
+    non-expert parameters  sharded over "dp_shard", replicated over "dp_replicate" (HSDP when
+                           both are > 1); gradients averaged over all dp ranks
+    routed experts         their own FSDP unit on the expert mesh's "edp" ranks (those holding
+                           the same experts). Their gradient already sums the contributions of
+                           the whole EP group's tokens, so it is divided by dp, not edp: the
+                           average over all dp ranks' losses, as for every other parameter.
+
+Units: experts, then every block, then the root (embeddings, final norm, output projection).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+from sparse_train.models.moe import MoELayer
+from sparse_train.parallel.dims import Meshes, ParallelDims
+
+
+def data_parallel_mesh(dims: ParallelDims, meshes: Meshes):
+    if dims.dp_replicate > 1:
+        return meshes.world["dp_replicate", "dp_shard"]  # 2-D: FSDP2 replicates over dim 0 (HSDP)
+    return meshes.world["dp_shard"]
+
+
+def apply_data_parallel(module: nn.Module, dims: ParallelDims, meshes: Meshes) -> None:
+    if dims.dp == 1:
+        return
+    dp_mesh = data_parallel_mesh(dims, meshes)
+    sharded_experts = dims.ep > 1 or dims.tp > 1  # DTensors on the expert mesh: their own unit
+    for layer in (m for m in module.modules() if isinstance(m, MoELayer)):
+        if sharded_experts:
+            fully_shard(layer.experts, mesh=meshes.expert["edp"])
+            layer.experts.set_gradient_divide_factor(float(dims.dp))
+            if dims.edp > 1:
+                # plain sums plus a local division: gloo has no pre-multiplied sum (PREMUL_SUM).
+                # Not on one rank, where FSDP2 (torch 2.13) would then divide twice.
+                layer.experts.set_force_sum_reduction_for_comms(True)
+    blocks = module.blocks.values() if isinstance(module.blocks, nn.ModuleDict) else module.blocks
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(module, mesh=dp_mesh)

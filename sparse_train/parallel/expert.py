@@ -1,0 +1,79 @@
+"""Expert parallelism (and expert tensor parallelism), applied to a built single-device model.
+
+For every MoE layer:
+  - the stacked expert weights become DTensors on the expert mesh's ("ep", "tp") dims: experts
+    sharded over EP ranks (dim 0), each expert's hidden width over TP ranks (the F dim), so a
+    rank computes E/ep experts of width F/tp;
+  - under EP the layer's dispatcher is swapped for an all-to-all (or all-gather) one that moves
+    tokens to the ranks holding their experts (sparse_train.parallel.dispatch);
+  - under TP the experts' input gradient is all-reduced and their partial outputs summed over
+    the TP ranks (distribute_module input/output hooks, so parameter names stay unchanged);
+  - a global_batch balancing loss sums its expert counts over the data-parallel ranks.
+
+Model code never sees a process group: everything here is installed from outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+
+from sparse_train.config import ParallelConfig
+from sparse_train.models.experts import SwiGLUExperts
+from sparse_train.models.losses import GlobalBatchCounts
+from sparse_train.models.moe import MoELayer
+from sparse_train.parallel.collectives import copy_to_group, reduce_from_group
+from sparse_train.parallel.dims import Meshes, ParallelDims
+from sparse_train.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
+
+# Per stacked expert weight, the dim sharded over ("ep", "tp"): experts, then hidden units.
+EXPERT_SHARD_DIMS = {"w_gate_up_ED2F": (0, 3), "w_down_EFD": (0, 1)}
+
+
+def _shard_experts(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+    if not isinstance(module, SwiGLUExperts):
+        return
+    for param_name, (expert_dim, hidden_dim) in EXPERT_SHARD_DIMS.items():
+        full = getattr(module, param_name)
+        sharded = distribute_tensor(full.detach(), mesh, [Shard(expert_dim), Shard(hidden_dim)])
+        module.register_parameter(param_name, nn.Parameter(sharded, requires_grad=full.requires_grad))
+
+
+def _tp_region(mesh: DeviceMesh):
+    """Input/output hooks making the experts a tensor-parallel region over the mesh's "tp" dim."""
+    group = mesh.get_group("tp")
+
+    def input_fn(_module: nn.Module, inputs: tuple, _mesh: DeviceMesh) -> tuple:
+        (inp,) = inputs
+        # Each TP rank's backward sees only its hidden units: the gradients of the rows and of
+        # the routing weights it returns are partial sums over the TP ranks.
+        weight = copy_to_group(inp.weight_A, group) if inp.weight_A is not None else None
+        return (replace(inp, x=copy_to_group(inp.x, group), weight_A=weight),)
+
+    def output_fn(_module: nn.Module, y: torch.Tensor, _mesh: DeviceMesh) -> torch.Tensor:
+        return reduce_from_group(y, group)
+
+    return input_fn, output_fn
+
+
+def apply_expert_parallel(model: nn.Module, dims: ParallelDims, meshes: Meshes, cfg: ParallelConfig) -> None:
+    """Shard every MoE layer's experts over EP x TP and install its dispatcher and count sync."""
+    mesh = meshes.expert[("ep", "tp")]
+    dp_group = meshes.dp.get_group() if dims.dp > 1 else None
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        if isinstance(layer.count_sync, GlobalBatchCounts):
+            layer.count_sync.group = dp_group
+        if dims.ep == 1 and dims.tp == 1:
+            continue
+        hooks = _tp_region(mesh) if dims.tp > 1 else (None, None)
+        distribute_module(layer.experts, mesh, _shard_experts, *hooks)
+        if dims.ep > 1:
+            group = meshes.expert["ep"].get_group()
+            if cfg.ep_dispatcher == "allgather":
+                layer.dispatcher = AllGatherDispatcher(layer.num_experts, group)
+            else:
+                layer.dispatcher = AllToAllDispatcher(layer.num_experts, group, dedup=cfg.ep_dedup)

@@ -1,0 +1,74 @@
+"""The distributed runtime of one training process: process group, meshes, and this rank's coordinates.
+
+`init_distributed` validates the layout against the world size and the model *before* any
+process group exists (a bad layout is a one-line ConfigError, exit status 2), then starts
+the process group: NCCL on CUDA, gloo on CPU, chosen from the device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sparse_train.config import Config
+from sparse_train.parallel.dims import Meshes, ParallelDims, world_from_env
+
+
+@dataclass
+class DistributedRuntime:
+    dims: ParallelDims
+    meshes: Meshes
+    rank: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.meshes.dp.get_local_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return self.meshes.world.get_local_rank("pp")
+
+    def group(self, dim: str) -> dist.ProcessGroup:
+        return self.meshes.mesh_of(dim).get_group()
+
+    def agree(self, value: str) -> str:
+        """The main rank's `value` on every rank (e.g. a run directory named by its clock)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def layout_for(cfg: Config) -> ParallelDims:
+    """The validated layout for this process's world size (WORLD_SIZE, 1 without torchrun)."""
+    dims = ParallelDims.from_config(cfg.parallel, world_from_env()[2])
+    dims.check_model(cfg)
+    return dims
+
+
+def init_distributed(cfg: Config, device: torch.device, timeout_s: float | None = None) -> DistributedRuntime | None:
+    """Start torch.distributed for a multi-process run; None for a single process."""
+    dims = layout_for(cfg)
+    if not dims.is_distributed:
+        return None
+    rank, local_rank, _ = world_from_env()
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("SPARSE_TRAIN_DIST_TIMEOUT", 600)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return DistributedRuntime(dims, dims.build_meshes(device.type), rank, local_rank, device)

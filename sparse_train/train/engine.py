@@ -1,0 +1,279 @@
+"""Forward and backward of one optimizer step over its micro-batches, on one process or many.
+
+The trainer owns the loop (data, optimizer, schedule, logging, checkpoints); the engine owns
+how a step's micro-batches reach the model:
+
+    single process  each micro-batch forward + backward in turn
+    data/tensor/    the same, on this rank's share of every micro-batch (batch rows split over
+    expert parallel the data-parallel ranks); FSDP2 reduces gradients on the last micro-batch
+    pipeline        all micro-batches through the 1F1B schedule of this rank's stage
+
+and reduces what every rank measured into the step's metrics, identical on every rank.
+
+Global batch: `train.batch_size` sequences per micro-batch in total, whatever the layout, so
+one config trains the same model on 1 or N processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparse_train.config import Config
+from sparse_train.models.losses import GlobalBatchCounts
+from sparse_train.models.moe import MoEAux, MoELayer
+from sparse_train.models.transformer import Transformer
+from sparse_train.parallel.runtime import DistributedRuntime
+from sparse_train.parallel.state import clip_grad_norm_, full_state_dict, load_full_state_dict
+from sparse_train.train.loss import lm_loss, total_loss
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss")
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]  # means over the step's micro-batches (and ranks)
+    finite: bool  # every micro-batch's loss was finite
+    layer_stats: list[dict[str, Any]]  # per MoE layer (model order): expert_load, dropped_fraction, router_entropy
+    layer_names: list[str]
+
+
+class Engine:
+    def __init__(self, model: Transformer, cfg: Config, runtime: DistributedRuntime | None) -> None:
+        self.cfg = cfg
+        self.runtime = runtime
+        self.schedule = None
+        self.stage = None
+        if runtime is None:
+            self.module: nn.Module = model
+        else:
+            from sparse_train.parallel.parallelize import parallelize
+
+            parallel = parallelize(model, cfg, runtime)
+            self.module, self.schedule, self.stage = parallel.module, parallel.schedule, parallel.stage
+        self.moe_names = [
+            f"block{name.split('.')[1]}" for name, m in self.module.named_modules() if isinstance(m, MoELayer)
+        ]
+        self.num_moe_layers = sum(1 for b in model.blocks if isinstance(b.ffn, MoELayer))
+
+    # ---- layout helpers -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device if self.runtime else next(self.module.parameters()).device
+
+    def _group(self, dim: str) -> dist.ProcessGroup | None:
+        if self.runtime is None:
+            return None
+        size = {"dp": self.runtime.dims.dp, "pp": self.runtime.dims.pp}[dim]
+        return self.runtime.group(dim) if size > 1 else None
+
+    def local_share(self, batch: Batch) -> Batch:
+        """This rank's rows of a global micro-batch (all of it on one data-parallel rank)."""
+        if self.runtime is None or self.runtime.dims.dp == 1:
+            return batch
+        dp, rank = self.runtime.dims.dp, self.runtime.dp_rank
+        rows = batch[0].shape[0] // dp
+        return batch[0][rank * rows : (rank + 1) * rows], batch[1][rank * rows : (rank + 1) * rows]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def reset_balance_counts(self) -> None:
+        for m in self.module.modules():
+            if isinstance(m, MoELayer) and isinstance(m.count_sync, GlobalBatchCounts):
+                m.count_sync.reset()
+
+    # ---- one step -------------------------------------------------------------------------
+    def forward_backward(self, micro_batches: list[Batch], autocast: Callable[[], contextlib.AbstractContextManager]):
+        """Gradients of the step's mean loss accumulated into .grad; the reduced metrics."""
+        self.reset_balance_counts()
+        micro_batches = [tuple(t.to(self.device) for t in self.local_share(b)) for b in micro_batches]
+        if self.schedule is not None:
+            sums, finite, per_layer = self._pipelined(micro_batches, autocast)
+        else:
+            sums, finite, per_layer = self._direct(micro_batches, autocast)
+        return self._reduce(sums, finite, per_layer, len(micro_batches))
+
+    def _direct(self, micro_batches: list[Batch], autocast):
+        accum = len(micro_batches)
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        per_layer: list[list[MoEAux]] = []
+        finite = True
+        fsdp = hasattr(self.module, "set_requires_gradient_sync")
+        for j, (inputs, targets) in enumerate(micro_batches):
+            if fsdp:  # reduce gradients once, after the last micro-batch
+                self.module.set_requires_gradient_sync(j == accum - 1)
+            with autocast():
+                output = self.module(inputs)
+            parts = self.loss_of(output, targets)
+            if not torch.isfinite(parts.loss):
+                finite = False
+                if self.runtime is None:
+                    continue  # one process: skip the backward; the step is skipped anyway
+                # many processes: every rank must run the same collectives; the global
+                # gradient norm turns non-finite and the step is skipped on all ranks
+            (parts.loss / accum).backward()
+            for key in LOSS_KEYS:
+                sums[key] += float(getattr(parts, key).detach())
+            per_layer.append(output.moe_aux)
+        return sums, finite, per_layer
+
+    def loss_of(self, output, targets: torch.Tensor):
+        """The training objective of one micro-batch (LM loss + router losses), LossParts."""
+        return total_loss(output, targets, self.cfg.router)
+
+    def _pipelined(self, micro_batches: list[Batch], autocast):
+        stage = self.stage
+        stage.recorded_aux.clear()
+        inputs = torch.cat([b[0] for b in micro_batches])
+        targets = torch.cat([b[1] for b in micro_batches])
+        losses: list[torch.Tensor] = []
+        with autocast():
+            if stage.is_first:
+                self.schedule.step(inputs, target=targets if stage.is_last else None, losses=losses)
+            elif stage.is_last:
+                self.schedule.step(target=targets, losses=losses)
+            else:
+                self.schedule.step()
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        sums["lm_loss"] = float(sum(float(loss.detach()) for loss in losses))
+        r = self.cfg.router
+        for step_aux in stage.recorded_aux:
+            sums["aux_loss"] += sum(float(a.lb_loss) for a in step_aux)
+            sums["z_loss"] += sum(float(a.z_loss) for a in step_aux)
+        sums["loss"] = sums["lm_loss"] + r.aux_loss_coef * sums["aux_loss"] + r.z_loss_coef * sums["z_loss"]
+        finite = all(torch.isfinite(loss).item() for loss in losses)
+        return sums, finite, list(stage.recorded_aux)
+
+    def _reduce(self, sums: dict[str, float], finite: bool, per_layer: list[list[MoEAux]], accum: int) -> StepResult:
+        """Means over micro-batches, layers and data-parallel ranks; pipeline stages' parts summed."""
+        stats = _layer_stats(per_layer, accum)
+        n_layers = max(self.num_moe_layers, 1)
+        if self.schedule is None:  # per micro-batch means over layers already (total_loss)
+            values = [sums[k] / accum for k in LOSS_KEYS]
+        else:  # sums over this stage's layers: the layer mean needs the whole pipeline's sum
+            values = [sums["loss"] / accum, sums["lm_loss"] / accum, sums["aux_loss"] / accum / n_layers,
+                      sums["z_loss"] / accum / n_layers]  # fmt: skip
+        vector = torch.tensor([*values, 0.0 if finite else 1.0], dtype=torch.float64)
+        if (pp := self._group("pp")) is not None:
+            dist.all_reduce(vector, group=pp)
+            gathered: list[Any] = [None] * dist.get_world_size(pp)
+            dist.all_gather_object(gathered, stats, group=pp)
+            stats = [s for part in gathered for s in part]
+        if (dp := self._group("dp")) is not None:
+            dist.all_reduce(vector, group=dp)
+            vector[:4] /= self.runtime.dims.dp
+            for s in stats:
+                scalars = torch.tensor([s["dropped_fraction"], s["router_entropy"]], dtype=torch.float64)
+                packed = torch.cat([s["expert_load"].double(), scalars])
+                dist.all_reduce(packed, group=dp)
+                packed /= self.runtime.dims.dp
+                s["expert_load"] = packed[:-2].float()
+                s["dropped_fraction"], s["router_entropy"] = float(packed[-2]), float(packed[-1])
+        losses = dict(zip(LOSS_KEYS, (float(v) for v in vector[:4]), strict=True))
+        names = self._all_moe_names()
+        return StepResult(losses, bool(vector[4] == 0), stats, names)
+
+    def layer_names(self) -> list[str]:
+        """Names of the whole model's MoE layers ("block<i>"), in block order (collective under pp)."""
+        return self._all_moe_names()
+
+    def _all_moe_names(self) -> list[str]:
+        if (pp := self._group("pp")) is None:
+            return self.moe_names
+        gathered: list[Any] = [None] * dist.get_world_size(pp)
+        dist.all_gather_object(gathered, self.moe_names, group=pp)
+        return [n for part in gathered for n in part]
+
+    # ---- gradients, evaluation, state -----------------------------------------------------
+    def clip_grad_norm(self, max_norm: float | None) -> float:
+        return clip_grad_norm_(self.parameters(), max_norm, self._group("pp"))
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch], autocast) -> tuple[float, list[torch.Tensor]]:
+        """Mean validation LM loss over `batches` (global micro-batches), and per-layer expert load."""
+        self.module.eval()
+        self.reset_balance_counts()
+        batches = [tuple(t.to(self.device) for t in self.local_share(b)) for b in batches]
+        total, per_layer = 0.0, []
+        try:
+            if self.schedule is not None:
+                total, per_layer = self._evaluate_pipelined(batches, autocast)
+            else:
+                for inputs, targets in batches:
+                    with autocast():
+                        output = self.module(inputs)
+                    total += float(lm_loss(output.logits_BSV, targets))
+                    per_layer.append(output.moe_aux)
+        finally:
+            self.module.train()
+        result = self._reduce({"loss": total, "lm_loss": total, "aux_loss": 0.0, "z_loss": 0.0}, True, per_layer,
+                              len(batches))  # fmt: skip
+        return result.losses["lm_loss"], [s["expert_load"] for s in result.layer_stats]
+
+    def _evaluate_pipelined(self, batches: list[Batch], autocast) -> tuple[float, list[list[MoEAux]]]:
+        stage, accum = self.stage, self.cfg.train.grad_accum
+        stage.recorded_aux.clear()
+        total = 0.0
+        for start in range(0, len(batches), accum):
+            group = batches[start : start + accum]
+            inputs, targets = torch.cat([b[0] for b in group]), torch.cat([b[1] for b in group])
+            losses: list[torch.Tensor] = []
+            with autocast():
+                if stage.is_first:
+                    self.schedule.eval(inputs, target=targets if stage.is_last else None, losses=losses)
+                elif stage.is_last:
+                    self.schedule.eval(target=targets, losses=losses)
+                else:
+                    self.schedule.eval()
+            total += sum(float(loss) for loss in losses)
+        return total, list(stage.recorded_aux)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-device model's weights, on every rank (collective)."""
+        return full_state_dict(self.module, self._group("pp"))
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer state of the whole model keyed by parameter name, on every rank (collective)."""
+        from sparse_train.train.checkpoint import optimizer_state
+
+        state = optimizer_state(self.module, optimizer, full=True)
+        state["state"] = {k: {n: _cpu(v) for n, v in per.items()} for k, per in state["state"].items()}
+        if (pp := self._group("pp")) is None:
+            return state
+        parts: list[Any] = [None] * dist.get_world_size(pp)
+        dist.all_gather_object(parts, state, group=pp)
+        merged: dict[str, Any] = {"state": {}, "param_groups": [dict(g, params=[]) for g in parts[0]["param_groups"]]}
+        for part in parts:
+            merged["state"].update(part["state"])
+            for group, theirs in zip(merged["param_groups"], part["param_groups"], strict=True):
+                group["params"].extend(theirs["params"])
+        return merged
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_full_state_dict(self.module, state)
+
+
+def _cpu(v: Any) -> Any:
+    return v.cpu() if isinstance(v, torch.Tensor) else v
+
+
+def _layer_stats(per_layer: list[list[MoEAux]], accum: int) -> list[dict[str, Any]]:
+    """Per MoE layer of this rank, means over the micro-batches."""
+    stats: list[dict[str, Any]] = []
+    for step_aux in per_layer:
+        for i, aux in enumerate(step_aux):
+            if len(stats) <= i:
+                stats.append({"expert_load": torch.zeros(aux.expert_load_E.shape), "dropped_fraction": 0.0,
+                              "router_entropy": 0.0})  # fmt: skip
+            stats[i]["expert_load"] += aux.expert_load_E.detach().float().cpu() / accum
+            stats[i]["dropped_fraction"] += float(aux.dropped_fraction) / accum
+            stats[i]["router_entropy"] += float(aux.router_entropy) / accum
+    return stats
