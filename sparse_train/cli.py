@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--master-port", type=int, default=29500, help="port on node 0 (multi-node)")
     launch.add_argument("--max-restarts", type=int, default=0, help="restart all workers this often after a failure")
     launch.add_argument(
-        "command", nargs=argparse.REMAINDER, help="the sparse-train command to run, e.g. train --config ..."
+        "launch_command", nargs=argparse.REMAINDER, metavar="command", help="the sparse-train command, e.g. train ..."
     )
 
     ev = sub.add_parser("eval", help="validation loss of a checkpoint, as JSON")
@@ -142,7 +142,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     from sparse_train.launch.torchrun import torchrun_argv, validate_launch
 
-    command = [a for a in args.command if a != "--"]
+    command = [a for a in args.launch_command if a != "--"]
     if not command:
         raise UsageError(
             "sparse-train launch: name the command to run, e.g. launch --nproc-per-node 2 train --config ..."

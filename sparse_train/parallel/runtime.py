@@ -8,6 +8,7 @@ the process group: NCCL on CUDA, gloo on CPU, chosen from the device.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
@@ -68,6 +69,9 @@ def init_distributed(cfg: Config, device: torch.device, timeout_s: float | None 
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    # DTensor warns on every multi-dim reduction (e.g. a gradient norm over (edp, ep, tp)); they
+    # are small here, and the warning would repeat on every rank and step.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("SPARSE_TRAIN_DIST_TIMEOUT", 600)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
