@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     disp.add_argument("--steps", type=int, default=12, help="optimizer steps per case, warm-up included")
     disp.add_argument("--warmup", type=int, default=2)
     disp.add_argument("--compare-no-dedup", action="store_true", help="also run each EP size without deduplication")
+    disp.add_argument("--config", help="model recipe (default: configs/tiny-moe.yaml of this checkout)")
 
     sub.add_parser("info", help="versions, devices, optional integrations and runtime settings, as JSON")
 
@@ -257,7 +258,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if args.steps <= args.warmup or args.warmup < 0 or any(ep < 2 for ep in args.ep):
             raise UsageError("sparse-train bench dispatch: --steps > --warmup >= 0 and every --ep >= 2 required")
-        dispatch.run(args.ep, steps=args.steps, warmup=args.warmup, dedup_off=args.compare_no_dedup, as_json=args.json)
+        config = Path(args.config) if args.config else dispatch.CONFIG
+        if not config.is_file():
+            raise UsageError(f"sparse-train bench dispatch: no config at {config}; pass --config")
+        dispatch.run(args.ep, config=config, steps=args.steps, warmup=args.warmup, dedup_off=args.compare_no_dedup,
+                     as_json=args.json)  # fmt: skip
         return 0
     from sparse_train.bench import moe_layer
 

@@ -107,3 +107,31 @@ def test_interleaved_median_is_a_median():
                                   repeats=3, warmup=1, device=torch.device("cpu"))  # fmt: skip
     assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+
+
+DISPATCH_KEYS = {
+    "layout", "ep", "bytes_sent_per_step", "bytes_min_per_step", "bytes_ratio_vs_min", "all_to_all_share",
+    "tokens_per_s", "single_process_tokens_per_s", "speedup_vs_single_process",
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_dispatch_benchmark_reports_bytes_at_the_minimum_with_deduplication():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparse_train", "bench", "dispatch", "--json", "--ep", "2", "--steps", "3",
+         "--warmup", "1", "--compare-no-dedup"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dedup, plain = (json.loads(line) for line in proc.stdout.splitlines())
+    assert DISPATCH_KEYS <= set(dedup)
+    assert dedup["dedup"] and dedup["bytes_ratio_vs_min"] == 1.0 and dedup["bytes_sent_per_step"] > 0
+    assert not plain["dedup"] and plain["bytes_ratio_vs_min"] > 1.0
+    assert 0 < dedup["all_to_all_share"] < 1
+
+
+def test_bad_dispatch_bench_arguments_exit_2(capsys):
+    from sparse_train.cli import main
+
+    assert main(["bench", "dispatch", "--ep", "1"]) == 2
+    assert "--ep >= 2" in capsys.readouterr().err

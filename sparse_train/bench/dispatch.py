@@ -75,11 +75,11 @@ def _measure(config_path: str, overrides: list[str], run_dir: str, steps: int, w
     return {"step_s": step_s, "comm_s": comm_s, "sent": sent, "min": least, "tokens_per_step": tokens}
 
 
-def _case(ep: int, dedup: bool, steps: int, warmup: int, single_tps: float) -> dict[str, Any]:
+def _case(config: Path, ep: int, dedup: bool, steps: int, warmup: int, single_tps: float) -> dict[str, Any]:
     from sparse_train.launch.local import run_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
-        ranks = run_ranks(_measure, ep, str(CONFIG), _overrides(steps, ep, dedup), tmp, steps, warmup)
+        ranks = run_ranks(_measure, ep, str(config), _overrides(steps, ep, dedup), tmp, steps, warmup)
     n = len(ranks[0]["step_s"])
     step_s = [max(r["step_s"][i] for r in ranks) for i in range(n)]  # a step ends when its slowest rank does
     sent = statistics.median(sum(r["sent"][i] for r in ranks) for i in range(n))
@@ -96,17 +96,19 @@ def _case(ep: int, dedup: bool, steps: int, warmup: int, single_tps: float) -> d
     }  # fmt: skip
 
 
-def run(eps: list[int], *, steps: int, warmup: int, dedup_off: bool, as_json: bool) -> list[dict[str, Any]]:
+def run(
+    eps: list[int], *, config: Path = CONFIG, steps: int, warmup: int, dedup_off: bool, as_json: bool
+) -> list[dict[str, Any]]:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    log(f"single process: {steps} steps of {CONFIG.name}")
+    log(f"single process: {steps} steps of {config.name}")
     with tempfile.TemporaryDirectory() as tmp:
-        single = _measure(str(CONFIG), _overrides(steps, 1, True), tmp, steps, warmup)
+        single = _measure(str(config), _overrides(steps, 1, True), tmp, steps, warmup)
     single_tps = single["tokens_per_step"] / statistics.median(single["step_s"])
     results = []
     for ep in eps:
         for dedup in (True, False) if dedup_off else (True,):
             log(f"ep={ep} dedup={dedup}: {ep} processes, {steps} steps")
-            result = _case(ep, dedup, steps, warmup, single_tps)
+            result = _case(config, ep, dedup, steps, warmup, single_tps)
             results.append(result)
             print(json.dumps(result), flush=True)
     if not as_json:

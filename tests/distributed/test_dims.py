@@ -24,7 +24,9 @@ def test_product_mismatch_names_every_degree_and_the_world_size():
 def test_dp_shard_minus_one_takes_the_remaining_ranks_and_ep_folds_into_them():
     dims = _dims(8, tp=2, ep=2)
     assert (dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, dims.ep, dims.edp) == (1, 4, 2, 1, 2, 2)
-    with pytest.raises(ConfigError, match=r"dp_replicate\(1\) \* tp\(3\) \* pp\(1\) = 3 does not divide WORLD_SIZE\(4\)"):
+    with pytest.raises(
+        ConfigError, match=r"dp_replicate\(1\) \* tp\(3\) \* pp\(1\) = 3 does not divide WORLD_SIZE\(4\)"
+    ):
         _dims(4, tp=3)
 
 
@@ -35,7 +37,12 @@ def test_dp_shard_minus_one_takes_the_remaining_ranks_and_ep_folds_into_them():
         (3, {"ep": 3}, ["moe.num_experts=4"], r"parallel.ep: must divide moe.num_experts \(4\), got 3"),
         (4, {"pp": 4, "dp_shard": 1}, ["train.grad_accum=4"], r"parallel.pp: must be <= model.n_layers \(2\), got 4"),
         (2, {"pp": 2, "dp_shard": 1}, [], r"parallel.pp: 1F1B runs train.grad_accum \(1\) micro-batches"),
-        (2, {"tp": 2, "dp_shard": 1}, ["model.n_heads=1", "model.d_model=32"], r"parallel.tp: must divide model.n_heads"),
+        (
+            2,
+            {"tp": 2, "dp_shard": 1},
+            ["model.n_heads=1", "model.d_model=32"],
+            r"parallel.tp: must divide model.n_heads",
+        ),
         (2, {"tp": 2, "dp_shard": 1}, ["moe.expert_hidden=33"], r"parallel.tp: must divide moe.expert_hidden \(33\)"),
         (4, {}, ["train.batch_size=6"], r"train.batch_size: .*must be divisible by 4, got 6"),
     ],
