@@ -49,7 +49,16 @@ def clip_grad_norm_(
 
 def full_state_dict(module: nn.Module, pp_group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
     """Every parameter and persistent buffer, unsharded, on CPU, on every rank (collective)."""
-    local = {name: _full(t.detach()).cpu() for name, t in module.state_dict().items()}
+    return _gather_stages({name: _full(t.detach()).cpu() for name, t in module.state_dict().items()}, pp_group)
+
+
+def full_gradients(module: nn.Module, pp_group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient, unsharded, on CPU, on every rank (collective)."""
+    local = {name: _full(p.grad).cpu() for name, p in module.named_parameters() if p.grad is not None}
+    return _gather_stages(local, pp_group)
+
+
+def _gather_stages(local: dict[str, torch.Tensor], pp_group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
     if pp_group is None or dist.get_world_size(pp_group) == 1:
         return local
     parts: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(pp_group)

@@ -30,7 +30,7 @@ from sparse_train.models.losses import GlobalBatchCounts
 from sparse_train.models.moe import MoEAux, MoELayer
 from sparse_train.models.transformer import Transformer
 from sparse_train.parallel.runtime import DistributedRuntime
-from sparse_train.parallel.state import clip_grad_norm_, full_state_dict, load_full_state_dict
+from sparse_train.parallel.state import clip_grad_norm_, full_gradients, full_state_dict, load_full_state_dict
 from sparse_train.train.loss import lm_loss, total_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -239,6 +239,10 @@ class Engine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device model's weights, on every rank (collective)."""
         return full_state_dict(self.module, self._group("pp"))
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """The whole model's current gradients, unsharded, on every rank (collective)."""
+        return full_gradients(self.module, self._group("pp"))
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer state of the whole model keyed by parameter name, on every rank (collective)."""
