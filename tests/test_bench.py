@@ -41,6 +41,17 @@ def test_hf_block_gets_identical_weights_and_the_difference_can_fail():
         assert float((block(x) - ours_changed).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["mixtral-like", "fine-grained"])
+def test_benchmark_outputs_have_unit_scale_so_an_absolute_difference_means_something(name):
+    # max_abs_diff_vs_hf is an absolute bound: with outputs of size ~100 (a fan-in scaled on the
+    # wrong dim) fp32 rounding alone exceeds it, and with outputs of ~1e-3 any bug passes it.
+    shape = Shape(**{**SHAPES[name].__dict__, "tokens": 256})
+    layer, x, _ = build_problem(shape, 0, torch.device("cpu"))
+    with torch.no_grad():
+        y, _ = layer(x)
+    assert 0.1 < float(y.std()) < 10
+
+
 def test_skewed_shape_sends_half_the_tokens_to_expert_0():
     skewed = Shape(**{**SHAPES["skewed"].__dict__, "tokens": 256})
     layer, x, _ = build_problem(skewed, 0, torch.device("cpu"))

@@ -71,9 +71,11 @@ def build_problem(shape: Shape, seed: int, device: torch.device) -> tuple[MoELay
     moe = MoEConfig(num_experts=shape.num_experts, expert_hidden=shape.expert_hidden)
     layer = MoELayer(shape.d_model, moe, RouterConfig(top_k=shape.top_k, renormalize=True))
     with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-2] ** 0.5)
-        layer.router.weight.mul_(0.1)
+        # Unit-variance outputs: each weight scaled by its fan-in (the input dim, D or F, of the
+        # stacked [E, in, ...] expert tensors; the router is [E, D] and starts small).
+        layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=g) * 0.1 / shape.num_experts**0.5)
+        for p in layer.experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
     x = torch.randn(1, shape.tokens, shape.d_model, generator=g)
     if shape.skew:
         # Feature 0 of the first `skew` share of tokens drives expert 0's logit far above the rest.
