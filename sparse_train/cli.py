@@ -171,7 +171,10 @@ def format_summary(s) -> str:
     ]
     if s.load_imbalance:
         balance = ", ".join(f"{k} {v:.2f}" for k, v in s.load_imbalance.items())
-        lines.append(f"  expert load   max/mean per MoE layer (1.00 = balanced): {balance}")
+        if s.sparse_kind == "fff":
+            lines.append(f"  leaf usage    max/mean per FFF layer (1.00 = balanced): {balance}")
+        else:
+            lines.append(f"  expert load   max/mean per MoE layer (1.00 = balanced): {balance}")
     if s.nonfinite_steps:
         lines.append(f"  skipped       {s.nonfinite_steps} non-finite steps")
     lines += [

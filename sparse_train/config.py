@@ -27,6 +27,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "FFFConfig",
     "LoggingConfig",
     "ModelConfig",
     "MoEConfig",
@@ -59,7 +60,9 @@ class ModelConfig(Section):
     n_layers: int = option(4, "number of transformer blocks")
     n_heads: int = option(4, "attention heads; must divide d_model")
     n_kv_heads: int | None = option(None, "key/value heads for grouped-query attention; null = n_heads")
-    ffn: Literal["dense", "moe"] = option("moe", "FFN kind of the sparse slots: dense SwiGLU or MoE")
+    ffn: Literal["dense", "moe", "fff"] = option(
+        "moe", "FFN kind of the sparse slots (chosen by moe.every_n / moe.layers): dense SwiGLU, MoE or FFF tree"
+    )
     ffn_hidden: int = option(512, "hidden width of dense SwiGLU FFNs")
     max_seq_len: int = option(256, "longest sequence the rotary embedding table covers")
     rope_theta: float = option(10000.0, "rotary embedding base")
@@ -130,6 +133,49 @@ class RouterConfig(Section):
     def validate(self) -> None:
         _positive(self, "top_k")
         _non_negative(self, "aux_loss_coef", "z_loss_coef")
+
+
+MAX_FFF_DEPTH = 20
+
+
+@dataclass
+class FFFConfig(Section):
+    depth: int = option(3, "tree depth d: 2^d - 1 node neurons, 2^d leaves")
+    leaf_width: int = option(64, "hidden width of each leaf FFN")
+    leaf_activation: Literal["swiglu", "gelu"] = option("swiglu", "leaf FFN kind")
+    mode: Literal["soft", "topk_paths", "hard"] = option(
+        "hard",
+        "training: soft = every leaf weighted by its path probability; topk_paths = the top_k most probable "
+        "leaves, renormalised; hard = the descent's leaf, straight-through gradient to the nodes",
+    )
+    top_k: int = option(2, "leaves per token in topk_paths mode")
+    balance_coef: float = option(0.01, "weight of the leaf load-balancing loss L * sum f_i p_i (0 = off)")
+    balance_scope: Literal["micro_batch", "sequence", "global_batch"] = option(
+        "micro_batch", "tokens over which leaf fractions f_i are counted, as router.balance_scope"
+    )
+    hardening_coef: float = option(0.0, "weight of the hardening loss: mean entropy (nats) of the node decisions")
+    master_leaf: bool = option(False, "an always-on leaf blended with the tree output by a trained coefficient")
+    master_leaf_width: int | None = option(None, "hidden width of the master leaf; null = leaf_width")
+    node_lr_scale: float = option(1.0, "learning rate of the node neurons relative to optimizer.lr")
+    kernel_backend: Literal["auto", "triton", "torch", "reference"] = option(
+        "auto", "leaf-compute kernels in training (as moe.kernel_backend)"
+    )
+    inference_backend: Literal["auto", "cpp", "torch"] = option(
+        "auto", "hard descent at evaluation: cpp = fused C++ kernel built on first use (CPU, fp32); auto = cpp "
+        "when it applies and builds, torch otherwise",
+    )
+
+    @property
+    def num_leaves(self) -> int:
+        return 2**self.depth
+
+    def validate(self) -> None:
+        if not 1 <= self.depth <= MAX_FFF_DEPTH:
+            raise ConfigError("depth", f"must be in [1, {MAX_FFF_DEPTH}], got {self.depth}")
+        _positive(self, "leaf_width", "master_leaf_width", "node_lr_scale")
+        _non_negative(self, "balance_coef", "hardening_coef")
+        if not 1 <= self.top_k <= self.num_leaves:
+            raise ConfigError("top_k", f"must be in [1, 2^depth = {self.num_leaves}], got {self.top_k}")
 
 
 @dataclass
@@ -240,6 +286,7 @@ class Config(Section):
     model: ModelConfig = option(factory=ModelConfig, help="the decoder LM")
     moe: MoEConfig = option(factory=MoEConfig, help="MoE layers")
     router: RouterConfig = option(factory=RouterConfig, help="MoE routing and its losses")
+    fff: FFFConfig = option(factory=FFFConfig, help="FFF tree layers (model.ffn: fff)")
     data: DataConfig = option(factory=DataConfig, help="corpus, tokenizer, split")
     optimizer: OptimizerConfig = option(factory=OptimizerConfig, help="AdamW and schedule")
     train: TrainConfig = option(factory=TrainConfig, help="the training loop")
@@ -258,7 +305,7 @@ class Config(Section):
                 "data.seq_len",
                 f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}",
             )
-        if self.model.ffn == "moe" and self.moe.layers is not None:
+        if self.model.ffn != "dense" and self.moe.layers is not None:
             bad = [i for i in self.moe.layers if i >= self.model.n_layers]
             if bad:
                 raise ConfigError("moe.layers", f"indices must be < model.n_layers ({self.model.n_layers}), got {bad}")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from sparse_train.kernels import swiglu_experts
+from sparse_train.kernels import grouped_gemm, swiglu_experts, unpermute
 from sparse_train.kernels.grouped_gemm import Backend
 from sparse_train.models.dispatch import ExpertInput
 
@@ -71,3 +71,45 @@ class SwiGLUExperts(nn.Module):
 
     def up_EDF(self) -> torch.Tensor:
         return self.w_gate_up_ED2F[:, :, 1]
+
+
+class GELUExperts(nn.Module):
+    """E two-layer GELU FFNs `gelu(x @ w_in[e]) @ w_out[e]` with stacked weights (FFF leaves).
+
+    The output width may differ from the input's (an FFF used as a whole classifier). Computed with the grouped GEMM (rows gathered inside it), the routing weight applied to the
+    narrow hidden activations, and a weighted scatter-add back (kernels.unpermute).
+    """
+
+    def __init__(
+        self, num_experts: int, d_model: int, hidden: int, backend: Backend = "auto", d_out: int | None = None
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.backend: Backend = backend
+        self.hidden = hidden
+        self.w_in_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_out or d_model))
+
+    def forward(self, inp: ExpertInput) -> torch.Tensor:
+        w_in, w_out = local_shard(self.w_in_EDF), local_shard(self.w_out_EFD)
+        h_AF = F.gelu(grouped_gemm(inp.x, w_in, inp.counts_E, x_index=inp.rows_A, backend=self.backend))
+        if inp.weight_A is not None:
+            h_AF = h_AF * inp.weight_A[:, None].to(h_AF.dtype)
+        out_AD = grouped_gemm(h_AF, w_out, inp.counts_E, backend=self.backend)
+        return unpermute(out_AD, inp.rows_A, None, inp.x.shape[0], backend=self.backend)
+
+    def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
+        """One expert on its own rows, with plain matmuls: the per-expert reference."""
+        return F.gelu(x_nD @ local_shard(self.w_in_EDF)[e]) @ local_shard(self.w_out_EFD)[e]
+
+
+class GELU(nn.Module):
+    """out(gelu(inp(x))), no biases: the dense counterpart of a GELU leaf (FFF master leaf)."""
+
+    def __init__(self, d_model: int, hidden: int, d_out: int | None = None) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(d_model, hidden, bias=False)
+        self.w_out = nn.Linear(hidden, d_out or d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_out(F.gelu(self.w_in(x)))

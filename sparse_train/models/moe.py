@@ -5,51 +5,62 @@ Shape legend: B batch, S sequence, T = B*S tokens, D model width, E experts, k s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 
 from sparse_train.config import MoEConfig, RouterConfig
-from sparse_train.models.dispatch import LocalDispatcher
 from sparse_train.models.experts import SwiGLU, SwiGLUExperts
-from sparse_train.models.losses import (
-    CountSync,
-    GlobalBatchCounts,
-    expert_counts,
-    load_balancing_loss,
-    local_counts,
-    router_entropy,
-    router_z_loss,
-)
+from sparse_train.models.losses import expert_counts, load_balancing_loss, router_entropy, router_z_loss
 from sparse_train.models.routers import Routing, TopKSoftmaxRouter, apply_capacity
+from sparse_train.models.sparse import SparseAux, SparseFFN
 
 
-@dataclass
-class MoEAux:
-    """What one MoE layer returns beside its output: losses (with graph) and metrics (detached)."""
+class MoEAux(SparseAux):
+    """The MoE layer's SparseAux, with its parts by name."""
 
-    lb_loss: torch.Tensor
-    z_loss: torch.Tensor
-    expert_load_E: torch.Tensor  # fraction of assignments per expert, before capacity drops
-    dropped_fraction: torch.Tensor
-    router_entropy: torch.Tensor
+    @classmethod
+    def build(cls, lb_loss, z_loss, expert_load_E, dropped_fraction, router_entropy, router: RouterConfig) -> MoEAux:
+        return cls(
+            kind="moe",
+            objective=router.aux_loss_coef * lb_loss + router.z_loss_coef * z_loss,
+            losses={"aux_loss": lb_loss, "z_loss": z_loss},
+            load=expert_load_E,  # fraction of assignments per expert, before capacity drops
+            metrics={"dropped_fraction": dropped_fraction, "router_entropy": router_entropy},
+        )
+
+    @property
+    def lb_loss(self) -> torch.Tensor:
+        return self.losses["aux_loss"]
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return self.losses["z_loss"]
+
+    @property
+    def expert_load_E(self) -> torch.Tensor:
+        return self.load
+
+    @property
+    def dropped_fraction(self) -> torch.Tensor:
+        return self.metrics["dropped_fraction"]
+
+    @property
+    def router_entropy(self) -> torch.Tensor:
+        return self.metrics["router_entropy"]
 
 
-class MoELayer(nn.Module):
+class MoELayer(SparseFFN):
+    kind = "moe"
+
     def __init__(self, d_model: int, moe: MoEConfig, router: RouterConfig) -> None:
         super().__init__()
-        self.num_experts = moe.num_experts
+        self._init_seams(moe.num_experts, router.balance_scope)
+        self.router_cfg = router
         self.capacity_factor = moe.capacity_factor
         self.drop_policy = moe.drop_policy
-        self.balance_scope = router.balance_scope
         self.router = TopKSoftmaxRouter(d_model, moe.num_experts, router.top_k, router.renormalize)
         self.experts = SwiGLUExperts(moe.num_experts, d_model, moe.expert_hidden, moe.kernel_backend)
         shared_hidden = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
         self.shared_experts = SwiGLU(d_model, shared_hidden) if shared_hidden else None
-        # Swappable from outside by the parallel layer (never set inside model code):
-        self.dispatcher = LocalDispatcher(moe.num_experts)
-        self.count_sync: CountSync = GlobalBatchCounts() if self.balance_scope == "global_batch" else local_counts
 
     def route(self, x_TD: torch.Tensor) -> Routing:
         routing = self.router(x_TD)
@@ -77,7 +88,8 @@ class MoELayer(nn.Module):
             load_E = load_E / load_E.sum()
             kept = routing.kept_Tk
             dropped = load_E.new_zeros(()) if kept is None else 1.0 - kept.float().mean()
-        return MoEAux(lb, router_z_loss(stats.logits_TE), load_E, dropped, router_entropy(stats.probs_TE))
+        z = router_z_loss(stats.logits_TE)
+        return MoEAux.build(lb, z, load_E, dropped, router_entropy(stats.probs_TE), self.router_cfg)
 
 
 def moe_reference_forward(layer: MoELayer, x_BSD: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Decoder-only language model: RMSNorm, rotary attention (SDPA, causal, GQA), SwiGLU or MoE FFNs.
+"""Decoder-only language model: RMSNorm, rotary attention (SDPA, causal, GQA), SwiGLU, MoE or FFF FFNs.
 
 Single-device code only: no process groups here. Parameter names and the rotary convention
 (half-split rotation, as Llama/Mixtral in Hugging Face) are chosen so that weights map 1:1
@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_train.config import Config
-from sparse_train.models.experts import SwiGLU, SwiGLUExperts
-from sparse_train.models.moe import MoEAux, MoELayer
+from sparse_train.models.experts import SwiGLU
+from sparse_train.models.fff import FFFLayer
+from sparse_train.models.moe import MoELayer
+from sparse_train.models.sparse import SparseAux, SparseFFN
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +34,10 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Te
     half = x_BHSDh.shape[-1] // 2
     rotated = torch.cat([-x_BHSDh[..., half:], x_BHSDh[..., :half]], dim=-1)
     return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
+
+
+# Projections into the residual stream: initialised with the smaller std.
+OUTPUT_PROJECTIONS = ("wo.weight", "w_down.weight", "w_down_EFD", "w_out.weight", "w_out_EFD")
 
 
 class Attention(nn.Module):
@@ -66,12 +72,14 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.attn = Attention(m.d_model, m.n_heads, m.n_kv_heads or m.n_heads)
         self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
-        self.ffn: nn.Module = MoELayer(m.d_model, cfg.moe, cfg.router) if sparse else SwiGLU(m.d_model, m.ffn_hidden)
+        self.ffn: nn.Module = sparse_ffn(cfg) if sparse else SwiGLU(m.d_model, m.ffn_hidden)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(
+        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, SparseAux | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
         h_BSD = self.ffn_norm(x_BSD)
-        if isinstance(self.ffn, MoELayer):
+        if isinstance(self.ffn, SparseFFN):
             y_BSD, aux = self.ffn(h_BSD)
             return x_BSD + y_BSD, aux
         return x_BSD + self.ffn(h_BSD), None
@@ -80,7 +88,7 @@ class Block(nn.Module):
 @dataclass
 class ModelOutput:
     logits_BSV: torch.Tensor
-    moe_aux: list[MoEAux] = field(default_factory=list)  # one entry per MoE block, in block order
+    sparse_aux: list[SparseAux] = field(default_factory=list)  # one entry per sparse (MoE/FFF) block, in order
 
 
 class Transformer(nn.Module):
@@ -92,7 +100,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.blocks = nn.ModuleList(
-            Block(cfg, sparse=m.ffn == "moe" and cfg.moe.is_moe_layer(i, m.n_layers)) for i in range(m.n_layers)
+            Block(cfg, sparse=m.ffn != "dense" and cfg.moe.is_moe_layer(i, m.n_layers)) for i in range(m.n_layers)
         )
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
@@ -104,18 +112,21 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     @property
-    def moe_layers(self) -> list[MoELayer]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+    def sparse_layers(self) -> list[SparseFFN]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, SparseFFN)]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std); output projections scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+        """Normal(0, init_std); output projections scaled by 1/sqrt(2 * n_layers) (GPT-2); FFF node
+        biases and master-leaf blend logits zero (undecided nodes, an even blend)."""
         std = self.cfg.model.init_std
         out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(("node_bias_N", "master_logit")):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm scales
-            elif name.endswith(("wo.weight", "w_down.weight", "w_down_EFD")):
+            elif name.endswith(OUTPUT_PROJECTIONS):
                 nn.init.normal_(p, std=out_std)
             else:
                 nn.init.normal_(p, std=std)
@@ -126,7 +137,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len {self.rope_cos.shape[0]}")
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         x_BSD = self.embed(tokens_BS)
-        aux: list[MoEAux] = []
+        aux: list[SparseAux] = []
         for block in self.blocks:
             x_BSD, layer_aux = block(x_BSD, cos, sin)
             if layer_aux is not None:
@@ -134,13 +145,25 @@ class Transformer(nn.Module):
         return ModelOutput(self.lm_head(self.norm(x_BSD)), aux)
 
 
+def sparse_ffn(cfg: Config) -> SparseFFN:
+    """The FFN of a sparse slot: an MoE layer or an FFF tree (model.ffn)."""
+    if cfg.model.ffn == "fff":
+        return FFFLayer(cfg.model.d_model, cfg.fff)
+    return MoELayer(cfg.model.d_model, cfg.moe, cfg.router)
+
+
+def active_experts(cfg: Config) -> int:
+    """Routed experts (MoE: top_k) or leaves (FFF: one, the hard descent's at inference) per token."""
+    return 1 if cfg.model.ffn == "fff" else cfg.router.top_k
+
+
 def count_parameters(model: Transformer) -> dict[str, int]:
-    """Total parameters and those active per token (routed experts count top_k of E)."""
+    """Total parameters and those active per token (routed experts count top_k of E; an FFF
+    counts its nodes and the one leaf inference runs)."""
     total = sum(p.numel() for p in model.parameters())
     active = total
-    k = model.cfg.router.top_k
-    for layer in model.moe_layers:
-        experts: SwiGLUExperts = layer.experts
-        per_expert = sum(p[0].numel() for p in experts.parameters())
+    k = active_experts(model.cfg)
+    for layer in model.sparse_layers:
+        per_expert = sum(p[0].numel() for p in layer.experts.parameters())
         active -= per_expert * (layer.num_experts - k)
     return {"total": total, "active": active}

@@ -2,7 +2,7 @@
 
     non-expert parameters  sharded over "dp_shard", replicated over "dp_replicate" (HSDP when
                            both are > 1); gradients averaged over all dp ranks
-    routed experts         their own FSDP unit on the expert mesh's "edp" ranks (those holding
+    routed experts         (and FFF leaves) their own FSDP unit on the expert mesh's "edp" ranks (those holding
                            the same experts). Their gradient already sums the contributions of
                            the whole EP group's tokens, so it is divided by dp, not edp: the
                            average over all dp ranks' losses, as for every other parameter.
@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from sparse_train.models.moe import MoELayer
+from sparse_train.models.sparse import SparseFFN
 from sparse_train.parallel.dims import Meshes, ParallelDims
 
 
@@ -30,7 +30,7 @@ def apply_data_parallel(module: nn.Module, dims: ParallelDims, meshes: Meshes) -
         return
     dp_mesh = data_parallel_mesh(dims, meshes)
     sharded_experts = dims.ep > 1 or dims.tp > 1  # DTensors on the expert mesh: their own unit
-    for layer in (m for m in module.modules() if isinstance(m, MoELayer)):
+    for layer in (m for m in module.modules() if isinstance(m, SparseFFN)):
         if sharded_experts:
             fully_shard(layer.experts, mesh=meshes.expert["edp"])
             layer.experts.set_gradient_divide_factor(float(dims.dp))

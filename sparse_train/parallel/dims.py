@@ -84,6 +84,11 @@ class ParallelDims:
         m, t = cfg.model, cfg.train
         if m.ffn == "moe" and cfg.moe.num_experts % self.ep:
             raise ConfigError("parallel.ep", f"must divide moe.num_experts ({cfg.moe.num_experts}), got {self.ep}")
+        if m.ffn == "fff" and cfg.fff.num_leaves % self.ep:
+            raise ConfigError(
+                "parallel.ep",
+                f"must divide the FFF leaf count 2^fff.depth ({cfg.fff.num_leaves}), got {self.ep}",
+            )
         if self.pp > m.n_layers:
             raise ConfigError("parallel.pp", f"must be <= model.n_layers ({m.n_layers}), got {self.pp}")
         if self.pp > 1 and t.grad_accum < self.pp:
@@ -106,6 +111,14 @@ class ParallelDims:
                     "parallel.tp",
                     f"must divide moe.expert_hidden ({cfg.moe.expert_hidden}) and the shared experts' width "
                     f"({shared}), got {self.tp}",
+                )
+        if m.ffn == "fff":
+            master = (cfg.fff.master_leaf_width or cfg.fff.leaf_width) if cfg.fff.master_leaf else 0
+            if cfg.fff.leaf_width % self.tp or master % self.tp:
+                raise ConfigError(
+                    "parallel.tp",
+                    f"must divide fff.leaf_width ({cfg.fff.leaf_width}) and the master leaf's width ({master}), "
+                    f"got {self.tp}",
                 )
         if t.batch_size % self.dp:
             raise ConfigError(

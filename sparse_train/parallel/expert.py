@@ -1,7 +1,7 @@
 """Expert parallelism (and expert tensor parallelism), applied to a built single-device model.
 
-For every MoE layer:
-  - the stacked expert weights become DTensors on the expert mesh's ("ep", "tp") dims: experts
+For every sparse layer (MoE experts, and FFF leaves alike):
+  - the stacked expert (leaf) weights become DTensors on the expert mesh's ("ep", "tp") dims: experts
     sharded over EP ranks (dim 0), each expert's hidden width over TP ranks (the F dim), so a
     rank computes E/ep experts of width F/tp;
   - under EP the layer's dispatcher is swapped for an all-to-all (or all-gather) one that moves
@@ -20,25 +20,27 @@ from dataclasses import replace
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
 
 from sparse_train.config import ParallelConfig
-from sparse_train.models.experts import SwiGLUExperts
 from sparse_train.models.losses import GlobalBatchCounts
-from sparse_train.models.moe import MoELayer
+from sparse_train.models.sparse import SparseFFN
 from sparse_train.parallel.collectives import copy_to_group, reduce_from_group
 from sparse_train.parallel.dims import Meshes, ParallelDims
 from sparse_train.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 
 # Per stacked expert weight, the dim sharded over ("ep", "tp"): experts, then hidden units.
-EXPERT_SHARD_DIMS = {"w_gate_up_ED2F": (0, 3), "w_down_EFD": (0, 1)}
+EXPERT_SHARD_DIMS = {
+    "w_gate_up_ED2F": (0, 3), "w_down_EFD": (0, 1),  # SwiGLUExperts
+    "w_in_EDF": (0, 2), "w_out_EFD": (0, 1),  # GELUExperts
+}  # fmt: skip
 
 
 def _shard_experts(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
-    if not isinstance(module, SwiGLUExperts):
-        return
     for param_name, (expert_dim, hidden_dim) in EXPERT_SHARD_DIMS.items():
-        full = getattr(module, param_name)
+        full = getattr(module, param_name, None)
+        if not isinstance(full, nn.Parameter) or isinstance(full.data, DTensor):
+            continue
         sharded = distribute_tensor(full.detach(), mesh, [Shard(expert_dim), Shard(hidden_dim)])
         module.register_parameter(param_name, nn.Parameter(sharded, requires_grad=full.requires_grad))
 
@@ -61,10 +63,10 @@ def _tp_region(mesh: DeviceMesh):
 
 
 def apply_expert_parallel(model: nn.Module, dims: ParallelDims, meshes: Meshes, cfg: ParallelConfig) -> None:
-    """Shard every MoE layer's experts over EP x TP and install its dispatcher and count sync."""
+    """Shard every sparse layer's experts (leaves) over EP x TP; install its dispatcher and count sync."""
     mesh = meshes.expert[("ep", "tp")]
     dp_group = meshes.dp.get_group() if dims.dp > 1 else None
-    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+    for layer in (m for m in model.modules() if isinstance(m, SparseFFN)):
         if isinstance(layer.count_sync, GlobalBatchCounts):
             layer.count_sync.group = dp_group
         if dims.ep == 1 and dims.tp == 1:

@@ -40,7 +40,7 @@ def parallelize(model: Transformer, cfg: Config, rt: DistributedRuntime) -> Para
             raise ConfigError(
                 "parallel.pp", "model.tie_embeddings puts one weight on the first and last stage; use pp=1"
             )
-        stage = PipelineStageModule(model, rt.pp_rank, dims.pp, cfg.router)
+        stage = PipelineStageModule(model, rt.pp_rank, dims.pp)
         module = stage
     if dims.tp > 1:
         apply_tensor_parallel(module, meshes.world["tp"])

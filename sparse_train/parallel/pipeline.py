@@ -4,11 +4,11 @@ A stage is a view of the single-device model: it holds the same submodules under
 names (`embed`, `blocks.<i>`, `norm`, `lm_head`), so parameter names, checkpoints and the
 gathered state dict are those of the unsplit model.
 
-The MoE layers' auxiliary losses never leave their stage: each is attached to the stage's
+The sparse (MoE/FFF) layers' auxiliary losses never leave their stage: each is attached to the stage's
 hidden states by `attach_aux_loss`, an identity in the forward whose backward also feeds the
 loss its gradient (coefficient x 1, Megatron's MoEAuxLossAutoScaler). Whatever the schedule,
 every aux loss reaches the gradients exactly as if it were added to the last stage's loss; the
-schedule's 1/n_microbatches scaling applies to both alike. A stage without MoE layers attaches
+schedule's 1/n_microbatches scaling applies to both alike. A stage without sparse layers attaches
 nothing. Their values (for metrics) are recorded per micro-batch on the stage.
 
 Micro-batches: the pipeline runs the step's `train.grad_accum` micro-batches, each
@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparse_train.config import RouterConfig
-from sparse_train.models.moe import MoEAux
+from sparse_train.models.sparse import SparseAux, SparseFFN
 from sparse_train.models.transformer import Transformer
 
 
@@ -57,7 +56,7 @@ def stage_blocks(n_layers: int, pp: int) -> list[range]:
 class PipelineStageModule(nn.Module):
     """Stage `stage` of `num_stages`: tokens -> hidden (first), hidden -> hidden, hidden -> logits (last)."""
 
-    def __init__(self, model: Transformer, stage: int, num_stages: int, router: RouterConfig) -> None:
+    def __init__(self, model: Transformer, stage: int, num_stages: int) -> None:
         super().__init__()
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
         self.embed = model.embed if self.is_first else None
@@ -68,32 +67,25 @@ class PipelineStageModule(nn.Module):
         self.lm_head = model.lm_head if self.is_last else None
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
-        self.aux_loss_coef, self.z_loss_coef = router.aux_loss_coef, router.z_loss_coef
-        self.recorded_aux: list[list[MoEAux]] = []  # per micro-batch, this stage's MoE layers (detached)
+        self.recorded_aux: list[list[SparseAux]] = []  # per micro-batch, this stage's sparse layers (detached)
 
     @property
-    def moe_block_names(self) -> list[str]:
-        from sparse_train.models.moe import MoELayer
-
-        return [f"block{i}" for i, b in self.blocks.items() if isinstance(b.ffn, MoELayer)]
+    def sparse_block_names(self) -> list[str]:
+        return [f"block{i}" for i, b in self.blocks.items() if isinstance(b.ffn, SparseFFN)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h_BSD = self.embed(x) if self.embed is not None else x
         S = h_BSD.shape[1]
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
-        step_aux: list[MoEAux] = []
+        step_aux: list[SparseAux] = []
         for block in self.blocks.values():
             h_BSD, aux = block(h_BSD, cos, sin)
             if aux is not None:
                 if torch.is_grad_enabled():
-                    h_BSD = attach_aux_loss(h_BSD, self.aux_loss_coef * aux.lb_loss + self.z_loss_coef * aux.z_loss)
-                step_aux.append(_detached(aux))
+                    h_BSD = attach_aux_loss(h_BSD, aux.objective)
+                step_aux.append(aux.detached())
         self.recorded_aux.append(step_aux)
         if self.is_last:
             return self.lm_head(self.norm(h_BSD))
         return h_BSD
 
-
-def _detached(aux: MoEAux) -> MoEAux:
-    return MoEAux(*(t.detach() for t in (aux.lb_loss, aux.z_loss, aux.expert_load_E, aux.dropped_fraction,
-                                          aux.router_entropy)))  # fmt: skip

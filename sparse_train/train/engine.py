@@ -27,21 +27,20 @@ from torch import nn
 
 from sparse_train.config import Config
 from sparse_train.models.losses import GlobalBatchCounts
-from sparse_train.models.moe import MoEAux, MoELayer
+from sparse_train.models.sparse import SparseAux, SparseFFN
 from sparse_train.models.transformer import Transformer
 from sparse_train.parallel.runtime import DistributedRuntime
 from sparse_train.parallel.state import clip_grad_norm_, full_gradients, full_state_dict, load_full_state_dict
-from sparse_train.train.loss import lm_loss, total_loss
+from sparse_train.train.loss import aux_loss_names, lm_loss, total_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss")
 
 
 @dataclass
 class StepResult:
     losses: dict[str, float]  # means over the step's micro-batches (and ranks)
     finite: bool  # every micro-batch's loss was finite
-    layer_stats: list[dict[str, Any]]  # per MoE layer (model order): expert_load, dropped_fraction, router_entropy
+    layer_stats: list[dict[str, Any]]  # per sparse layer (model order): kind, load [E], metrics {name: value}
     layer_names: list[str]
 
 
@@ -58,10 +57,12 @@ class Engine:
 
             parallel = parallelize(model, cfg, runtime)
             self.module, self.schedule, self.stage = parallel.module, parallel.schedule, parallel.stage
-        self.moe_names = [
-            f"block{name.split('.')[1]}" for name, m in self.module.named_modules() if isinstance(m, MoELayer)
+        self.aux_names = aux_loss_names(cfg)
+        self.loss_keys = ("loss", "lm_loss", *self.aux_names)
+        self.sparse_names = [
+            f"block{name.split('.')[1]}" for name, m in self.module.named_modules() if isinstance(m, SparseFFN)
         ]
-        self.num_moe_layers = sum(1 for b in model.blocks if isinstance(b.ffn, MoELayer))
+        self.num_sparse_layers = len(model.sparse_layers)
 
     # ---- layout helpers -------------------------------------------------------------------
     @property
@@ -87,7 +88,7 @@ class Engine:
 
     def reset_balance_counts(self) -> None:
         for m in self.module.modules():
-            if isinstance(m, MoELayer) and isinstance(m.count_sync, GlobalBatchCounts):
+            if isinstance(m, SparseFFN) and isinstance(m.count_sync, GlobalBatchCounts):
                 m.count_sync.reset()
 
     # ---- one step -------------------------------------------------------------------------
@@ -103,8 +104,8 @@ class Engine:
 
     def _direct(self, micro_batches: list[Batch], autocast):
         accum = len(micro_batches)
-        sums = dict.fromkeys(LOSS_KEYS, 0.0)
-        per_layer: list[list[MoEAux]] = []
+        sums = dict.fromkeys(self.loss_keys, 0.0)
+        per_layer: list[list[SparseAux]] = []
         finite = True
         fsdp = hasattr(self.module, "set_requires_gradient_sync")
         for j, (inputs, targets) in enumerate(micro_batches):
@@ -120,14 +121,14 @@ class Engine:
                 # many processes: every rank must run the same collectives; the global
                 # gradient norm turns non-finite and the step is skipped on all ranks
             (parts.loss / accum).backward()
-            for key in LOSS_KEYS:
-                sums[key] += float(getattr(parts, key).detach())
-            per_layer.append(output.moe_aux)
+            for key, value in parts.values().items():
+                sums[key] += float(value.detach())
+            per_layer.append(output.sparse_aux)
         return sums, finite, per_layer
 
     def loss_of(self, output, targets: torch.Tensor):
-        """The training objective of one micro-batch (LM loss + router losses), LossParts."""
-        return total_loss(output, targets, self.cfg.router)
+        """The training objective of one micro-batch (LM loss + sparse layers' losses), LossParts."""
+        return total_loss(output, targets, self.aux_names)
 
     def _pipelined(self, micro_batches: list[Batch], autocast):
         stage = self.stage
@@ -142,25 +143,27 @@ class Engine:
                 self.schedule.step(target=targets, losses=losses)
             else:
                 self.schedule.step()
-        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        sums = dict.fromkeys(self.loss_keys, 0.0)
         sums["lm_loss"] = float(sum(float(loss.detach()) for loss in losses))
-        r = self.cfg.router
+        sums["loss"] = sums["lm_loss"]
         for step_aux in stage.recorded_aux:
-            sums["aux_loss"] += sum(float(a.lb_loss) for a in step_aux)
-            sums["z_loss"] += sum(float(a.z_loss) for a in step_aux)
-        sums["loss"] = sums["lm_loss"] + r.aux_loss_coef * sums["aux_loss"] + r.z_loss_coef * sums["z_loss"]
+            for a in step_aux:
+                sums["loss"] += float(a.objective)
+                for name in self.aux_names:
+                    sums[name] += float(a.losses[name])
         finite = all(torch.isfinite(loss).item() for loss in losses)
         return sums, finite, list(stage.recorded_aux)
 
-    def _reduce(self, sums: dict[str, float], finite: bool, per_layer: list[list[MoEAux]], accum: int) -> StepResult:
+    def _reduce(self, sums: dict[str, float], finite: bool, per_layer: list[list[SparseAux]], accum: int) -> StepResult:
         """Means over micro-batches, layers and data-parallel ranks; pipeline stages' parts summed."""
         stats = _layer_stats(per_layer, accum)
-        n_layers = max(self.num_moe_layers, 1)
+        n_losses = len(self.loss_keys)
+        n_layers = max(self.num_sparse_layers, 1)
         if self.schedule is None:  # per micro-batch means over layers already (total_loss)
-            values = [sums[k] / accum for k in LOSS_KEYS]
+            values = [sums[k] / accum for k in self.loss_keys]
         else:  # sums over this stage's layers: the layer mean needs the whole pipeline's sum
-            values = [sums["loss"] / accum, sums["lm_loss"] / accum, sums["aux_loss"] / accum / n_layers,
-                      sums["z_loss"] / accum / n_layers]  # fmt: skip
+            values = [sums["loss"] / accum, sums["lm_loss"] / accum]
+            values += [sums[name] / accum / n_layers for name in self.aux_names]
         vector = torch.tensor([*values, 0.0 if finite else 1.0], dtype=torch.float64)
         if (pp := self._group("pp")) is not None:
             dist.all_reduce(vector, group=pp)
@@ -169,27 +172,28 @@ class Engine:
             stats = [s for part in gathered for s in part]
         if (dp := self._group("dp")) is not None:
             dist.all_reduce(vector, group=dp)
-            vector[:4] /= self.runtime.dims.dp
+            vector[:n_losses] /= self.runtime.dims.dp
             for s in stats:
-                scalars = torch.tensor([s["dropped_fraction"], s["router_entropy"]], dtype=torch.float64)
-                packed = torch.cat([s["expert_load"].double(), scalars])
+                keys = sorted(s["metrics"])
+                scalars = torch.tensor([s["metrics"][k] for k in keys], dtype=torch.float64)
+                packed = torch.cat([s["load"].double(), scalars])
                 dist.all_reduce(packed, group=dp)
                 packed /= self.runtime.dims.dp
-                s["expert_load"] = packed[:-2].float()
-                s["dropped_fraction"], s["router_entropy"] = float(packed[-2]), float(packed[-1])
-        losses = dict(zip(LOSS_KEYS, (float(v) for v in vector[:4]), strict=True))
-        names = self._all_moe_names()
-        return StepResult(losses, bool(vector[4] == 0), stats, names)
+                s["load"] = packed[: s["load"].numel()].float()
+                s["metrics"] = dict(zip(keys, (float(v) for v in packed[s["load"].numel() :]), strict=True))
+        losses = dict(zip(self.loss_keys, (float(v) for v in vector[:n_losses]), strict=True))
+        names = self._all_sparse_names()
+        return StepResult(losses, bool(vector[n_losses] == 0), stats, names)
 
     def layer_names(self) -> list[str]:
-        """Names of the whole model's MoE layers ("block<i>"), in block order (collective under pp)."""
-        return self._all_moe_names()
+        """Names of the whole model's sparse layers ("block<i>"), in block order (collective under pp)."""
+        return self._all_sparse_names()
 
-    def _all_moe_names(self) -> list[str]:
+    def _all_sparse_names(self) -> list[str]:
         if (pp := self._group("pp")) is None:
-            return self.moe_names
+            return self.sparse_names
         gathered: list[Any] = [None] * dist.get_world_size(pp)
-        dist.all_gather_object(gathered, self.moe_names, group=pp)
+        dist.all_gather_object(gathered, self.sparse_names, group=pp)
         return [n for part in gathered for n in part]
 
     # ---- gradients, evaluation, state -----------------------------------------------------
@@ -211,14 +215,14 @@ class Engine:
                     with autocast():
                         output = self.module(inputs)
                     total += float(lm_loss(output.logits_BSV, targets))
-                    per_layer.append(output.moe_aux)
+                    per_layer.append(output.sparse_aux)
         finally:
             self.module.train()
-        result = self._reduce({"loss": total, "lm_loss": total, "aux_loss": 0.0, "z_loss": 0.0}, True, per_layer,
-                              len(batches))  # fmt: skip
-        return result.losses["lm_loss"], [s["expert_load"] for s in result.layer_stats]
+        sums = {**dict.fromkeys(self.loss_keys, 0.0), "loss": total, "lm_loss": total}
+        result = self._reduce(sums, True, per_layer, len(batches))
+        return result.losses["lm_loss"], [s["load"] for s in result.layer_stats]
 
-    def _evaluate_pipelined(self, batches: list[Batch], autocast) -> tuple[float, list[list[MoEAux]]]:
+    def _evaluate_pipelined(self, batches: list[Batch], autocast) -> tuple[float, list[list[SparseAux]]]:
         stage, accum = self.stage, self.cfg.train.grad_accum
         stage.recorded_aux.clear()
         total = 0.0
@@ -269,15 +273,14 @@ def _cpu(v: Any) -> Any:
     return v.cpu() if isinstance(v, torch.Tensor) else v
 
 
-def _layer_stats(per_layer: list[list[MoEAux]], accum: int) -> list[dict[str, Any]]:
-    """Per MoE layer of this rank, means over the micro-batches."""
+def _layer_stats(per_layer: list[list[SparseAux]], accum: int) -> list[dict[str, Any]]:
+    """Per sparse layer of this rank, means over the micro-batches: kind, load, metrics."""
     stats: list[dict[str, Any]] = []
     for step_aux in per_layer:
         for i, aux in enumerate(step_aux):
             if len(stats) <= i:
-                stats.append({"expert_load": torch.zeros(aux.expert_load_E.shape), "dropped_fraction": 0.0,
-                              "router_entropy": 0.0})  # fmt: skip
-            stats[i]["expert_load"] += aux.expert_load_E.detach().float().cpu() / accum
-            stats[i]["dropped_fraction"] += float(aux.dropped_fraction) / accum
-            stats[i]["router_entropy"] += float(aux.router_entropy) / accum
+                stats.append({"kind": aux.kind, "load": torch.zeros(aux.load.shape), "metrics": {}})
+            stats[i]["load"] += aux.load.detach().float().cpu() / accum
+            for key, value in aux.metrics.items():
+                stats[i]["metrics"][key] = stats[i]["metrics"].get(key, 0.0) + float(value) / accum
     return stats

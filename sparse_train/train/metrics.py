@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from sparse_train.models.sparse import LOAD_NAMES
 from sparse_train.train import plots
 
 
@@ -68,16 +69,31 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, step)
 
-    def log_expert_load(self, step: int, load_LE: np.ndarray, layer_names: list[str]) -> None:
+    def log_load(self, step: int, load_LE: np.ndarray, layer_names: list[str], kind: str = "moe") -> None:
+        """The load heatmap (experts or leaves per sparse layer) to TensorBoard and plots/; for FFF
+        also one TensorBoard histogram per layer whose buckets are the leaves."""
         if self._tb is None and not self.plots_enabled:
             return
-        fig = plots.expert_load_heatmap(load_LE, layer_names, step)
+        what = "leaf" if kind == "fff" else "expert"
+        tag = f"{kind}/{LOAD_NAMES[kind]}"
+        fig = plots.load_heatmap(load_LE, layer_names, step, what)
         if self._tb is not None:
-            self._tb.add_figure("moe/expert_load", fig, step, close=False)
+            self._tb.add_figure(tag, fig, step, close=False)
+            if kind == "fff":
+                for name, load in zip(layer_names, load_LE, strict=True):
+                    self._add_leaf_histogram(f"{kind}/{name}/{LOAD_NAMES[kind]}", load, step)
         if self.plots_enabled:
-            plots.save(fig, str(self.plots_dir / "expert_load.png"))
+            plots.save(fig, str(self.plots_dir / f"{LOAD_NAMES[kind]}.png"))
         else:
             plots.plt.close(fig)
+
+    def _add_leaf_histogram(self, tag: str, load: np.ndarray, step: int) -> None:
+        leaves = np.arange(load.size, dtype=np.float64)
+        self._tb.add_histogram_raw(
+            tag, min=0.0, max=float(load.size - 1), num=float(load.sum()), sum=float((leaves * load).sum()),
+            sum_squares=float((leaves**2 * load).sum()), bucket_limits=(leaves + 0.5).tolist(),
+            bucket_counts=load.astype(np.float64).tolist(), global_step=step,
+        )  # fmt: skip
 
     def records(self) -> list[dict[str, Any]]:
         if not self.enabled:

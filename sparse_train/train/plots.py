@@ -1,4 +1,4 @@
-"""Figures users look at: the loss curve and the expert-load heatmap (matplotlib, no display)."""
+"""Figures users look at: the loss curve and the expert-load / leaf-usage heatmap (matplotlib, no display)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def expert_load_heatmap(load_LE: np.ndarray, layer_names: Sequence[str], step: int) -> Figure:
-    """Rows: MoE layers; columns: experts; colour: load relative to uniform (1.0 = even share)."""
+def load_heatmap(load_LE: np.ndarray, layer_names: Sequence[str], step: int, what: str = "expert") -> Figure:
+    """Rows: sparse layers; columns: experts (or FFF leaves); colour: load relative to uniform (1.0 = even)."""
     relative = load_LE * load_LE.shape[1]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * load_LE.shape[1], 1.0 + 0.45 * load_LE.shape[0]))
+    columns = load_LE.shape[1]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * min(columns, 40), 1.0 + 0.45 * load_LE.shape[0]))
     image = ax.imshow(relative, cmap="viridis", vmin=0.0, vmax=max(2.0, float(relative.max())), aspect="auto")
-    ax.set_xticks(range(load_LE.shape[1]))
+    step_ticks = max(1, columns // 32)  # at most ~32 labelled columns
+    ax.set_xticks(range(0, columns, step_ticks))
     ax.set_yticks(range(load_LE.shape[0]), labels=list(layer_names))
-    ax.set_xlabel("expert")
-    ax.set_title(f"expert load / uniform share, step {step}")
+    ax.set_xlabel(what)
+    ax.set_title(f"{what} load / uniform share, step {step}")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig

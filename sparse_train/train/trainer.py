@@ -23,6 +23,7 @@ from tqdm import tqdm
 from sparse_train.config import Config, ConfigError, config_from_dict
 from sparse_train.data.dataset import BatchSampler, TokenData, load_token_data, validation_batches
 from sparse_train.data.tokenizer import build_tokenizer
+from sparse_train.models.sparse import LOAD_NAMES
 from sparse_train.models.transformer import Transformer, count_parameters
 from sparse_train.parallel.runtime import DistributedRuntime, init_distributed
 from sparse_train.train import checkpoint as ckpt
@@ -31,7 +32,7 @@ from sparse_train.train.metrics import MetricsLogger
 from sparse_train.train.optim import build_optimizer, build_scheduler
 
 # Sections a resumed run must share with its checkpoint (the rest may change between runs).
-RESUME_MUST_MATCH = ("model", "moe", "router", "data")
+RESUME_MUST_MATCH = ("model", "moe", "router", "fff", "data")
 
 
 class TrainingStopped(RuntimeError):
@@ -46,10 +47,11 @@ class RunSummary:
     last_loss: float | None
     val_loss: float | None
     tokens_per_s: float
-    load_imbalance: dict[str, float]  # per MoE layer: max expert load / mean load (1.0 = even)
+    load_imbalance: dict[str, float]  # per sparse layer: max expert (leaf) load / mean load (1.0 = even)
     nonfinite_steps: int
     checkpoint: Path | None
     params: dict[str, int] = field(default_factory=dict)
+    sparse_kind: str = "moe"  # model.ffn: what load_imbalance measures (experts or FFF leaves)
 
 
 def select_device(name: str) -> torch.device:
@@ -120,7 +122,9 @@ class Trainer:
         self.model = self.engine.module  # this rank's part: the model itself on one process
         # One foreach kernel cannot mix DTensors of different meshes (experts vs the rest).
         foreach = None if self.runtime is None else False
-        self.optimizer = build_optimizer(self.engine.module, self.cfg.optimizer, foreach=foreach)
+        self.optimizer = build_optimizer(
+            self.engine.module, self.cfg.optimizer, foreach=foreach, node_lr_scale=self.cfg.fff.node_lr_scale
+        )
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.cfg.train.steps)
         t = self.cfg.train
         self.sampler = BatchSampler(self.data.train, self.cfg.data.seq_len, t.batch_size, t.seed)
@@ -189,7 +193,9 @@ class Trainer:
         saved = yaml.safe_load(ckpt.read_checkpoint_config(path))
         current = self.cfg.to_dict()
         for section in RESUME_MUST_MATCH:
-            diff = first_difference(saved[section], current[section], section + ".")
+            if section == "fff" and self.cfg.model.ffn != "fff":
+                continue  # the tree's settings only shape FFF models (older checkpoints have no such section)
+            diff = first_difference(saved.get(section, {}), current[section], section + ".")
             if diff:
                 raise ConfigError("--resume", f"{path} was trained with a different config: {diff}")
         ckpt.verify_checkpoint(path)
@@ -275,11 +281,11 @@ class Trainer:
         record = {"step": self.step, **result.losses, "lr": lr, "grad_norm": grad_norm,
                   "nonfinite_steps": self.nonfinite_total}  # fmt: skip
         for name, stats in zip(result.layer_names, result.layer_stats, strict=True):
-            load = stats["expert_load"]
-            record[f"moe/{name}/expert_load"] = [round(float(v), 5) for v in load]
-            record[f"moe/{name}/load_imbalance"] = float(load.max() * load.numel())
-            record[f"moe/{name}/dropped_fraction"] = stats["dropped_fraction"]
-            record[f"moe/{name}/router_entropy"] = stats["router_entropy"]
+            kind, load = stats["kind"], stats["load"]
+            record[f"{kind}/{name}/{LOAD_NAMES[kind]}"] = [round(float(v), 5) for v in load]
+            record[f"{kind}/{name}/load_imbalance"] = float(load.max() * load.numel())
+            for key, value in stats["metrics"].items():
+                record[f"{kind}/{name}/{key}"] = value
         return record
 
     def evaluate(self) -> tuple[float, np.ndarray]:
@@ -349,13 +355,14 @@ class Trainer:
             nonfinite_steps=self.nonfinite_total,
             checkpoint=last_ckpt,
             params=self.params,
+            sparse_kind=self.cfg.model.ffn,
         )
 
     def _evaluate_and_log(self) -> float:
         val_loss, load_LE = self.evaluate()
         self.metrics.log({"step": self.step, "val_loss": val_loss})
         if load_LE.size:
-            self.metrics.log_expert_load(self.step, load_LE, self.engine.layer_names())
+            self.metrics.log_load(self.step, load_LE, self.engine.layer_names(), self.cfg.model.ffn)
         return val_loss
 
 

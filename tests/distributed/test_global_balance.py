@@ -47,7 +47,7 @@ def test_global_batch_loss_on_two_ranks_equals_loss_of_the_concatenated_batch():
     torch.testing.assert_close(torch.tensor(mean_loss), aux.lb_loss.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(mean_grad, layer.router.weight.grad, rtol=1e-5, atol=1e-7)
     # ...and it is a different number from what each rank's own micro-batch balance gives
-    local = [_layer("micro_batch")(_tokens(r))[1].lb_loss for r in (0, 1)]
+    local = [_layer("micro_batch")(_tokens(r))[1].lb_loss.detach() for r in (0, 1)]
     assert abs(float(sum(local)) / 2 - mean_loss) > 1e-3
 
 

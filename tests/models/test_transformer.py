@@ -15,7 +15,7 @@ def test_shapes_and_moe_aux_per_moe_block():
     model = _model("model.n_layers=3", "moe.every_n=2")
     out = model(torch.randint(0, 50, (2, 9)))
     assert out.logits_BSV.shape == (2, 9, 50)
-    assert len(out.moe_aux) == 1 and len(model.moe_layers) == 1  # only block 1 of 0..2
+    assert len(out.sparse_aux) == 1 and len(model.sparse_layers) == 1  # only block 1 of 0..2
 
 
 def test_causality_future_tokens_do_not_change_past_logits():
