@@ -161,7 +161,8 @@ class FFFConfig(Section):
         "auto", "leaf-compute kernels in training (as moe.kernel_backend)"
     )
     inference_backend: Literal["auto", "cpp", "torch"] = option(
-        "auto", "hard descent at evaluation: cpp = fused C++ kernel built on first use (CPU, fp32); auto = cpp "
+        "auto",
+        "hard descent at evaluation: cpp = fused C++ kernel built on first use (CPU, fp32); auto = cpp "
         "when it applies and builds, torch otherwise",
     )
 

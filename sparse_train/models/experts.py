@@ -76,8 +76,9 @@ class SwiGLUExperts(nn.Module):
 class GELUExperts(nn.Module):
     """E two-layer GELU FFNs `gelu(x @ w_in[e]) @ w_out[e]` with stacked weights (FFF leaves).
 
-    The output width may differ from the input's (an FFF used as a whole classifier). Computed with the grouped GEMM (rows gathered inside it), the routing weight applied to the
-    narrow hidden activations, and a weighted scatter-add back (kernels.unpermute).
+    The output width may differ from the input's (an FFF used as a whole classifier). Computed
+    with the grouped GEMM (rows gathered inside it), the routing weight applied to the narrow
+    hidden activations, and a weighted scatter-add back (kernels.unpermute).
     """
 
     def __init__(

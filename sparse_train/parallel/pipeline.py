@@ -88,4 +88,3 @@ class PipelineStageModule(nn.Module):
         if self.is_last:
             return self.lm_head(self.norm(h_BSD))
         return h_BSD
-

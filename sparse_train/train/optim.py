@@ -9,7 +9,6 @@ from torch import nn
 
 from sparse_train.config import OptimizerConfig
 
-
 # FFF node neurons (models.fff.TreeRouter) may train at their own learning rate.
 NODE_PARAMETERS = ("tree.node_weight_ND", "tree.node_bias_N")
 
