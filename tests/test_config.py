@@ -72,6 +72,13 @@ INVALID = [
     (["--set", "train.steps.deeper=1"], "train.steps: is not a section"),
     (["--set", "train.steps"], "--set: expected KEY=VALUE"),
     (["--config", "/no/such.yaml"], "--config: no such file"),
+    (["--set", "fff.depth=0"], "fff.depth: must be in [1, 20], got 0"),
+    (["--set", "fff.depth=21"], "fff.depth: must be in [1, 20], got 21"),
+    (["--set", "fff.leaf_width=0"], "fff.leaf_width: must be > 0, got 0"),
+    (["--set", "fff.leaf_width=-3"], "fff.leaf_width: must be > 0, got -3"),
+    (["--set", "fff.top_k=9"], "fff.top_k: must be in [1, 2^depth = 8], got 9"),
+    (["--set", "fff.mode=stochastic"], "fff.mode: must be one of 'soft', 'topk_paths', 'hard'"),
+    (["--set", "model.ffn=tree"], "model.ffn: must be one of 'dense', 'moe', 'fff'"),
 ]
 
 

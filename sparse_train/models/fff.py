@@ -133,7 +133,7 @@ class FFFLayer(SparseFFN):
         if cfg.master_leaf:
             width = cfg.master_leaf_width or cfg.leaf_width
             self.master = SwiGLU(d_model, width) if cfg.leaf_activation == "swiglu" else GELU(d_model, width, d_out)
-            self.master_logit = nn.Parameter(torch.zeros(()))
+            self.master_logit = nn.Parameter(torch.zeros(1))  # [1], not a scalar: FSDP2 shards no 0-d parameter
 
     # ---- parameter groups (different learning rates for nodes and leaves) ------------------
     def node_parameters(self) -> list[nn.Parameter]:
@@ -196,7 +196,7 @@ class FFFLayer(SparseFFN):
             load_L = load_L / load_L.sum().clamp_min(1.0)
             metrics["leaf_usage_entropy"] = -(load_L * torch.log(load_L.clamp_min(1e-20))).sum()
             if self.master is not None:
-                metrics["master_blend"] = self.blend().detach().float()
+                metrics["master_blend"] = self.blend().detach().float()[0]
         return FFFAux(
             kind="fff",
             objective=self.cfg.balance_coef * lb + self.cfg.hardening_coef * hardening,

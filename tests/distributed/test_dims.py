@@ -45,6 +45,8 @@ def test_dp_shard_minus_one_takes_the_remaining_ranks_and_ep_folds_into_them():
         ),
         (2, {"tp": 2, "dp_shard": 1}, ["moe.expert_hidden=33"], r"parallel.tp: must divide moe.expert_hidden \(33\)"),
         (4, {}, ["train.batch_size=6"], r"train.batch_size: .*must be divisible by 4, got 6"),
+        (4, {"ep": 4}, ["model.ffn=fff", "fff.depth=1"], r"parallel.ep: must divide the FFF leaf count .*\(2\)"),
+        (2, {"tp": 2, "dp_shard": 1}, ["model.ffn=fff", "fff.leaf_width=5"], r"parallel.tp: must divide fff.leaf"),
     ],
 )
 def test_model_dependent_layout_errors(world, degrees, overrides, message):

@@ -165,3 +165,42 @@ def test_copying_a_run_directory_keeps_it_resumable(tmp_path):
     Trainer(tiny_config("train.steps=10"), tmp_path / "a").fit()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert Trainer(tiny_config(), tmp_path / "b", resume="auto").step == 10
+
+
+@pytest.mark.parametrize("mode", ["soft", "topk_paths", "hard"])
+def test_fff_model_trains_and_logs_tree_metrics(tmp_path, mode):
+    cfg = tiny_config(
+        "model.ffn=fff", "fff.depth=2", "fff.leaf_width=16", f"fff.mode={mode}", "fff.master_leaf=true",
+        "fff.hardening_coef=0.01", "fff.node_lr_scale=2.0", "train.steps=30", "optimizer.lr=1e-2",
+        "logging.tensorboard=true", "logging.plots=true",
+    )  # fmt: skip
+    trainer = Trainer(cfg, tmp_path)
+    lr = trainer.cfg.optimizer.lr
+    node_groups = [g for g in trainer.optimizer.param_groups if g["initial_lr"] == pytest.approx(2 * lr)]
+    assert sum(len(g["params"]) for g in node_groups) == 2 * 2  # node weights + biases of both blocks
+    summary = trainer.fit()
+    losses = _losses(tmp_path)
+    assert sum(list(losses.values())[-5:]) / 5 < losses[1] - 0.5
+    record = _records(tmp_path)[-2]
+    for key in ("aux_loss", "hardening_loss"):
+        assert key in record and record[key] > 0, key
+    assert "z_loss" not in record
+    for block in (0, 1):
+        usage = record[f"fff/block{block}/leaf_usage"]
+        assert len(usage) == 4 and sum(usage) == pytest.approx(1.0, abs=1e-3)
+        assert 0 <= record[f"fff/block{block}/sharpness"] <= 1
+        assert 0 < record[f"fff/block{block}/leaf_usage_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+        assert 0 < record[f"fff/block{block}/master_blend"] < 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "histograms": 0}).Reload()
+    assert [e.step for e in events.Images("fff/leaf_usage")] == [10, 20, 30]
+    histogram = events.Histograms("fff/block0/leaf_usage")[-1].histogram_value
+    assert list(histogram.bucket) == pytest.approx(list(summary_usage(trainer)[0]), abs=1e-6)
+    assert (tmp_path / "plots" / "leaf_usage.png").stat().st_size > 0
+    assert summary.sparse_kind == "fff" and set(summary.load_imbalance) == {"block0", "block1"}
+
+
+def summary_usage(trainer: Trainer):
+    """The validation leaf usage per layer, as the last evaluation measured it."""
+    return trainer.evaluate()[1]
