@@ -106,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     disp.add_argument("--compare-no-dedup", action="store_true", help="also run each EP size without deduplication")
     disp.add_argument("--config", help="model recipe (default: configs/tiny-moe.yaml of this checkout)")
 
+    infer = bench_sub.add_parser("fff-infer", help="hard FFF inference vs a dense FFN of the same width")
+    infer.add_argument("--json", action="store_true", help="only the JSON lines on stdout (no table on stderr)")
+    infer.add_argument("--depths", type=int, nargs="+", default=[4, 6, 8, 10])
+    infer.add_argument("--batches", type=int, nargs="+", default=[1, 64, 4096])
+    infer.add_argument("--repeats", type=int, default=7)
+    infer.add_argument("--warmup", type=int, default=2)
+    infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--peers", default="fastfeedforward", help="fastfeedforward, or empty for none")
+
+    repro = bench_sub.add_parser("fff-repro", help="FFF vs FFF + load balancing (+ master leaf) on sklearn digits")
+    repro.add_argument("--json", action="store_true", help="only the JSON lines on stdout (no table on stderr)")
+    repro.add_argument("--depths", type=int, nargs="+", default=[3, 5])
+    repro.add_argument("--seeds", type=int, default=5, help="runs per (depth, variant), seeds 0..N-1")
+    repro.add_argument("--epochs", type=int, default=150)
+
     sub.add_parser("info", help="versions, devices, optional integrations and runtime settings, as JSON")
 
     cfg = sub.add_parser("config", help="print the resolved config (YAML), or every field with its help")
@@ -256,6 +271,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "fff-infer":
+        return _bench_fff_infer(args)
+    if args.bench == "fff-repro":
+        return _bench_fff_repro(args)
     if args.bench == "dispatch":
         from sparse_train.bench import dispatch
 
@@ -277,6 +296,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("sparse-train bench moe-layer: --repeats >= 1, --warmup >= 0 and --tokens >= 1 required")
     moe_layer.run(args.shapes, tokens=args.tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                   peers=peers, as_json=args.json)  # fmt: skip
+    return 0
+
+
+def _bench_fff_infer(args: argparse.Namespace) -> int:
+    from sparse_train.bench import fff_infer
+
+    peers = {p for p in args.peers.split(",") if p}
+    if peers - {"fastfeedforward"}:
+        raise UsageError(f"sparse-train bench fff-infer: unknown --peers {sorted(peers)}; allowed: fastfeedforward")
+    if any(d < 1 or 2**d > fff_infer.TOTAL_WIDTH for d in args.depths):
+        raise UsageError("sparse-train bench fff-infer: --depths in [1, 12] (leaf width = 4096 / 2^depth >= 1)")
+    if any(b < 1 for b in args.batches) or args.repeats < 1 or args.warmup < 0:
+        raise UsageError("sparse-train bench fff-infer: --batches >= 1, --repeats >= 1 and --warmup >= 0 required")
+    fff_infer.run(args.depths, args.batches, repeats=args.repeats, warmup=args.warmup, seed=args.seed, peers=peers,
+                  as_json=args.json)  # fmt: skip
+    return 0
+
+
+def _bench_fff_repro(args: argparse.Namespace) -> int:
+    from sparse_train.bench import fff_repro
+    from sparse_train.config import MAX_FFF_DEPTH
+
+    if any(not 1 <= d <= MAX_FFF_DEPTH for d in args.depths) or args.seeds < 2 or args.epochs < 1:
+        raise UsageError(
+            f"sparse-train bench fff-repro: --depths in [1, {MAX_FFF_DEPTH}], --seeds >= 2 (a spread needs two) "
+            "and --epochs >= 1 required"
+        )
+    try:
+        fff_repro.load_digits_split(0.2)
+    except RuntimeError as err:
+        raise UsageError(f"sparse-train bench fff-repro: {err}") from None
+    fff_repro.run(args.depths, args.seeds, recipe=fff_repro.Recipe(epochs=args.epochs), as_json=args.json)
     return 0
 
 

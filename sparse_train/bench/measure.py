@@ -27,20 +27,35 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved_median_ms(
-    candidates: dict[str, Callable[[], None]], *, repeats: int, warmup: int, device: torch.device
+    candidates: dict[str, Callable[[], None]],
+    *,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    min_round_ms: float = 0.0,
 ) -> dict[str, float]:
-    for fn in candidates.values():
+    """Median ms per call of each candidate. With `min_round_ms`, a round calls a candidate as
+    many times as fill that long (timeit's method: calls of microseconds are otherwise below
+    the timer's and the garbage collector's noise) and reports the mean per call."""
+    calls = dict.fromkeys(candidates, 1)
+    for name, fn in candidates.items():
         for _ in range(warmup):
             fn()
+        if min_round_ms > 0:
+            start = time.perf_counter()
+            fn()
+            one_ms = max((time.perf_counter() - start) * 1e3, 1e-4)
+            calls[name] = max(1, int(min_round_ms / one_ms))
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
             gc.collect()
             _sync(device)
             start = time.perf_counter()
-            fn()
+            for _ in range(calls[name]):
+                fn()
             _sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append((time.perf_counter() - start) * 1e3 / calls[name])
     return {name: statistics.median(values) for name, values in times.items()}
 
 

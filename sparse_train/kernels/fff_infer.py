@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from sparse_train.models.dispatch import ExpertInput
+from sparse_train.models.experts import SwiGLUExperts
 from sparse_train.models.routers import count_per_expert
 
 _SOURCE = Path(__file__).parent / "csrc" / "fff_infer.cpp"
@@ -50,6 +51,8 @@ def _machine_tag() -> str:
 def cpp_extension() -> ModuleType:
     """The compiled kernel (built on the first call, ~30-60 s; later processes load the cache)."""
     global _extension, _build_error
+    if _extension is not None:  # the common case, without taking the lock
+        return _extension
     with _lock:
         if _extension is not None:
             return _extension
@@ -61,7 +64,8 @@ def cpp_extension() -> ModuleType:
             _extension = load(
                 name=f"sparse_train_fff_infer_{_machine_tag()}",
                 sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
         except Exception as err:  # compiler missing, headers missing, ...: say which
@@ -73,7 +77,7 @@ def cpp_extension() -> ModuleType:
 
 def leaf_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(w_in [L, D, H], w_out [L, F, O], swiglu) of SwiGLU or GELU leaves."""
-    if hasattr(experts, "w_gate_up_ED2F"):
+    if isinstance(experts, SwiGLUExperts):
         return experts.w_gate_up_ED2F.flatten(2), experts.w_down_EFD, True
     return experts.w_in_EDF, experts.w_out_EFD, False
 
@@ -88,8 +92,9 @@ def _cpp_unsupported(x_TD: torch.Tensor, weights: list[torch.Tensor]) -> str | N
 
 def fff_hard_forward(
     x_TD: torch.Tensor, tree: nn.Module, experts: nn.Module, *, backend: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [T, O], leaf [T]) of the hard descent; `tree` a models.fff.TreeRouter, `experts` its leaves."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y [T, O], leaf [T], tokens per leaf [L]) of the hard descent; `tree` a models.fff.TreeRouter,
+    `experts` its leaves."""
     if backend not in ("auto", "cpp", "torch"):
         raise ValueError(f"unknown FFF inference backend {backend!r}; allowed: auto, cpp, torch")
     w_in, w_out, swiglu = leaf_weights(experts)
@@ -103,12 +108,11 @@ def fff_hard_forward(
                     raise
                 _warn_once(f"{err}; FFF inference uses the torch backend")
             else:
-                y_TO, leaf_T = ext.fff_hard_forward(
-                    x_TD.contiguous(), tree.node_weight_ND.detach().contiguous(),
-                    tree.node_bias_N.detach().contiguous(), w_in.detach().contiguous(),
-                    w_out.detach().contiguous(), tree.depth, swiglu,
-                )  # fmt: skip
-                return y_TO, leaf_T
+                with torch.no_grad():  # inference only: the kernel has no backward
+                    return ext.fff_hard_forward(
+                        x_TD.contiguous(), tree.node_weight_ND.contiguous(), tree.node_bias_N.contiguous(),
+                        w_in.contiguous(), w_out.contiguous(), tree.depth, swiglu,
+                    )  # fmt: skip
         elif backend == "cpp":
             raise ValueError(f"FFF inference backend 'cpp' does not apply: {reason}")
     return _torch_hard_forward(x_TD, tree, experts)
@@ -120,7 +124,7 @@ def _torch_hard_forward(x_TD: torch.Tensor, tree: nn.Module, experts: nn.Module)
     leaf_T = descend(tree(x_TD), tree.depth)
     order_T = torch.argsort(leaf_T, stable=True)  # the training path's sort of (token, leaf) pairs
     counts_L = count_per_expert(leaf_T, experts.num_experts)
-    return experts(ExpertInput(x_TD, order_T, counts_L, None)), leaf_T
+    return experts(ExpertInput(x_TD, order_T, counts_L, None)), leaf_T, counts_L
 
 
 _warned: set[str] = set()

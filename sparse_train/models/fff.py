@@ -188,13 +188,13 @@ class FFFLayer(SparseFFN):
         hardening = decision_entropy(logits_TN).mean()
         with torch.no_grad():
             metrics = {"sharpness": ((torch.sigmoid(logits_TN) - 0.5).abs() >= 0.5 - SHARP_MARGIN).float().mean()}
-        return self._aux(lb, hardening, counted_Tk, metrics)
+        counts_L = count_per_expert(counted_Tk, self.num_experts)
+        return self._aux(lb, hardening, counts_L, counted_Tk.numel(), metrics)
 
-    def _aux(self, lb, hardening, counted_Tk, metrics: dict[str, torch.Tensor]) -> FFFAux:
+    def _aux(self, lb, hardening, counts_L: torch.Tensor, total: int, metrics: dict[str, torch.Tensor]) -> FFFAux:
         with torch.no_grad():
-            load_L = count_per_expert(counted_Tk, self.num_experts).float()
-            load_L = load_L / load_L.sum().clamp_min(1.0)
-            metrics["leaf_usage_entropy"] = -(load_L * torch.log(load_L.clamp_min(1e-20))).sum()
+            load_L = counts_L.float().div_(max(total, 1))
+            metrics["leaf_usage_entropy"] = torch.special.entr(load_L).sum()
             if self.master is not None:
                 metrics["master_blend"] = self.blend().detach().float()[0]
         return FFFAux(
@@ -219,12 +219,12 @@ class FFFLayer(SparseFFN):
     def _infer(self, x_TD: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, FFFAux]:
         from sparse_train.kernels.fff_infer import fff_hard_forward
 
-        y_TD, leaf_T = fff_hard_forward(x_TD, self.tree, self.experts, backend=self.cfg.inference_backend)
+        y_TD, _, counts_L = fff_hard_forward(x_TD, self.tree, self.experts, backend=self.cfg.inference_backend)
         if self.master is not None:
             a = self.blend()
             y_TD = (1 - a) * y_TD + a * self.master(x_TD)
         zero = x_TD.new_zeros((), dtype=torch.float32)
-        return y_TD.reshape(*lead, -1), self._aux(zero, zero, leaf_T[:, None], {})
+        return y_TD.reshape(*lead, -1), self._aux(zero, zero, counts_L, x_TD.shape[0], {})
 
 
 def fff_reference_forward(layer: FFFLayer, x_TD: torch.Tensor) -> torch.Tensor:

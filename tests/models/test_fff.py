@@ -181,11 +181,11 @@ def test_cpp_inference_takes_the_same_leaves_and_matches_the_torch_path(act, dep
     from sparse_train.kernels.fff_infer import fff_hard_forward
 
     with torch.no_grad():
-        y_cpp, leaf_cpp = fff_hard_forward(x, layer.tree, layer.experts, backend="cpp")
-        y_torch, leaf_torch = fff_hard_forward(x, layer.tree, layer.experts, backend="torch")
+        y_cpp, leaf_cpp, counts_cpp = fff_hard_forward(x, layer.tree, layer.experts, backend="cpp")
+        y_torch, leaf_torch, counts_torch = fff_hard_forward(x, layer.tree, layer.experts, backend="torch")
         logits = layer.tree(x)
         assert logits.abs().min() > 1e-4, "no near-tie in the test data: both paths must agree exactly on leaves"
-        assert torch.equal(leaf_cpp, leaf_torch)
+        assert torch.equal(leaf_cpp, leaf_torch) and torch.equal(counts_cpp, counts_torch)
         torch.testing.assert_close(y_cpp, y_torch, rtol=1e-5, atol=1e-6)
         y_layer, _ = layer(x)  # the layer's evaluation path (cpp backend, master leaf blended)
         torch.testing.assert_close(y_layer, fff_reference_forward(layer, x), rtol=1e-5, atol=1e-6)
@@ -197,7 +197,7 @@ def test_cpp_inference_rejects_what_it_cannot_run():
     layer = _layer().double()
     with pytest.raises(ValueError, match="'cpp' does not apply: it computes in fp32"):
         fff_hard_forward(torch.randn(4, D, dtype=torch.float64), layer.tree, layer.experts, backend="cpp")
-    y, _ = fff_hard_forward(torch.randn(4, D, dtype=torch.float64), layer.tree, layer.experts, backend="auto")
+    y, _, _ = fff_hard_forward(torch.randn(4, D, dtype=torch.float64), layer.tree, layer.experts, backend="auto")
     assert y.dtype == torch.float64  # auto falls back to torch
 
 
