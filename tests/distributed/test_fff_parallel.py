@@ -36,13 +36,10 @@ def _layer_cases(cases: list[tuple]) -> dict[str, dict[str, float]]:
 
     from sparse_train.config import FFFConfig, ParallelConfig
     from sparse_train.models.fff import FFFLayer
-    from sparse_train.parallel.dims import ParallelDims
     from sparse_train.parallel.expert import apply_expert_parallel
+    from tests.distributed.ep_group import init_expert_parallel
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dims = ParallelDims(dp_replicate=1, dp_shard=world, ep=world, tp=1, pp=1, world_size=world)
-    meshes = dims.build_meshes("cpu")
+    rank, world, dims, meshes = init_expert_parallel()
     out = {}
     for name, mode, act, dispatcher, to_leaf_0 in cases:
         torch.manual_seed(0)
