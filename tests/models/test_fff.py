@@ -173,9 +173,14 @@ def test_torch_inference_is_bit_for_bit_the_hard_training_path(act, trained_mode
 
 
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])
-@pytest.mark.parametrize("depth", [1, 4])
-def test_cpp_inference_takes_the_same_leaves_and_matches_the_torch_path(act, depth):
-    layer = _layer(depth=depth, leaf_activation=act, master_leaf=act == "gelu", inference_backend="cpp")
+@pytest.mark.parametrize(
+    ("depth", "width"),
+    [(1, 64), (4, 6), (3, 17)],
+    ids=["crowded-wide-leaves-blas", "blocks-and-few-token-streams", "width-not-a-multiple-of-16"],
+)
+def test_cpp_inference_takes_the_same_leaves_and_matches_the_torch_path(act, depth, width):
+    layer = _layer(depth=depth, leaf_width=width, leaf_activation=act, master_leaf=act == "gelu",
+                   inference_backend="cpp")  # fmt: skip
     layer.eval()
     x = torch.randn(257, D)
     from sparse_train.kernels.fff_infer import fff_hard_forward

@@ -8,7 +8,9 @@
 //   3. leaves: those with many tokens and wide hidden layers as BLAS GEMMs over their gathered
 //      rows; the others parallel over blocks of up to TB tokens of one leaf, each leaf's weights
 //      read once per block, hidden = act(x @ w_in[leaf]), out = hidden @ w_out[leaf], both as
-//      register-blocked micro-kernels (TB tokens x V outputs of accumulators, V = one vector).
+//      register-blocked micro-kernels (TB tokens x V outputs of accumulators, V = one vector),
+//      or, for blocks of a few tokens, where reading the weights is the cost, streaming the
+//      weights row by row.
 // Leaf kinds: GELU (w_in [L, D, F], w_out [L, F, O]) and SwiGLU (w_in = [gate | up] [L, D, 2F],
 // w_out [L, F, O]). Parallelism is ATen's intra-op pool (at::parallel_for, OpenMP).
 #include <torch/extension.h>
@@ -26,6 +28,8 @@ constexpr int64_t V = 16;  // accumulator width (one AVX-512 register of floats)
 // (measured on 2 cores: BLAS wins from ~64 tokens of width >= 64; below, call overheads dominate).
 constexpr int64_t kBlasMinTokens = 64;
 constexpr int64_t kBlasMinWidth = 64;
+// Blocks of at most this many tokens stream the leaf's weights row by row (stream_matmul).
+constexpr int64_t kStreamMaxTokens = 4;
 
 inline float gelu(float v) { return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f)); }
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
@@ -65,6 +69,33 @@ void block_matmul(const float* const* a, int64_t K, const float* w, int64_t J, f
     }
     for (int64_t b = 0; b < TB; ++b)
       for (int64_t v = 0; v < tail; ++v) out[b * out_stride + j0 + v] = acc[b][v];
+  }
+}
+
+// The same product for n <= TB rows, streaming w row by row (axpy order): every weight is read
+// once, in address order, which the prefetcher follows. For blocks with few tokens, where the
+// leaf's weights (not the arithmetic) are the cost: the register block walks w by columns.
+void stream_matmul(const float* const* a, int64_t n, int64_t K, const float* w, int64_t J, float* out,
+                   int64_t out_stride) {
+  for (int64_t b = 0; b < n; ++b) std::fill(out + b * out_stride, out + b * out_stride + J, 0.f);
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {  // four rows per pass: four FMAs per load and store of the output
+    const float *w0 = w + k * J, *w1 = w0 + J, *w2 = w1 + J, *w3 = w2 + J;
+    for (int64_t b = 0; b < n; ++b) {
+      const float a0 = a[b][k], a1 = a[b][k + 1], a2 = a[b][k + 2], a3 = a[b][k + 3];
+      float* o = out + b * out_stride;
+#pragma omp simd
+      for (int64_t j = 0; j < J; ++j) o[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+    }
+  }
+  for (; k < K; ++k) {
+    const float* wr = w + k * J;
+    for (int64_t b = 0; b < n; ++b) {
+      const float ab = a[b][k];
+      float* o = out + b * out_stride;
+#pragma omp simd
+      for (int64_t j = 0; j < J; ++j) o[j] += ab * wr[j];
+    }
   }
 }
 
@@ -160,7 +191,12 @@ std::vector<torch::Tensor> fff_hard_forward(torch::Tensor x, torch::Tensor node_
         x_rows[b] = xp + order[i + std::min(b, n_tok - 1)] * D;
         act_rows[b] = act.data() + b * F;
       }
-      block_matmul(x_rows, D, wip + l * D * H, H, hidden.data(), H);
+      const bool stream = n_tok <= kStreamMaxTokens;
+      if (stream) {
+        stream_matmul(x_rows, n_tok, D, wip + l * D * H, H, hidden.data(), H);
+      } else {
+        block_matmul(x_rows, D, wip + l * D * H, H, hidden.data(), H);
+      }
       for (int64_t b = 0; b < TB; ++b) {
         const float* h = hidden.data() + b * H;
         float* a = act.data() + b * F;
@@ -170,7 +206,11 @@ std::vector<torch::Tensor> fff_hard_forward(torch::Tensor x, torch::Tensor node_
           for (int64_t j = 0; j < F; ++j) a[j] = gelu(h[j]);
         }
       }
-      block_matmul(act_rows, F, wop + l * F * O, O, out.data(), O);
+      if (stream) {
+        stream_matmul(act_rows, n_tok, F, wop + l * F * O, O, out.data(), O);
+      } else {
+        block_matmul(act_rows, F, wop + l * F * O, O, out.data(), O);
+      }
       for (int64_t b = 0; b < n_tok; ++b) std::copy_n(out.data() + b * O, O, yp + order[i + b] * O);
     }
   });
