@@ -68,6 +68,7 @@ class ModelConfig(Section):
     rope_theta: float = option(10000.0, "rotary embedding base")
     norm_eps: float = option(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = option(False, "share the input embedding with the output projection")
+    qkv_bias: bool = option(False, "biases on the query/key/value projections (Qwen2)")
     init_std: float = option(0.02, "std of the normal initialisation of weights")
 
     def validate(self) -> None:
@@ -91,6 +92,9 @@ class MoEConfig(Section):
     expert_hidden: int = option(256, "hidden width of each routed expert (SwiGLU)")
     num_shared_experts: int = option(0, "always-on shared experts beside the routed ones (DeepSeekMoE)")
     shared_expert_hidden: int | None = option(None, "hidden width of each shared expert; null = expert_hidden")
+    shared_expert_gate: bool = option(
+        False, "scale the shared experts' output by sigmoid(<g, x>), a learned gate per token (Qwen2-MoE)"
+    )
     every_n: int = option(1, "MoE in every n-th block (blocks n-1, 2n-1, ...); 1 = every block")
     layers: list[int] | None = option(None, "explicit block indices that are MoE; overrides every_n")
     capacity_factor: float | None = option(
@@ -108,6 +112,8 @@ class MoEConfig(Section):
         _non_negative(self, "num_shared_experts")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ConfigError("capacity_factor", f"must be > 0, or null for dropless, got {self.capacity_factor}")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ConfigError("shared_expert_gate", "gates the shared experts: set moe.num_shared_experts > 0")
         if self.layers is not None and any(i < 0 for i in self.layers):
             raise ConfigError("layers", f"block indices must be >= 0, got {self.layers}")
 

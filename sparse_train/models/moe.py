@@ -6,6 +6,7 @@ Shape legend: B batch, S sequence, T = B*S tokens, D model width, E experts, k s
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from sparse_train.config import MoEConfig, RouterConfig
 from sparse_train.models.experts import SwiGLU, SwiGLUExperts
@@ -61,6 +62,7 @@ class MoELayer(SparseFFN):
         self.experts = SwiGLUExperts(moe.num_experts, d_model, moe.expert_hidden, moe.kernel_backend)
         shared_hidden = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
         self.shared_experts = SwiGLU(d_model, shared_hidden) if shared_hidden else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if moe.shared_expert_gate else None
 
     def route(self, x_TD: torch.Tensor) -> Routing:
         routing = self.router(x_TD)
@@ -75,8 +77,14 @@ class MoELayer(SparseFFN):
         expert_input, handle = self.dispatcher.dispatch(x_TD, routing)
         y_TD = self.dispatcher.combine(self.experts(expert_input), handle)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            y_TD = y_TD + self.shared_output(x_TD)
         return y_TD.reshape(B, S, D), self.aux(routing, seq_len=S)
+
+    def shared_output(self, x_TD: torch.Tensor) -> torch.Tensor:
+        shared_TD = self.shared_experts(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return shared_TD
 
     def aux(self, routing: Routing, seq_len: int) -> MoEAux:
         stats = routing.stats
@@ -106,5 +114,5 @@ def moe_reference_forward(layer: MoELayer, x_BSD: torch.Tensor) -> torch.Tensor:
         out_nD = layer.experts.expert_forward(e, x_TD[token_n])
         y_TD = y_TD.index_add(0, token_n, out_nD * routing.weights_Tk[token_n, slot_n, None].to(x_TD.dtype))
     if layer.shared_experts is not None:
-        y_TD = y_TD + layer.shared_experts(x_TD)
+        y_TD = y_TD + layer.shared_output(x_TD)
     return y_TD.reshape(B, S, D)

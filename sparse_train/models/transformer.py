@@ -41,13 +41,13 @@ OUTPUT_PROJECTIONS = ("wo.weight", "w_down.weight", "w_down_EFD", "w_out.weight"
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qkv_bias: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
-        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ class Block(nn.Module):
         super().__init__()
         m = cfg.model
         self.attn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
-        self.attn = Attention(m.d_model, m.n_heads, m.n_kv_heads or m.n_heads)
+        self.attn = Attention(m.d_model, m.n_heads, m.n_kv_heads or m.n_heads, m.qkv_bias)
         self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.ffn: nn.Module = sparse_ffn(cfg) if sparse else SwiGLU(m.d_model, m.ffn_hidden)
 
@@ -117,12 +117,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std); output projections scaled by 1/sqrt(2 * n_layers) (GPT-2); FFF node
-        biases and master-leaf blend logits zero (undecided nodes, an even blend)."""
+        """Normal(0, init_std); output projections scaled by 1/sqrt(2 * n_layers) (GPT-2); biases,
+        FFF node biases and master-leaf blend logits zero (undecided nodes, an even blend)."""
         std = self.cfg.model.init_std
         out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith(("node_bias_N", "master_logit")):
+            if name.endswith(("node_bias_N", "master_logit", ".bias")):
                 nn.init.zeros_(p)
             elif p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm scales

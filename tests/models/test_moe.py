@@ -25,6 +25,7 @@ CASES = {
     "capacity-position": dict(top_k=2, capacity_factor=0.5, drop_policy="position"),
     "capacity-probability": dict(top_k=2, capacity_factor=0.75, drop_policy="probability"),
     "shared-experts": dict(top_k=2, num_shared_experts=2, shared_expert_hidden=6),
+    "shared-experts-gated": dict(top_k=2, num_shared_experts=1, shared_expert_gate=True),
     "reference-kernels": dict(top_k=2, kernel_backend="reference"),
 }
 

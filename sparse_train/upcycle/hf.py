@@ -1,0 +1,345 @@
+"""Hugging Face checkpoints <-> sparse_train models: read and write local HF directories.
+
+Read (no `transformers` needed: config.json and safetensors are read directly):
+    LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM     dense, SwiGLU, RMSNorm, rotary
+    MixtralForCausalLM, Qwen2MoeForCausalLM                     their MoE counterparts
+Write (`transformers` builds the config, so the directory loads with `from_pretrained`):
+    dense   -> Llama (Qwen2 when the model has q/k/v biases)
+    MoE     -> Mixtral when it maps exactly (no shared experts, renormalised top-k, no q/k/v
+               biases, every block MoE), else Qwen2-MoE (q/k/v biases, dense blocks via
+               `mlp_only_layers`, top-k renormalisation via `norm_topk_prob`, shared experts)
+
+Tensors map 1:1 (decision 5): nn.Linear weights are [out, in]; our stacked experts are
+[E, in, ...] and are written per expert under the files' per-expert keys (w1/w2/w3 for
+Mixtral, gate/up/down_proj for Qwen2-MoE). Importing then exporting reproduces every tensor
+exactly (tests).
+
+Shape legend: E experts, D model width, F expert (or FFN) hidden width.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from sparse_train.config import Config, ConfigError, config_from_dict
+
+DENSE_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
+SUPPORTED = DENSE_ARCHS + MOE_ARCHS
+MAX_ROPE_TABLE = 8192  # rotary table rows we build; positions beyond it are refused at run time
+
+
+class HFFormatError(ConfigError):
+    """A local HF directory that cannot be converted: the message says which file and why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("--from", message)
+
+
+@dataclass
+class HFCheckpoint:
+    path: Path
+    arch: str
+    hf_config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+# ---- reading ----------------------------------------------------------------------------------
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise HFFormatError(f"{index} is not a valid safetensors index") from None
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise HFFormatError(f"{path}: shards named in the index are missing: {', '.join(missing)}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise HFFormatError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors are read)")
+
+
+def read_hf(path: Path) -> HFCheckpoint:
+    """config.json and every tensor of a local HF directory (shards checked as they are read)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise HFFormatError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise HFFormatError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    archs = hf_config.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED), None)
+    if arch is None:
+        raise HFFormatError(
+            f"{path}: architecture {archs or 'unknown'} is not supported; supported: {', '.join(SUPPORTED)}"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    tensors[key] = fh.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise HFFormatError(f"{file.name} is corrupt or truncated ({str(err).splitlines()[0]})") from None
+    return HFCheckpoint(path, arch, hf_config, tensors)
+
+
+def _rope_theta(c: dict[str, Any]) -> float:
+    params = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise HFFormatError(f"rope type {rope_type!r} is not supported (only the default rotary embedding)")
+    return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+
+
+def native_config(ckpt: HFCheckpoint, base: Config | None = None) -> Config:
+    """The sparse_train config of an HF checkpoint's model (other sections from `base`)."""
+    c, arch = ckpt.hf_config, ckpt.arch
+    if c.get("hidden_act", "silu") != "silu":
+        raise HFFormatError(f"hidden_act {c.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
+    heads = int(c["num_attention_heads"])
+    head_dim = c.get("head_dim")
+    if head_dim not in (None, c["hidden_size"] // heads):
+        raise HFFormatError(f"head_dim {head_dim} != hidden_size / num_attention_heads is not supported")
+    if c.get("attention_bias"):
+        raise HFFormatError("attention_bias (a bias on o_proj too) is not supported; Qwen2's q/k/v biases are")
+    if c.get("use_sliding_window"):
+        raise HFFormatError("use_sliding_window is not supported")
+    max_seq = min(int(c.get("max_position_embeddings", 4096)), MAX_ROPE_TABLE)
+    if c.get("sliding_window"):  # Mistral: full attention within the window, so cap the length there
+        max_seq = min(max_seq, int(c["sliding_window"]))
+    data = base.to_dict() if base is not None else {}
+    model = {
+        "vocab_size": int(c["vocab_size"]), "d_model": int(c["hidden_size"]), "n_layers": int(c["num_hidden_layers"]),
+        "n_heads": heads, "n_kv_heads": int(c.get("num_key_value_heads") or heads),
+        "ffn_hidden": int(c.get("intermediate_size", 4 * c["hidden_size"])), "max_seq_len": max_seq,
+        "rope_theta": _rope_theta(c), "norm_eps": float(c.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "qkv_bias": arch.startswith("Qwen2"),
+        "ffn": "dense",
+    }  # fmt: skip
+    data["model"] = {**data.get("model", {}), **model}
+    if arch in MOE_ARCHS:
+        data["model"]["ffn"] = "moe"
+        data["moe"], data["router"] = _moe_sections(c, arch, data)
+    data.setdefault("data", {})["seq_len"] = min(data.get("data", {}).get("seq_len", 128), max_seq)
+    return config_from_dict(data)
+
+
+def _moe_sections(c: dict[str, Any], arch: str, data: dict[str, Any]) -> tuple[dict, dict]:
+    moe, router = dict(data.get("moe", {})), dict(data.get("router", {}))
+    if arch == "MixtralForCausalLM":
+        moe.update(num_experts=int(c["num_local_experts"]), expert_hidden=int(c["intermediate_size"]),
+                   num_shared_experts=0, layers=None, every_n=1)  # fmt: skip
+        router.update(top_k=int(c["num_experts_per_tok"]), renormalize=True)
+        return moe, router
+    n_layers = int(c["num_hidden_layers"])
+    dense = set(c.get("mlp_only_layers") or [])
+    step = int(c.get("decoder_sparse_step", 1))
+    sparse = [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
+    shared = int(c.get("shared_expert_intermediate_size") or 0)
+    moe.update(num_experts=int(c["num_experts"]), expert_hidden=int(c["moe_intermediate_size"]),
+               num_shared_experts=1 if shared else 0, shared_expert_hidden=shared or None,
+               shared_expert_gate=bool(shared), layers=sparse)  # fmt: skip
+    router.update(top_k=int(c["num_experts_per_tok"]), renormalize=bool(c.get("norm_topk_prob", False)))
+    return moe, router
+
+
+# ---- tensor names -----------------------------------------------------------------------------
+def _attn_pairs(i: int, qkv_bias: bool) -> list[tuple[str, str]]:
+    hf, nat = f"model.layers.{i}", f"blocks.{i}"
+    pairs = [(f"{nat}.attn_norm.weight", f"{hf}.input_layernorm.weight"),
+             (f"{nat}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight")]  # fmt: skip
+    for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
+        pairs.append((f"{nat}.attn.{ours}.weight", f"{hf}.self_attn.{theirs}.weight"))
+        if qkv_bias and ours != "wo":
+            pairs.append((f"{nat}.attn.{ours}.bias", f"{hf}.self_attn.{theirs}.bias"))
+    return pairs
+
+
+def _swiglu_pairs(nat: str, hf: str, names: tuple[str, str, str]) -> list[tuple[str, str]]:
+    gate, up, down = names
+    return [(f"{nat}.w_gate.weight", f"{hf}.{gate}.weight"), (f"{nat}.w_up.weight", f"{hf}.{up}.weight"),
+            (f"{nat}.w_down.weight", f"{hf}.{down}.weight")]  # fmt: skip
+
+
+def _moe_prefix(arch: str, i: int) -> str:
+    return f"model.layers.{i}.block_sparse_moe" if arch == "MixtralForCausalLM" else f"model.layers.{i}.mlp"
+
+
+def _expert_names(arch: str) -> tuple[str, str, str]:
+    return ("w1", "w3", "w2") if arch == "MixtralForCausalLM" else ("gate_proj", "up_proj", "down_proj")
+
+
+def to_native(ckpt: HFCheckpoint, cfg: Config) -> dict[str, torch.Tensor]:
+    """The native state dict of an HF checkpoint (cfg from native_config)."""
+    t, m = ckpt.tensors, cfg.model
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in t:
+            raise HFFormatError(f"{ckpt.path}: tensor {name} is missing from the weights")
+        used.add(name)
+        return t[name]
+
+    state = {"embed.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    state["lm_head.weight"] = state["embed.weight"] if m.tie_embeddings else take("lm_head.weight")
+    if m.tie_embeddings and "lm_head.weight" in t:
+        used.add("lm_head.weight")
+    for i in range(m.n_layers):
+        for ours, theirs in _attn_pairs(i, m.qkv_bias):
+            state[ours] = take(theirs)
+        if m.ffn == "moe" and cfg.moe.is_moe_layer(i, m.n_layers):
+            state.update(_experts_to_native(ckpt.arch, i, cfg, take))
+        else:
+            for ours, theirs in _swiglu_pairs(f"blocks.{i}.ffn", f"model.layers.{i}.mlp",
+                                              ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
+                state[ours] = take(theirs)
+    unused = sorted(set(t) - used)
+    if unused:
+        raise HFFormatError(
+            f"{ckpt.path}: tensors this model has no place for, e.g. {unused[0]} ({len(unused)} in all)"
+        )
+    return state
+
+
+def _experts_to_native(arch: str, i: int, cfg: Config, take) -> dict[str, torch.Tensor]:
+    prefix, (w_gate, w_up, w_down) = _moe_prefix(arch, i), _expert_names(arch)
+    E, nat = cfg.moe.num_experts, f"blocks.{i}.ffn"
+    gate_EFD = torch.stack([take(f"{prefix}.experts.{e}.{w_gate}.weight") for e in range(E)])
+    up_EFD = torch.stack([take(f"{prefix}.experts.{e}.{w_up}.weight") for e in range(E)])
+    down_EDF = torch.stack([take(f"{prefix}.experts.{e}.{w_down}.weight") for e in range(E)])
+    state = {
+        f"{nat}.router.weight": take(f"{prefix}.gate.weight"),
+        f"{nat}.experts.w_gate_up_ED2F": torch.stack([gate_EFD, up_EFD], dim=2).transpose(1, 3).contiguous(),
+        f"{nat}.experts.w_down_EFD": down_EDF.transpose(1, 2).contiguous(),
+    }
+    if cfg.moe.num_shared_experts:
+        for ours, theirs in _swiglu_pairs(f"{nat}.shared_experts", f"{prefix}.shared_expert",
+                                          ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
+            state[ours] = take(theirs)
+        state[f"{nat}.shared_gate.weight"] = take(f"{prefix}.shared_expert_gate.weight")
+    return state
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def export_arch(cfg: Config) -> str:
+    """The HF architecture a native model is written as (module docstring)."""
+    m, moe = cfg.model, cfg.moe
+    if m.ffn == "fff":
+        raise ConfigError("--format", "FFF models have no Hugging Face architecture; keep --format native")
+    if m.ffn == "dense":
+        return "Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"
+    if moe.capacity_factor is not None:
+        raise ConfigError("moe.capacity_factor", "HF MoE blocks are dropless: export a model with capacity_factor null")
+    if moe.num_shared_experts and not moe.shared_expert_gate:
+        raise ConfigError(
+            "moe.shared_expert_gate",
+            "ungated shared experts have no exact HF form; Qwen2-MoE gates them (train with shared_expert_gate: true)",
+        )
+    all_moe = all(moe.is_moe_layer(i, m.n_layers) for i in range(m.n_layers))
+    if all_moe and not moe.num_shared_experts and cfg.router.renormalize and not m.qkv_bias:
+        return "MixtralForCausalLM"
+    return "Qwen2MoeForCausalLM"
+
+
+def hf_config_dict(cfg: Config, arch: str) -> dict[str, Any]:
+    m, moe = cfg.model, cfg.moe
+    common = {
+        "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads or m.n_heads,
+        "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
+        "tie_word_embeddings": m.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+    }  # fmt: skip
+    if arch in DENSE_ARCHS:
+        return {**common, "intermediate_size": m.ffn_hidden}
+    experts = {"num_experts_per_tok": cfg.router.top_k, "router_aux_loss_coef": cfg.router.aux_loss_coef}
+    if arch == "MixtralForCausalLM":
+        return {**common, **experts, "intermediate_size": moe.expert_hidden, "num_local_experts": moe.num_experts}
+    dense_layers = [i for i in range(m.n_layers) if not moe.is_moe_layer(i, m.n_layers)]
+    shared = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
+    return {
+        **common, **experts, "intermediate_size": m.ffn_hidden, "moe_intermediate_size": moe.expert_hidden,
+        "num_experts": moe.num_experts, "norm_topk_prob": cfg.router.renormalize, "decoder_sparse_step": 1,
+        "mlp_only_layers": dense_layers, "shared_expert_intermediate_size": shared, "use_sliding_window": False,
+    }  # fmt: skip
+
+
+def from_native(state: dict[str, torch.Tensor], cfg: Config, arch: str) -> dict[str, torch.Tensor]:
+    """HF tensors (the files' per-expert keys) of a native state dict."""
+    m = cfg.model
+    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    qwen2 = arch.startswith("Qwen2")
+    for i in range(m.n_layers):
+        for ours, theirs in _attn_pairs(i, qwen2):
+            # Qwen2 always has q/k/v biases: a model without them gets zeros (the same function)
+            out[theirs] = (
+                state[ours] if ours in state else torch.zeros(state[ours.replace(".bias", ".weight")].shape[0])
+            )
+        if m.ffn == "moe" and cfg.moe.is_moe_layer(i, m.n_layers):
+            out.update(_experts_from_native(arch, i, cfg, state))
+        else:
+            for ours, theirs in _swiglu_pairs(f"blocks.{i}.ffn", f"model.layers.{i}.mlp",
+                                              ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
+                out[theirs] = state[ours]
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _experts_from_native(arch: str, i: int, cfg: Config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix, (w_gate, w_up, w_down) = _moe_prefix(arch, i), _expert_names(arch)
+    nat = f"blocks.{i}.ffn"
+    w_ED2F, down_EFD = state[f"{nat}.experts.w_gate_up_ED2F"], state[f"{nat}.experts.w_down_EFD"]
+    out = {f"{prefix}.gate.weight": state[f"{nat}.router.weight"]}
+    for e in range(cfg.moe.num_experts):
+        out[f"{prefix}.experts.{e}.{w_gate}.weight"] = w_ED2F[e, :, 0].t()
+        out[f"{prefix}.experts.{e}.{w_up}.weight"] = w_ED2F[e, :, 1].t()
+        out[f"{prefix}.experts.{e}.{w_down}.weight"] = down_EFD[e].t()
+    if cfg.moe.num_shared_experts:
+        for ours, theirs in _swiglu_pairs(f"{nat}.shared_experts", f"{prefix}.shared_expert",
+                                          ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
+            out[theirs] = state[ours]
+        out[f"{prefix}.shared_expert_gate.weight"] = state[f"{nat}.shared_gate.weight"]
+    return out
+
+
+def write_hf(target: Path, state: dict[str, torch.Tensor], cfg: Config, tokenizer_from: Path | None = None) -> str:
+    """Write an HF directory into `target` (which must not exist yet); returns the architecture."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            "--format", "writing Hugging Face directories needs transformers: pip install 'sparse_train[hf]'"
+        ) from None
+    arch = export_arch(cfg)
+    config_cls = {"LlamaForCausalLM": "LlamaConfig", "Qwen2ForCausalLM": "Qwen2Config",
+                  "MixtralForCausalLM": "MixtralConfig", "Qwen2MoeForCausalLM": "Qwen2MoeConfig"}[arch]  # fmt: skip
+    hf_config = getattr(transformers, config_cls)(**hf_config_dict(cfg, arch))
+    hf_config.architectures = [arch]
+    target.mkdir(parents=True)
+    hf_config.save_pretrained(str(target))
+    save_file(from_native(state, cfg, arch), str(target / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_from / name).is_file():
+                (target / name).write_bytes((tokenizer_from / name).read_bytes())
+    return arch
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")  # fmt: skip

@@ -1,0 +1,53 @@
+"""Tiny random Hugging Face models built locally with transformers (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+
+
+def build_hf(kind: str):
+    torch.manual_seed(0)
+    t = transformers
+    model = {
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**COMMON)),
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**COMMON, sliding_window=None)),
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**COMMON, tie_word_embeddings=True)),
+        "mixtral": lambda: t.MixtralForCausalLM(t.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)),
+        "qwen2moe": lambda: t.Qwen2MoeForCausalLM(
+            t.Qwen2MoeConfig(
+                **COMMON,
+                moe_intermediate_size=12,
+                shared_expert_intermediate_size=16,
+                num_experts=4,
+                num_experts_per_tok=2,
+                mlp_only_layers=[0],
+            )
+        ),  # fmt: skip
+    }[kind]()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def hf_dir(tmp_path_factory):
+    """hf_dir(kind) -> (a saved tiny HF model directory, the model)."""
+
+    def make(kind: str) -> tuple[Path, object]:
+        model = build_hf(kind)
+        path = tmp_path_factory.mktemp(kind) / "hf"
+        model.save_pretrained(path)
+        return path, model
+
+    return make

@@ -1,0 +1,96 @@
+"""HF import/export: logits equal to transformers', exact tensor round trips, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparse_train.config import ConfigError
+from sparse_train.models.transformer import Transformer
+from sparse_train.upcycle.hf import native_config, read_hf, to_native, write_hf
+from tests.upcycle.conftest import transformers
+
+KINDS = ["llama", "mistral", "qwen2", "mixtral", "qwen2moe"]
+
+
+def _native(path):
+    ckpt = read_hf(path)
+    cfg = native_config(ckpt)
+    model = Transformer(cfg)
+    model.load_state_dict(to_native(ckpt, cfg), strict=True)
+    return ckpt, cfg, model.eval()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_import_matches_transformers_and_export_round_trips_every_tensor(kind, hf_dir, tmp_path):
+    path, hf_model = hf_dir(kind)
+    ckpt, cfg, model = _native(path)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = hf_model(tokens).logits
+        assert _rel(model(tokens).logits_BSV, reference) <= 1e-5
+    arch = write_hf(tmp_path / "out", model.state_dict(), cfg)
+    again = read_hf(tmp_path / "out")
+    assert set(again.tensors) == set(ckpt.tensors)
+    for name, tensor in ckpt.tensors.items():
+        assert torch.equal(again.tensors[name], tensor), name
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded).__name__ == arch
+    with torch.no_grad():
+        assert _rel(reloaded(tokens).logits, reference) <= 1e-4
+
+
+def test_qwen2_moe_shared_expert_gate_and_dense_blocks_are_imported(hf_dir):
+    _, cfg, model = _native(hf_dir("qwen2moe")[0])
+    assert cfg.moe.layers == [1] and cfg.moe.shared_expert_gate and cfg.model.qkv_bias
+    assert model.blocks[1].ffn.shared_gate is not None
+
+
+def test_sharded_checkpoints_are_read_through_their_index(hf_dir, tmp_path):
+    path, hf_model = hf_dir("llama")
+    hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert read_hf(tmp_path / "sharded").tensors.keys() == read_hf(path).tensors.keys()
+
+
+def test_bad_directories_get_one_line_errors(hf_dir, tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        read_hf(tmp_path)
+    path, _ = hf_dir("llama")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel.*not supported; supported: LlamaForCausalLM"):
+        read_hf(path)
+    (path / "config.json").write_text(json.dumps(config))
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ConfigError, match="model.safetensors is corrupt or truncated"):
+        read_hf(path)
+    weights.unlink()
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        read_hf(path)
+
+
+def test_unsupported_model_options_are_refused_by_name(hf_dir):
+    path, _ = hf_dir("llama")
+    config = json.loads((path / "config.json").read_text())
+    yarn = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}
+    for change, message in (({"hidden_act": "gelu"}, "hidden_act 'gelu'"), (yarn, "rope type 'yarn'")):
+        (path / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ConfigError, match=message):
+            native_config(read_hf(path))
+
+
+def test_ungated_shared_experts_are_not_exported_inexactly(tmp_path):
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("moe.num_shared_experts=1", "model.vocab_size=258")
+    with pytest.raises(ConfigError, match="ungated shared experts have no exact HF form"):
+        write_hf(tmp_path / "out", Transformer(cfg).state_dict(), cfg)
+    assert not (tmp_path / "out").exists()
