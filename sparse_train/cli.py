@@ -121,6 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--seeds", type=int, default=5, help="runs per (depth, variant), seeds 0..N-1")
     repro.add_argument("--epochs", type=int, default=150)
 
+    up = sub.add_parser("upcycle", help="turn a dense checkpoint (HF directory or sparse_train run) into an MoE")
+    up.add_argument("--from", dest="source", required=True, help="HF model directory or sparse_train checkpoint/run")
+    up.add_argument("--to", dest="target", required=True, help="output directory (must not exist; see --overwrite)")
+    up.add_argument("--method", required=True, choices=["copy", "split"],
+                    help="copy: each expert the dense FFN; split: the FFN's neurons partitioned")  # fmt: skip
+    up.add_argument("--num-experts", type=int, required=True)
+    up.add_argument("--top-k", type=int, required=True)
+    up.add_argument("--layers", type=int, nargs="+", help="blocks to convert (default: all)")
+    up.add_argument("--partition", default="contiguous", choices=["contiguous", "random", "kmeans"],
+                    help="split: how neurons are grouped into experts")  # fmt: skip
+    up.add_argument("--noise", type=float, default=0.0, help="copy: relative Gaussian noise on each expert")
+    up.add_argument("--drop-ratio", type=float, default=0.0,
+                    help="copy: share of each expert's neurons re-initialised (Drop-Upcycling)")  # fmt: skip
+    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--format", default="native", choices=["native", "hf"], help="output: sparse_train run or HF")
+    up.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
+
+    conv = sub.add_parser("convert", help="HF directory <-> sparse_train checkpoint, without changing the model")
+    conv.add_argument("--from", dest="source", required=True, help="HF model directory or sparse_train checkpoint/run")
+    conv.add_argument("--to", dest="target", required=True, help="output directory (must not exist; see --overwrite)")
+    conv.add_argument("--format", required=True, choices=["native", "hf"], help="what to write")
+    conv.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
+
     sub.add_parser("info", help="versions, devices, optional integrations and runtime settings, as JSON")
 
     cfg = sub.add_parser("config", help="print the resolved config (YAML), or every field with its help")
@@ -331,6 +354,37 @@ def _bench_fff_repro(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sparse_train.upcycle.io import load_source, write_model
+    from sparse_train.upcycle.methods import UpcycleSpec, upcycle, upcycled_config
+
+    if args.num_experts < 1 or args.top_k < 1 or args.noise < 0 or not 0 <= args.drop_ratio <= 1:
+        raise UsageError("sparse-train upcycle: --num-experts, --top-k >= 1, --noise >= 0, --drop-ratio in [0, 1]")
+    source = load_source(Path(args.source))
+    spec = UpcycleSpec(args.method, args.num_experts, args.top_k, layers=args.layers, seed=args.seed,
+                       noise=args.noise, drop_ratio=args.drop_ratio, partition=args.partition)  # fmt: skip
+    blocks = len(upcycled_config(source.cfg, spec).moe.layers)  # checks the request before the work starts
+    with tqdm(total=blocks, desc=f"upcycle ({args.method})", unit="block", file=sys.stderr) as bar:
+        cfg, state = upcycle(source.cfg, source.state, spec, progress=lambda i: bar.update(1))
+    what = write_model(Path(args.target), cfg, state, args.format, overwrite=args.overwrite,
+                       tokenizer_dir=source.tokenizer_dir)  # fmt: skip
+    print(f"wrote {args.target}: {what}, {cfg.moe.num_experts} experts of width {cfg.moe.expert_hidden}, "
+          f"top-{cfg.router.top_k} in blocks {cfg.moe.layers}")  # fmt: skip
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from sparse_train.upcycle.io import load_source, write_model
+
+    source = load_source(Path(args.source))
+    what = write_model(Path(args.target), source.cfg, source.state, args.format, overwrite=args.overwrite,
+                       tokenizer_dir=source.tokenizer_dir)  # fmt: skip
+    print(f"wrote {args.target}: {what}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import importlib.metadata
     import os
@@ -368,6 +422,8 @@ COMMANDS = {
     "eval": cmd_eval,
     "generate": cmd_generate,
     "config": cmd_config,
+    "upcycle": cmd_upcycle,
+    "convert": cmd_convert,
 }
 
 

@@ -128,6 +128,11 @@ class RouterConfig(Section):
     type: Literal["topk_softmax"] = option("topk_softmax", "router kind")
     top_k: int = option(2, "experts per token")
     renormalize: bool = option(True, "renormalise the top-k weights to sum to 1 (Mixtral)")
+    combine: Literal["weights", "unit"] = option(
+        "weights",
+        "how selected experts' outputs add up: weighted by the router, or unit (each weight exactly 1, "
+        "straight-through to the router: neuron-partition upcycling sums to the dense FFN)",
+    )
     aux_loss_coef: float = option(0.01, "weight of the load-balancing loss N_E * sum f_i p_i")
     z_loss_coef: float = option(0.001, "weight of the router z-loss mean(logsumexp(logits)^2)")
     balance_scope: Literal["micro_batch", "sequence", "global_batch"] = option(

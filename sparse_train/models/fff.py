@@ -39,7 +39,7 @@ from sparse_train.config import FFFConfig
 from sparse_train.models.dispatch import LocalDispatcher
 from sparse_train.models.experts import GELU, GELUExperts, SwiGLU, SwiGLUExperts, local_shard
 from sparse_train.models.losses import load_balancing_loss
-from sparse_train.models.routers import Routing, RoutingStats, count_per_expert
+from sparse_train.models.routers import Routing, RoutingStats, count_per_expert, straight_through_one
 from sparse_train.models.sparse import SparseAux, SparseFFN
 
 SHARP_MARGIN = 0.05  # a decision is "sharp" when sigmoid(c) is within this of 0 or 1
@@ -73,18 +73,6 @@ def decision_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Binary entropy (nats) of sigmoid(c), elementwise, stable for large |c|."""
     p = torch.sigmoid(logits)
     return p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
-
-
-class _StraightThroughOne(torch.autograd.Function):
-    """Exactly 1 in the forward; the gradient passes to `p` unchanged in the backward."""
-
-    @staticmethod
-    def forward(ctx, p: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(p)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
 
 
 class TreeRouter(nn.Module):
@@ -158,7 +146,7 @@ class FFFLayer(SparseFFN):
             weights_Tk = weights_Tk / weights_Tk.sum(dim=-1, keepdim=True)
             routing, counted = Routing(leaves_Tk, weights_Tk, RoutingStats(logits_TN, probs_TL)), leaves_Tk
         else:
-            weights_T1 = _StraightThroughOne.apply(probs_TL.gather(1, hard_T1))
+            weights_T1 = straight_through_one(probs_TL.gather(1, hard_T1))
             routing, counted = Routing(hard_T1, weights_T1, RoutingStats(logits_TN, probs_TL)), hard_T1
         return routing, counted
 

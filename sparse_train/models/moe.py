@@ -58,7 +58,7 @@ class MoELayer(SparseFFN):
         self.router_cfg = router
         self.capacity_factor = moe.capacity_factor
         self.drop_policy = moe.drop_policy
-        self.router = TopKSoftmaxRouter(d_model, moe.num_experts, router.top_k, router.renormalize)
+        self.router = TopKSoftmaxRouter(d_model, moe.num_experts, router.top_k, router.renormalize, router.combine)
         self.experts = SwiGLUExperts(moe.num_experts, d_model, moe.expert_hidden, moe.kernel_backend)
         shared_hidden = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
         self.shared_experts = SwiGLU(d_model, shared_hidden) if shared_hidden else None

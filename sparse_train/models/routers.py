@@ -34,16 +34,41 @@ class Routing:
         return self.experts_Tk.shape[1]
 
 
-class TopKSoftmaxRouter(nn.Module):
-    """Softmax over expert logits (fp32), keep the k largest; optionally renormalise them (Mixtral)."""
+class _StraightThroughOne(torch.autograd.Function):
+    """Exactly 1 in the forward; the gradient passes to `p` unchanged in the backward."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, renormalize: bool = True) -> None:
+    @staticmethod
+    def forward(ctx, p: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(p)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def straight_through_one(p: torch.Tensor) -> torch.Tensor:
+    """Ones with the gradient of `p`: a combine weight of exactly 1 whose router still learns."""
+    return _StraightThroughOne.apply(p)
+
+
+class TopKSoftmaxRouter(nn.Module):
+    """Softmax over expert logits (fp32), keep the k largest; optionally renormalise them (Mixtral).
+
+    combine="unit" gives every selected expert weight exactly 1 (straight-through to its
+    probability): the experts' outputs are summed, so experts carved out of one dense FFN by
+    a neuron partition add up to it when all are selected (sparse_train.upcycle).
+    """
+
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, renormalize: bool = True, combine: str = "weights"
+    ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
+        self.combine = combine
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
@@ -55,6 +80,8 @@ class TopKSoftmaxRouter(nn.Module):
         weights_Tk, experts_Tk = probs_TE.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights_Tk = weights_Tk / weights_Tk.sum(dim=-1, keepdim=True)
+        if self.combine == "unit":
+            weights_Tk = straight_through_one(weights_Tk)
         return Routing(experts_Tk, weights_Tk, RoutingStats(logits_TE, probs_TE))
 
 

@@ -232,6 +232,10 @@ def _experts_to_native(arch: str, i: int, cfg: Config, take) -> dict[str, torch.
                                           ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
             state[ours] = take(theirs)
         state[f"{nat}.shared_gate.weight"] = take(f"{prefix}.shared_expert_gate.weight")
+    elif arch == "Qwen2MoeForCausalLM":  # a zero-width shared expert (our own exports write one)
+        for name in _empty_shared_expert(prefix, 0, torch.float32):
+            if take(name).numel() and not name.endswith("shared_expert_gate.weight"):
+                raise HFFormatError(f"{name} is not empty but shared_expert_intermediate_size is 0")
     return state
 
 
@@ -245,6 +249,8 @@ def export_arch(cfg: Config) -> str:
         return "Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"
     if moe.capacity_factor is not None:
         raise ConfigError("moe.capacity_factor", "HF MoE blocks are dropless: export a model with capacity_factor null")
+    if cfg.router.combine != "weights":
+        raise ConfigError("router.combine", "HF MoE blocks weight experts by the router: export needs combine: weights")
     if moe.num_shared_experts and not moe.shared_expert_gate:
         raise ConfigError(
             "moe.shared_expert_gate",
@@ -315,7 +321,18 @@ def _experts_from_native(arch: str, i: int, cfg: Config, state: dict[str, torch.
                                           ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
             out[theirs] = state[ours]
         out[f"{prefix}.shared_expert_gate.weight"] = state[f"{nat}.shared_gate.weight"]
+    elif arch == "Qwen2MoeForCausalLM":  # Qwen2-MoE always has one: a zero-width one adds nothing
+        out.update(_empty_shared_expert(prefix, w_ED2F.shape[1], w_ED2F.dtype))
     return out
+
+
+def _empty_shared_expert(prefix: str, d_model: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}.shared_expert.gate_proj.weight": torch.zeros(0, d_model, dtype=dtype),
+        f"{prefix}.shared_expert.up_proj.weight": torch.zeros(0, d_model, dtype=dtype),
+        f"{prefix}.shared_expert.down_proj.weight": torch.zeros(d_model, 0, dtype=dtype),
+        f"{prefix}.shared_expert_gate.weight": torch.zeros(1, d_model, dtype=dtype),
+    }
 
 
 def write_hf(target: Path, state: dict[str, torch.Tensor], cfg: Config, tokenizer_from: Path | None = None) -> str:

@@ -9,7 +9,9 @@ from sparse_train.models.moe import MoELayer, moe_reference_forward
 
 def _layer(d_model=12, seed=0, **moe_kwargs) -> MoELayer:
     torch.manual_seed(seed)
-    router_kwargs = {k: moe_kwargs.pop(k) for k in ("top_k", "renormalize", "balance_scope") if k in moe_kwargs}
+    router_kwargs = {
+        k: moe_kwargs.pop(k) for k in ("top_k", "renormalize", "balance_scope", "combine") if k in moe_kwargs
+    }
     layer = MoELayer(
         d_model, MoEConfig(**{"num_experts": 4, "expert_hidden": 10, **moe_kwargs}), RouterConfig(**router_kwargs)
     )
@@ -26,6 +28,7 @@ CASES = {
     "capacity-probability": dict(top_k=2, capacity_factor=0.75, drop_policy="probability"),
     "shared-experts": dict(top_k=2, num_shared_experts=2, shared_expert_hidden=6),
     "shared-experts-gated": dict(top_k=2, num_shared_experts=1, shared_expert_gate=True),
+    "unit-combine": dict(top_k=2, combine="unit"),
     "reference-kernels": dict(top_k=2, kernel_backend="reference"),
 }
 
