@@ -94,3 +94,19 @@ def test_ungated_shared_experts_are_not_exported_inexactly(tmp_path):
     with pytest.raises(ConfigError, match="ungated shared experts have no exact HF form"):
         write_hf(tmp_path / "out", Transformer(cfg).state_dict(), cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trained_sparse_train_moe_run_exports_to_mixtral(tmp_path):
+    from sparse_train.cli import main
+    from sparse_train.inference import load_trained
+    from sparse_train.train.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    Trainer(tiny_config("train.steps=3"), tmp_path / "run").fit()
+    assert main(["convert", "--from", str(tmp_path / "run"), "--to", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    ours = load_trained(tmp_path / "run").model
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(theirs).__name__ == "MixtralForCausalLM"
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _rel(theirs(tokens).logits, ours(tokens).logits_BSV) <= 1e-4
