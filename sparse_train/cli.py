@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--run-dir", help="output directory (default runs/CONFIG_NAME/TIMESTAMP)")
     train.add_argument("--resume", help="'auto' (newest complete checkpoint in the run dir) or a checkpoint path")
+    train.add_argument(
+        "--init-from",
+        help="start from these weights (HF directory, upcycled or trained sparse_train run); the model, moe, "
+        "router and fff sections come from it, the rest from --config, then --set",
+    )
 
     launch = sub.add_parser(
         "launch",
@@ -161,11 +166,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sparse_train.config import load_config
     from sparse_train.train.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    init_weights = None
+    if args.init_from:
+        cfg, init_weights = _init_from(args)
+    else:
+        cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
     if args.resume is not None and args.run_dir is None and args.resume == "auto":
         raise UsageError("sparse-train train: --resume auto needs --run-dir (the run to continue)")
-    trainer = Trainer(cfg, run_dir, resume=args.resume)
+    trainer = Trainer(cfg, run_dir, resume=args.resume, init_weights=init_weights)
     try:
         summary = trainer.fit()
     finally:
@@ -173,6 +182,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.is_main:
         print(format_summary(summary))
     return 0
+
+
+MODEL_SECTIONS = ("model", "moe", "router", "fff")
+
+
+def _init_from(args: argparse.Namespace):
+    """The run's config (model sections from the source, the rest from --config, --set last) and the
+    source's weights."""
+    from sparse_train.config import config_from_dict, load_config
+    from sparse_train.configtypes import apply_override, parse_override
+    from sparse_train.upcycle.io import load_source
+
+    source = load_source(Path(args.init_from))
+    data = load_config(args.config, []).to_dict()
+    data.update({section: source.cfg.to_dict()[section] for section in MODEL_SECTIONS})
+    data["data"]["seq_len"] = min(data["data"]["seq_len"], source.cfg.model.max_seq_len)
+    for text in args.overrides:
+        parts, value = parse_override(text)
+        apply_override(data, type(source.cfg), parts, value)
+    return config_from_dict(data), source.state
 
 
 def cmd_launch(args: argparse.Namespace) -> int:

@@ -74,6 +74,22 @@ def resolve_config(cfg: Config, vocab_size: int) -> Config:
     return config_from_dict(data)
 
 
+def _load_init_weights(model: Transformer, weights: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise ConfigError(
+            "--init-from", f"the weights do not fit the model ({what}; {len(missing) + len(extra)} in all)"
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise ConfigError(
+                "--init-from", f"{name} has shape {tuple(tensor.shape)}, the model {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(weights, strict=True)
+
+
 def first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
     for key in sorted(set(a) | set(b)):
         path = f"{prefix}{key}"
@@ -96,7 +112,10 @@ class Trainer:
         resume: str | None = None,
         log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
         data: TokenData | None = None,
+        init_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """`init_weights`: the starting weights of a fresh run (`train --init-from`), instead of
+        the seeded initialisation; a resumed run takes its checkpoint's weights instead."""
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.cfg = resolve_config(cfg, self.tokenizer.vocab_size)
         # Validates the parallel layout before any process group exists, then starts one.
@@ -116,7 +135,10 @@ class Trainer:
         random.seed(self.cfg.train.seed)
         self.data = data or load_token_data(self.cfg.data, self.tokenizer, self.cfg.model.vocab_size)
         # Every rank builds the whole model from the seed, then keeps its part of the layout.
-        model = Transformer(self.cfg).to(self.device)
+        model = Transformer(self.cfg)
+        if init_weights is not None and resume_path is None:
+            _load_init_weights(model, init_weights)
+        model = model.to(self.device)
         self.params = count_parameters(model)
         self.engine = Engine(model, self.cfg, self.runtime)
         self.model = self.engine.module  # this rank's part: the model itself on one process
