@@ -190,7 +190,7 @@ MODEL_SECTIONS = ("model", "moe", "router", "fff")
 def _init_from(args: argparse.Namespace):
     """The run's config (model sections from the source, the rest from --config, --set last) and the
     source's weights."""
-    from sparse_train.config import config_from_dict, load_config
+    from sparse_train.config import Config, config_from_dict, load_config
     from sparse_train.configtypes import apply_override, parse_override
     from sparse_train.upcycle.io import load_source
 
@@ -200,7 +200,7 @@ def _init_from(args: argparse.Namespace):
     data["data"]["seq_len"] = min(data["data"]["seq_len"], source.cfg.model.max_seq_len)
     for text in args.overrides:
         parts, value = parse_override(text)
-        apply_override(data, type(source.cfg), parts, value)
+        apply_override(data, Config, parts, value)
     return config_from_dict(data), source.state
 
 

@@ -2,8 +2,8 @@
 
     non-expert parameters  sharded over "dp_shard", replicated over "dp_replicate" (HSDP when
                            both are > 1); gradients averaged over all dp ranks
-    routed experts         (and FFF leaves) their own FSDP unit on the expert mesh's "edp" ranks (those holding
-                           the same experts). Their gradient already sums the contributions of
+    routed experts         and FFF leaves: their own FSDP unit on the expert mesh's "edp" ranks
+                           (those holding the same experts). Their gradient already sums the contributions of
                            the whole EP group's tokens, so it is divided by dp, not edp: the
                            average over all dp ranks' losses, as for every other parameter.
 

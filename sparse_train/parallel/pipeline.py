@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparse_train.models.sparse import SparseAux, SparseFFN
+from sparse_train.models.sparse import SparseAux
 from sparse_train.models.transformer import Transformer
 
 
@@ -68,10 +68,6 @@ class PipelineStageModule(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.recorded_aux: list[list[SparseAux]] = []  # per micro-batch, this stage's sparse layers (detached)
-
-    @property
-    def sparse_block_names(self) -> list[str]:
-        return [f"block{i}" for i, b in self.blocks.items() if isinstance(b.ffn, SparseFFN)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h_BSD = self.embed(x) if self.embed is not None else x

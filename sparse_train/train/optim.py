@@ -9,34 +9,31 @@ from torch import nn
 
 from sparse_train.config import OptimizerConfig
 
-# FFF node neurons (models.fff.TreeRouter) may train at their own learning rate.
-NODE_PARAMETERS = ("tree.node_weight_ND", "tree.node_bias_N")
-
 
 def build_optimizer(
     model: nn.Module, cfg: OptimizerConfig, *, foreach: bool | None = None, node_lr_scale: float = 1.0
 ) -> torch.optim.AdamW:
     """AdamW over the model's trainable parameters: matrices decayed, vectors (norm scales,
-    biases) not; FFF node neurons in their own groups at `node_lr_scale * lr`. `foreach=False`
-    for sharded models, whose DTensor parameters live on different meshes (experts vs the rest)
-    that one foreach kernel cannot mix."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            key = (name.endswith(NODE_PARAMETERS), p.dim() >= 2)
-            groups.setdefault(key, []).append(p)
-    param_groups = []
-    for is_node in (False, True):
-        for decayed in (True, False):
-            if (is_node, decayed) in groups or not is_node:  # the two plain groups always exist
-                param_groups.append(
-                    {
-                        "params": groups.get((is_node, decayed), []),
-                        "weight_decay": cfg.weight_decay if decayed else 0.0,
-                        "lr": cfg.lr * (node_lr_scale if is_node else 1.0),
-                    }
-                )
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=foreach)
+    biases) not; FFF node neurons (FFFLayer.node_parameters) in their own groups at
+    `node_lr_scale * lr`. `foreach=False` for sharded models, whose DTensor parameters live on
+    different meshes (experts vs the rest) that one foreach kernel cannot mix."""
+    from sparse_train.models.fff import FFFLayer
+
+    node_ids = {id(p) for m in model.modules() if isinstance(m, FFFLayer) for p in m.node_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    plain = [p for p in trainable if id(p) not in node_ids]
+    nodes = [p for p in trainable if id(p) in node_ids]
+    groups = _decay_groups(plain, cfg.weight_decay, cfg.lr)
+    if nodes:
+        groups += _decay_groups(nodes, cfg.weight_decay, cfg.lr * node_lr_scale)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=foreach)
+
+
+def _decay_groups(params: list[nn.Parameter], weight_decay: float, lr: float) -> list[dict]:
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr},  # norms, biases
+    ]
 
 
 def lr_factor(completed_steps: int, cfg: OptimizerConfig, total_steps: int) -> float:

@@ -108,10 +108,11 @@ def _copy_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator) -> dict[s
         n_drop = int(round(spec.drop_ratio * F))
         for e in range(E):
             neurons = torch.randperm(F, generator=g)[:n_drop]
-            for w, dim in zip(experts, (1, 1, 2), strict=True):
-                rows = w[e].index_select(dim - 1, neurons)
-                fresh = torch.randn(rows.shape, generator=g) * w[e].std()
-                w[e].index_copy_(dim - 1, neurons, fresh.to(w.dtype))
+            for w, neuron_dim in zip(experts, (0, 0, 1), strict=True):  # gate/up rows, down columns
+                shape = list(w[e].shape)
+                shape[neuron_dim] = n_drop
+                fresh = torch.randn(shape, generator=g) * w[e].std()
+                w[e].index_copy_(neuron_dim, neurons, fresh.to(w.dtype))
     if spec.noise > 0:
         experts = [w * (1 + spec.noise * torch.randn(w.shape, generator=g)) for w in experts]
     return _stacked(*experts)

@@ -196,11 +196,11 @@ def test_fff_model_trains_and_logs_tree_metrics(tmp_path, mode):
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "histograms": 0}).Reload()
     assert [e.step for e in events.Images("fff/leaf_usage")] == [10, 20, 30]
     histogram = events.Histograms("fff/block0/leaf_usage")[-1].histogram_value
-    assert list(histogram.bucket) == pytest.approx(list(summary_usage(trainer)[0]), abs=1e-6)
+    assert list(histogram.bucket) == pytest.approx(list(_validation_usage(trainer)[0]), abs=1e-6)
     assert (tmp_path / "plots" / "leaf_usage.png").stat().st_size > 0
     assert summary.sparse_kind == "fff" and set(summary.load_imbalance) == {"block0", "block1"}
 
 
-def summary_usage(trainer: Trainer):
+def _validation_usage(trainer: Trainer):
     """The validation leaf usage per layer, as the last evaluation measured it."""
     return trainer.evaluate()[1]
