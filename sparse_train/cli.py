@@ -126,19 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--seeds", type=int, default=5, help="runs per (depth, variant), seeds 0..N-1")
     repro.add_argument("--epochs", type=int, default=150)
 
-    up = sub.add_parser("upcycle", help="turn a dense checkpoint (HF directory or sparse_train run) into an MoE")
+    up = sub.add_parser("upcycle", help="turn a dense checkpoint (HF directory or sparse_train run) into an MoE or FFF")
     up.add_argument("--from", dest="source", required=True, help="HF model directory or sparse_train checkpoint/run")
     up.add_argument("--to", dest="target", required=True, help="output directory (must not exist; see --overwrite)")
-    up.add_argument("--method", required=True, choices=["copy", "split"],
-                    help="copy: each expert the dense FFN; split: the FFN's neurons partitioned")  # fmt: skip
-    up.add_argument("--num-experts", type=int, required=True)
-    up.add_argument("--top-k", type=int, required=True)
+    up.add_argument("--method", required=True, choices=["copy", "split", "moefication", "cmoe", "fff"],
+                    help="copy: each expert the dense FFN; split: its neurons partitioned; moefication, cmoe, "
+                         "fff: neurons carved by activations on calibration tokens (fff: tree leaves)")  # fmt: skip
+    up.add_argument("--num-experts", type=int, required=True, help="routed experts (fff: leaves, a power of two)")
+    up.add_argument("--top-k", type=int, required=True, help="experts (fff: leaves) selected per token")
     up.add_argument("--layers", type=int, nargs="+", help="blocks to convert (default: all)")
     up.add_argument("--partition", default="contiguous", choices=["contiguous", "random", "kmeans"],
                     help="split: how neurons are grouped into experts")  # fmt: skip
+    up.add_argument("--granularity", type=int, default=None,
+                    help="copy/split: slices each dense FFN is cut into, each copied into E/g experts "
+                         "(default: copy 1, split E)")  # fmt: skip
+    up.add_argument("--num-shared", type=int, default=1, help="cmoe: shared experts from the highest-rate neurons")
     up.add_argument("--noise", type=float, default=0.0, help="copy: relative Gaussian noise on each expert")
     up.add_argument("--drop-ratio", type=float, default=0.0,
                     help="copy: share of each expert's neurons re-initialised (Drop-Upcycling)")  # fmt: skip
+    up.add_argument("--calib", type=Path, default=None,
+                    help="moefication/cmoe/fff: calibration text (file, directory, .jsonl) or token ids (.bin); "
+                         "default: the Python standard library")  # fmt: skip
+    up.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens read (a quarter held out)")
     up.add_argument("--seed", type=int, default=0)
     up.add_argument("--format", default="native", choices=["native", "hf"], help="output: sparse_train run or HF")
     up.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
@@ -198,6 +207,8 @@ def _init_from(args: argparse.Namespace):
     data = load_config(args.config, []).to_dict()
     data.update({section: source.cfg.to_dict()[section] for section in MODEL_SECTIONS})
     data["data"]["seq_len"] = min(data["data"]["seq_len"], source.cfg.model.max_seq_len)
+    if source.tokenizer_dir is not None:  # the checkpoint's own tokenizer reads the training data
+        data["data"].update(tokenizer="hf", tokenizer_path=str(source.tokenizer_dir))
     for text in args.overrides:
         parts, value = parse_override(text)
         apply_override(data, Config, parts, value)
@@ -384,23 +395,53 @@ def _bench_fff_repro(args: argparse.Namespace) -> int:
 
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
+    import json
+
     from tqdm import tqdm
 
-    from sparse_train.upcycle.io import load_source, write_model
-    from sparse_train.upcycle.methods import UpcycleSpec, upcycle, upcycled_config
+    from sparse_train.upcycle import hf
+    from sparse_train.upcycle.calibration import calibration_tokens, ffn_inputs
+    from sparse_train.upcycle.io import check_target, load_source, write_model
+    from sparse_train.upcycle.methods import CALIBRATED, UpcycleSpec, upcycle, upcycled_config
+    from sparse_train.upcycle.report import REPORT_FILE, conversion_report, format_report
 
     if args.num_experts < 1 or args.top_k < 1 or args.noise < 0 or not 0 <= args.drop_ratio <= 1:
         raise UsageError("sparse-train upcycle: --num-experts, --top-k >= 1, --noise >= 0, --drop-ratio in [0, 1]")
+    if args.calib is not None and args.method not in CALIBRATED:
+        raise UsageError(f"sparse-train upcycle: --calib is for {', '.join(CALIBRATED)}; {args.method} reads no data")
+    check_target(Path(args.target), args.overwrite)
     source = load_source(Path(args.source))
     spec = UpcycleSpec(args.method, args.num_experts, args.top_k, layers=args.layers, seed=args.seed,
-                       noise=args.noise, drop_ratio=args.drop_ratio, partition=args.partition)  # fmt: skip
-    blocks = len(upcycled_config(source.cfg, spec).moe.layers)  # checks the request before the work starts
-    with tqdm(total=blocks, desc=f"upcycle ({args.method})", unit="block", file=sys.stderr) as bar:
-        cfg, state = upcycle(source.cfg, source.state, spec, progress=lambda i: bar.update(1))
+                       noise=args.noise, drop_ratio=args.drop_ratio, partition=args.partition,
+                       granularity=args.granularity, num_shared=args.num_shared)  # fmt: skip
+    planned = upcycled_config(source.cfg, spec)  # checks the request before the work starts
+    if args.format == "hf":
+        hf.export_arch(planned)
+    calib = None
+    if args.method in CALIBRATED:
+        if args.calib_tokens < 1:
+            raise UsageError(f"sparse-train upcycle: --calib-tokens must be >= 1, got {args.calib_tokens}")
+        tokens, where = calibration_tokens(source.tokenizer(), args.calib, args.calib_tokens,
+                                           source.cfg.model.vocab_size, args.seed)  # fmt: skip
+        print(f"calibrating on {tokens.size} tokens of {where}", file=sys.stderr)
+        calib = ffn_inputs(source.cfg, source.state, tokens, planned.moe.layers, source=where)
+    with tqdm(total=len(planned.moe.layers), desc=f"upcycle ({args.method})", unit="block", file=sys.stderr) as bar:
+        cfg, state = upcycle(source.cfg, source.state, spec, progress=lambda i: bar.update(1), calib=calib)
+    extra = {}
+    if calib is not None:
+        report = conversion_report(source.cfg, source.state, cfg, state, calib)
+        print(f"relative error of each converted FFN on {report['calibration']['held_out_tokens']} held-out tokens:\n"
+              + format_report(report), file=sys.stderr)  # fmt: skip
+        extra[REPORT_FILE] = json.dumps(report, indent=1) + "\n"
     what = write_model(Path(args.target), cfg, state, args.format, overwrite=args.overwrite,
-                       tokenizer_dir=source.tokenizer_dir)  # fmt: skip
-    print(f"wrote {args.target}: {what}, {cfg.moe.num_experts} experts of width {cfg.moe.expert_hidden}, "
-          f"top-{cfg.router.top_k} in blocks {cfg.moe.layers}")  # fmt: skip
+                       tokenizer_dir=source.tokenizer_dir, extra_files=extra)  # fmt: skip
+    if cfg.model.ffn == "fff":
+        shape = f"depth-{cfg.fff.depth} trees of {cfg.fff.num_leaves} leaves of width {cfg.fff.leaf_width}"
+    else:
+        shared = f" + {cfg.moe.num_shared_experts} shared" if cfg.moe.num_shared_experts else ""
+        shape = f"{cfg.moe.num_experts} experts{shared} of width {cfg.moe.expert_hidden}"
+    k = cfg.fff.top_k if cfg.model.ffn == "fff" else cfg.router.top_k
+    print(f"wrote {args.target}: {what}, {shape}, top-{k} in blocks {cfg.moe.layers}")
     return 0
 
 

@@ -160,6 +160,11 @@ class FFFConfig(Section):
         "leaves, renormalised; hard = the descent's leaf, straight-through gradient to the nodes",
     )
     top_k: int = option(2, "leaves per token in topk_paths mode")
+    combine: Literal["weights", "unit"] = option(
+        "weights",
+        "topk_paths: the selected leaves weighted by renormalised path probability, or unit (each weight "
+        "exactly 1, straight-through: a tree carved out of a dense FFN sums to it with every leaf selected)",
+    )
     balance_coef: float = option(0.01, "weight of the leaf load-balancing loss L * sum f_i p_i (0 = off)")
     balance_scope: Literal["micro_batch", "sequence", "global_batch"] = option(
         "micro_batch", "tokens over which leaf fractions f_i are counted, as router.balance_scope"
@@ -188,6 +193,8 @@ class FFFConfig(Section):
         _non_negative(self, "balance_coef", "hardening_coef")
         if not 1 <= self.top_k <= self.num_leaves:
             raise ConfigError("top_k", f"must be in [1, 2^depth = {self.num_leaves}], got {self.top_k}")
+        if self.combine == "unit" and self.mode == "soft":
+            raise ConfigError("combine", "unit applies to topk_paths (hard is always unit); soft weights every leaf")
 
 
 @dataclass
@@ -198,7 +205,12 @@ class DataConfig(Section):
     format: Literal["auto", "text", "jsonl", "bin"] = option("auto", "how to read data.path")
     text_field: str = option("text", "JSONL field holding each document's text")
     bin_dtype: Literal["uint16", "uint32"] = option("uint16", "token dtype of a .bin memmap")
-    tokenizer: Literal["byte"] = option("byte", "tokenizer: byte-level (256 bytes + specials)")
+    tokenizer: Literal["byte", "hf"] = option(
+        "byte", "byte = byte-level (256 bytes + specials); hf = a Hugging Face tokenizer from data.tokenizer_path"
+    )
+    tokenizer_path: str | None = option(
+        None, "directory with the HF tokenizer files (tokenizer.json, tokenizer_config.json) for tokenizer: hf"
+    )
     seq_len: int = option(128, "tokens per training sequence")
     val_fraction: float = option(0.02, "fraction of documents (or of a .bin's tail) held out for validation")
 
@@ -208,6 +220,10 @@ class DataConfig(Section):
             raise ConfigError("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         if self.path is not None and not Path(os.path.expanduser(self.path)).exists():
             raise ConfigError("path", f"no such file or directory: {self.path}")
+        if self.tokenizer == "hf" and self.tokenizer_path is None:
+            raise ConfigError("tokenizer_path", "tokenizer: hf needs the directory of the tokenizer files")
+        if self.tokenizer_path is not None and not Path(os.path.expanduser(self.tokenizer_path)).is_dir():
+            raise ConfigError("tokenizer_path", f"no such directory: {self.tokenizer_path}")
 
 
 @dataclass

@@ -10,7 +10,7 @@ import yaml
 
 from sparse_train.config import Config, config_from_dict
 from sparse_train.configtypes import apply_override, parse_override
-from sparse_train.data.tokenizer import ByteTokenizer, build_tokenizer
+from sparse_train.data.tokenizer import Tokenizer, build_tokenizer
 from sparse_train.models.transformer import Transformer
 from sparse_train.train import checkpoint as ckpt
 
@@ -19,7 +19,7 @@ from sparse_train.train import checkpoint as ckpt
 class LoadedModel:
     cfg: Config
     model: Transformer
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
     step: int
     path: Path
 
@@ -35,7 +35,7 @@ def load_trained(path: Path, overrides: list[str] | tuple[str, ...] = (), device
     model = Transformer(cfg).to(device)
     state = ckpt.load_checkpoint(resolved, model)
     model.eval()
-    return LoadedModel(cfg, model, build_tokenizer(cfg.data.tokenizer), int(state["step"]), resolved)
+    return LoadedModel(cfg, model, build_tokenizer(cfg.data), int(state["step"]), resolved)
 
 
 @torch.no_grad()

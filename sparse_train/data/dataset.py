@@ -26,7 +26,7 @@ from sparse_train.data.corpus import (
     stdlib_root,
     text_files,
 )
-from sparse_train.data.tokenizer import ByteTokenizer
+from sparse_train.data.tokenizer import Tokenizer
 
 _SPLIT_BUCKETS = 10_000
 
@@ -54,7 +54,7 @@ def _stream(chunks: list[np.ndarray], eot_id: int) -> np.ndarray:
 
 
 def _split_documents(
-    docs: Iterable[tuple[str, str]], tokenizer: ByteTokenizer, cfg: DataConfig
+    docs: Iterable[tuple[str, str]], tokenizer: Tokenizer, cfg: DataConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     train, val = [], []
     for doc_id, text in docs:
@@ -69,7 +69,7 @@ def _split_documents(
     return train_stream, val_stream
 
 
-def load_token_data(cfg: DataConfig, tokenizer: ByteTokenizer, vocab_size: int) -> TokenData:
+def load_token_data(cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int) -> TokenData:
     """Read and tokenise the configured corpus; raise DataError naming any problem."""
     if cfg.path is None:
         root = stdlib_root()

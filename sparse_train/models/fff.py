@@ -12,7 +12,8 @@ ranks like experts), and the leaves are stacked `Experts` computed by the expert
 
 Training modes (fff.mode):
     soft        every leaf, weighted by its path probability (the reference; small trees)
-    topk_paths  the top_k most probable leaves, weights renormalised to sum to 1
+    topk_paths  the top_k most probable leaves, weights renormalised to sum to 1 (or, with
+                fff.combine: unit, each exactly 1 with a straight-through gradient)
     hard        the descent's leaf (go right iff c_n >= 0), weight 1 in the forward and the
                 gradient of its path probability in the backward (straight-through)
 Evaluation always descends hard (FFF inference); sparse_train.kernels.fff_infer runs it.
@@ -144,6 +145,8 @@ class FFFLayer(SparseFFN):
         elif mode == "topk_paths":
             weights_Tk, leaves_Tk = probs_TL.topk(self.cfg.top_k, dim=-1)
             weights_Tk = weights_Tk / weights_Tk.sum(dim=-1, keepdim=True)
+            if self.cfg.combine == "unit":
+                weights_Tk = straight_through_one(weights_Tk)
             routing, counted = Routing(leaves_Tk, weights_Tk, RoutingStats(logits_TN, probs_TL)), leaves_Tk
         else:
             weights_T1 = straight_through_one(probs_TL.gather(1, hard_T1))

@@ -116,7 +116,7 @@ class Trainer:
     ) -> None:
         """`init_weights`: the starting weights of a fresh run (`train --init-from`), instead of
         the seeded initialisation; a resumed run takes its checkpoint's weights instead."""
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = build_tokenizer(cfg.data)
         self.cfg = resolve_config(cfg, self.tokenizer.vocab_size)
         # Validates the parallel layout before any process group exists, then starts one.
         self.runtime: DistributedRuntime | None = init_distributed(self.cfg, select_device(cfg.train.device))

@@ -352,10 +352,16 @@ def write_hf(target: Path, state: dict[str, torch.Tensor], cfg: Config, tokenize
     hf_config.save_pretrained(str(target))
     save_file(from_native(state, cfg, arch), str(target / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            if (tokenizer_from / name).is_file():
-                (target / name).write_bytes((tokenizer_from / name).read_bytes())
+        copy_tokenizer(tokenizer_from, target)
     return arch
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    """The tokenizer files of `source` into `target` (created if needed)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            (target / name).write_bytes((source / name).read_bytes())
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from sparse_train.config import Config, ConfigError, config_from_dict
+from sparse_train.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
 from sparse_train.train import checkpoint as ckpt
 from sparse_train.upcycle import hf
 
@@ -26,7 +27,14 @@ from sparse_train.upcycle import hf
 class Source:
     cfg: Config
     state: dict[str, torch.Tensor]
-    tokenizer_dir: Path | None  # an HF source's directory when it has tokenizer files
+    tokenizer_dir: Path | None  # where the source's HF tokenizer files are, if it has them
+    is_hf: bool = False
+
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer the source was trained with; None for an HF directory without one."""
+        if self.tokenizer_dir is not None:
+            return HFTokenizer(self.tokenizer_dir)
+        return None if self.is_hf else build_tokenizer(self.cfg.data)
 
 
 def load_source(path: Path) -> Source:
@@ -36,8 +44,10 @@ def load_source(path: Path) -> Source:
     if (path / "config.json").is_file():
         checkpoint = hf.read_hf(path)
         cfg = hf.native_config(checkpoint)
-        has_tokenizer = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
-        return Source(cfg, hf.to_native(checkpoint, cfg), path if has_tokenizer else None)
+        if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+            return Source(cfg, hf.to_native(checkpoint, cfg), None, is_hf=True)
+        cfg = _with_tokenizer(cfg, path.resolve())
+        return Source(cfg, hf.to_native(checkpoint, cfg), path.resolve(), is_hf=True)
     try:
         resolved = ckpt.resolve_checkpoint_path(path, warn=lambda msg: None)
     except (ckpt.CheckpointError, FileNotFoundError) as err:
@@ -45,14 +55,26 @@ def load_source(path: Path) -> Source:
             "--from", f"{path} is neither an HF directory (config.json) nor a checkpoint: {err}"
         ) from None
     cfg = config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(resolved)))
-    return Source(cfg, ckpt.read_weights(resolved), None)
+    tokenizer_dir = Path(cfg.data.tokenizer_path).expanduser() if cfg.data.tokenizer == "hf" else None
+    return Source(cfg, ckpt.read_weights(resolved), tokenizer_dir)
+
+
+def _with_tokenizer(cfg: Config, tokenizer_dir: Path) -> Config:
+    data = cfg.to_dict()
+    data["data"].update(tokenizer="hf", tokenizer_path=str(tokenizer_dir))
+    return config_from_dict(data)
+
+
+def check_target(target: Path, overwrite: bool) -> Path:
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise ConfigError("--to", f"{target} exists; pass --overwrite to replace it")
+    return target
 
 
 def prepare_target(target: Path, overwrite: bool) -> Path:
     """A fresh temporary directory beside `target` (which must not exist unless `overwrite`)."""
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise ConfigError("--to", f"{target} exists; pass --overwrite to replace it")
+    target = check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -72,17 +94,25 @@ def publish(tmp: Path, target: Path) -> None:
 
 
 def write_model(target: Path, cfg: Config, state: dict[str, torch.Tensor], fmt: str, *, overwrite: bool,
-                tokenizer_dir: Path | None = None) -> str:  # fmt: skip
-    """Write the model as an HF directory or a native run directory; returns what was written."""
+                tokenizer_dir: Path | None = None, extra_files: dict[str, str] | None = None) -> str:  # fmt: skip
+    """Write the model as an HF directory or a native run directory, with `extra_files` (name ->
+    text) beside it; returns what was written."""
     tmp = prepare_target(target, overwrite)
     try:
         if fmt == "hf":
             what = hf.write_hf(tmp, state, cfg, tokenizer_from=tokenizer_dir)
         elif fmt == "native":
-            ckpt.save_checkpoint(tmp / "checkpoints", 0, state, {}, {"step": 0}, cfg.to_yaml(), keep=1)
+            config = cfg.to_dict()
+            if tokenizer_dir is not None:  # the run carries its tokenizer, so it never depends on the source
+                hf.copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
+                config["data"].update(tokenizer="hf", tokenizer_path=str(Path(target).resolve() / "tokenizer"))
+            config_yaml = yaml.safe_dump(config, sort_keys=False)
+            ckpt.save_checkpoint(tmp / "checkpoints", 0, state, {}, {"step": 0}, config_yaml, keep=1)
             what = "sparse_train checkpoint"
         else:
             raise ConfigError("--format", f"unknown format {fmt!r}; allowed: hf, native")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         publish(tmp, Path(target))
     finally:
         if tmp.exists():

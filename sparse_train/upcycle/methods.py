@@ -1,18 +1,24 @@
-"""Dense -> MoE conversions of the FFN of chosen blocks; everything else is copied unchanged.
+"""Dense -> MoE / FFF conversions of the FFN of chosen blocks; everything else is copied unchanged.
 
-    copy   (sparse upcycling) every expert a copy of the dense SwiGLU, the router small and
-           random; combine weights renormalised over the top k, so at step 0 the layer computes
-           exactly the dense FFN (sum of k equal outputs with weights summing to 1). Options:
-           `noise` (each expert's weights times 1 + noise * N(0, 1)) and `drop_ratio`
-           (Drop-Upcycling: per expert, that share of hidden neurons re-initialised at random,
-           a different subset per expert), both of which break the exact equality on purpose.
-    split  (LLaMA-MoE / granular upcycling) the F hidden neurons partitioned into E groups of
-           F/E, contiguously, at random, or by k-means on the neurons' weight vectors
-           [gate row, up row, down column]; each group an expert of width F/E. Experts combine
-           with unit weights (router.combine: unit, straight-through to the router), so with
-           all E experts selected the layer sums to the dense FFN exactly.
+    copy         (sparse upcycling) every expert a copy of the dense SwiGLU, the router small
+                 and random; combine weights renormalised over the top k, so at step 0 the layer
+                 computes exactly the dense FFN (k equal outputs, weights summing to 1). Options:
+                 `noise` (each expert's weights times 1 + noise * N(0, 1)) and `drop_ratio`
+                 (Drop-Upcycling: per expert, that share of hidden neurons re-initialised at
+                 random, a different subset per expert), both breaking the equality on purpose.
+    split        (LLaMA-MoE) the F hidden neurons partitioned into E groups of F/E,
+                 contiguously, at random, or by k-means on the neurons' weight vectors [gate
+                 row, up row, down column]; experts combine with unit weights (router.combine:
+                 unit, straight-through to the router), so all E selected sum to the dense FFN.
+    granularity  (Megatron's granular upcycling; copy and split) g < E: the FFN cut into g
+                 slices of F/g (split: by `partition`; copy: contiguously), each slice copied
+                 into E/g experts. The g slices of one copy share a router row, so top-k (a
+                 multiple of g) selects whole copies; their down projections are scaled by g,
+                 so renormalised weights (1/g of a copy's weight per slice) sum back to the
+                 dense FFN at step 0. copy is granularity 1, split (unit combine) granularity E.
+    moefication, cmoe, fff       carved from calibration activations: sparse_train.upcycle.carve
 
-Shape legend: E experts, D model width, F dense hidden width, G = F / E neurons per expert.
+Shape legend: E experts, D model width, F dense hidden width, G neurons per expert, L leaves.
 """
 
 from __future__ import annotations
@@ -23,24 +29,36 @@ from typing import Literal
 import torch
 
 from sparse_train.config import Config, ConfigError, config_from_dict
+from sparse_train.upcycle import carve
+from sparse_train.upcycle.calibration import Calibration
 
 Partition = Literal["contiguous", "random", "kmeans"]
+METHODS = ("copy", "split", "moefication", "cmoe", "fff")
+CALIBRATED = ("moefication", "cmoe", "fff")
 ROUTER_INIT_STD = 0.02  # "small and random": logits near 0, so the first routing is near uniform
 
 
 @dataclass
 class UpcycleSpec:
     method: str
-    num_experts: int
+    num_experts: int  # routed experts (fff: leaves, a power of two)
     top_k: int
     layers: list[int] | None = None  # blocks converted; None = every block
     seed: int = 0
     noise: float = 0.0  # copy
     drop_ratio: float = 0.0  # copy (Drop-Upcycling)
     partition: Partition = "contiguous"  # split
+    granularity: int | None = None  # copy / split: slices per dense FFN; None = 1 (copy) or E (split)
+    num_shared: int = 1  # cmoe: shared experts carved from the highest-rate neurons
+
+    @property
+    def slices(self) -> int:
+        if self.granularity is not None:
+            return self.granularity
+        return self.num_experts if self.method == "split" else 1
 
 
-def moe_config(dense: Config, spec: UpcycleSpec, expert_hidden: int, combine: str) -> Config:
+def _sparse_config(dense: Config, spec: UpcycleSpec, sections: dict[str, dict]) -> Config:
     if dense.model.ffn != "dense":
         raise ConfigError("--from", f"upcycling starts from a dense model; this one is model.ffn={dense.model.ffn}")
     if not 1 <= spec.top_k <= spec.num_experts:
@@ -50,11 +68,78 @@ def moe_config(dense: Config, spec: UpcycleSpec, expert_hidden: int, combine: st
     if bad:
         raise ConfigError("--layers", f"block indices must be in [0, {dense.model.n_layers}), got {bad}")
     data = dense.to_dict()
-    data["model"]["ffn"] = "moe"
-    data["moe"] = {**data["moe"], "num_experts": spec.num_experts, "expert_hidden": expert_hidden, "layers": layers,
-                   "num_shared_experts": 0, "shared_expert_gate": False, "capacity_factor": None}  # fmt: skip
-    data["router"] = {**data["router"], "top_k": spec.top_k, "renormalize": True, "combine": combine}
+    data["moe"] = {**data["moe"], "layers": layers, "num_shared_experts": 0, "shared_expert_gate": False,
+                   "capacity_factor": None}  # fmt: skip
+    for section, values in sections.items():
+        data[section] = {**data[section], **values}
     return config_from_dict(data)
+
+
+def _moe_config(dense: Config, spec: UpcycleSpec, expert_hidden: int, combine: str, **moe) -> Config:
+    return _sparse_config(dense, spec, {
+        "model": {"ffn": "moe"},
+        "moe": {"num_experts": spec.num_experts, "expert_hidden": expert_hidden, **moe},
+        "router": {"top_k": spec.top_k, "renormalize": True, "combine": combine},
+    })  # fmt: skip
+
+
+def _divides(width: int, parts: int, what: str = "") -> int:
+    if width % parts:
+        raise ConfigError("--num-experts", f"{what}must divide the FFN width ({width}), got {parts}")
+    return width // parts
+
+
+def upcycled_config(dense_cfg: Config, spec: UpcycleSpec) -> Config:
+    """The sparse config `spec` makes of a dense model (every request checked here, before any work)."""
+    F, E = dense_cfg.model.ffn_hidden, spec.num_experts
+    if spec.method in ("copy", "split"):
+        g = spec.slices
+        if g < 1 or E % g:
+            raise ConfigError("--granularity", f"must divide --num-experts ({E}), got {g}")
+        if spec.method == "split" and g == E:
+            return _moe_config(dense_cfg, spec, _divides(F, E), "unit")
+        if spec.top_k % g:
+            raise ConfigError("--top-k", f"must be a multiple of --granularity ({g}) to select whole copies")
+        if F % g:
+            raise ConfigError("--granularity", f"must divide the FFN width ({F}), got {g}")
+        return _moe_config(dense_cfg, spec, F // g, "weights")
+    if spec.method == "moefication":
+        return _moe_config(dense_cfg, spec, _divides(F, E), "unit")
+    if spec.method == "cmoe":
+        if spec.num_shared < 1:
+            raise ConfigError("--num-shared", f"must be >= 1 (cmoe carves shared experts), got {spec.num_shared}")
+        G = _divides(F, E + spec.num_shared, "with --num-shared, their sum ")
+        return _moe_config(dense_cfg, spec, G, "unit", num_shared_experts=spec.num_shared, shared_expert_hidden=G)
+    if spec.method == "fff":
+        if E < 2 or E & (E - 1):
+            raise ConfigError("--num-experts", f"fff: the number of leaves must be a power of two >= 2, got {E}")
+        leaf_width = _divides(F, E)
+        mode = "hard" if spec.top_k == 1 else "topk_paths"
+        return _sparse_config(dense_cfg, spec, {
+            "model": {"ffn": "fff"},
+            "fff": {"depth": E.bit_length() - 1, "leaf_width": leaf_width, "leaf_activation": "swiglu",
+                    "mode": mode, "top_k": spec.top_k, "combine": "unit", "master_leaf": False},
+        })  # fmt: skip
+    raise ConfigError("--method", f"unknown method {spec.method!r}; allowed: {', '.join(METHODS)}")
+
+
+def upcycle(dense_cfg: Config, state: dict[str, torch.Tensor], spec: UpcycleSpec, progress=None,
+            calib: Calibration | None = None):  # fmt: skip
+    """(sparse config, state dict) of a dense model; `progress(i)` is called per converted block.
+    moefication, cmoe and fff need `calib` (the FFN inputs of the converted blocks)."""
+    cfg = upcycled_config(dense_cfg, spec)
+    if spec.method in CALIBRATED and calib is None:
+        raise ConfigError("--method", f"{spec.method} needs calibration data")
+    g = torch.Generator().manual_seed(spec.seed)
+    out = {k: v for k, v in state.items() if not k.startswith(tuple(f"blocks.{i}.ffn." for i in cfg.moe.layers))}
+    for i in cfg.moe.layers:
+        gate, up, down = _dense_ffn(state, i)
+        x = calib.fit[i] if calib is not None else None
+        block = _CONVERT[spec.method](gate.float(), up.float(), down.float(), spec, g, x)
+        out.update({f"blocks.{i}.ffn.{k}": v.to(gate.dtype).contiguous() for k, v in block.items()})
+        if progress is not None:
+            progress(i)
+    return cfg, out
 
 
 def _dense_ffn(state: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,55 +156,17 @@ def _stacked(gate_EGD: torch.Tensor, up_EGD: torch.Tensor, down_EDG: torch.Tenso
     }
 
 
-def upcycled_config(dense_cfg: Config, spec: UpcycleSpec) -> Config:
-    """The MoE config `spec` makes of a dense model (every request checked here, before any work)."""
-    if spec.method == "copy":
-        return moe_config(dense_cfg, spec, dense_cfg.model.ffn_hidden, "weights")
-    if spec.method == "split":
-        if dense_cfg.model.ffn_hidden % spec.num_experts:
-            raise ConfigError(
-                "--num-experts", f"must divide the FFN width ({dense_cfg.model.ffn_hidden}), got {spec.num_experts}"
-            )
-        return moe_config(dense_cfg, spec, dense_cfg.model.ffn_hidden // spec.num_experts, "unit")
-    raise ConfigError("--method", f"unknown method {spec.method!r}; allowed: copy, split")
+def _experts_of(gate, up, down, groups_EG: torch.Tensor) -> dict[str, torch.Tensor]:
+    return _stacked(gate[groups_EG], up[groups_EG], down[:, groups_EG].permute(1, 0, 2))
 
 
-def upcycle(dense_cfg: Config, state: dict[str, torch.Tensor], spec: UpcycleSpec, progress=None):
-    """(MoE config, MoE state dict) of a dense model; `progress(i)` is called per converted block."""
-    cfg = upcycled_config(dense_cfg, spec)
-    convert = _copy_block if spec.method == "copy" else _split_block
-    g = torch.Generator().manual_seed(spec.seed)
-    out = {k: v for k, v in state.items() if not k.startswith(tuple(f"blocks.{i}.ffn." for i in cfg.moe.layers))}
-    for i in cfg.moe.layers:
-        gate, up, down = _dense_ffn(state, i)
-        block = convert(gate, up, down, spec, g)
-        block["router.weight"] = torch.randn(spec.num_experts, gate.shape[1], generator=g) * ROUTER_INIT_STD
-        out.update({f"blocks.{i}.ffn.{k}": v.to(gate.dtype) for k, v in block.items()})
-        if progress is not None:
-            progress(i)
-    return cfg, out
+def _random_router(num_rows: int, d_model: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(num_rows, d_model, generator=g) * ROUTER_INIT_STD
 
 
-def _copy_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator) -> dict[str, torch.Tensor]:
-    E = spec.num_experts
-    experts = [gate.expand(E, -1, -1).clone(), up.expand(E, -1, -1).clone(), down.expand(E, -1, -1).clone()]
-    if spec.drop_ratio > 0:  # Drop-Upcycling: a different random subset of neurons per expert
-        F = gate.shape[0]
-        n_drop = int(round(spec.drop_ratio * F))
-        for e in range(E):
-            neurons = torch.randperm(F, generator=g)[:n_drop]
-            for w, neuron_dim in zip(experts, (0, 0, 1), strict=True):  # gate/up rows, down columns
-                shape = list(w[e].shape)
-                shape[neuron_dim] = n_drop
-                fresh = torch.randn(shape, generator=g) * w[e].std()
-                w[e].index_copy_(neuron_dim, neurons, fresh.to(w.dtype))
-    if spec.noise > 0:
-        experts = [w * (1 + spec.noise * torch.randn(w.shape, generator=g)) for w in experts]
-    return _stacked(*experts)
-
-
+# ---- copy / split -----------------------------------------------------------------------------
 def neuron_groups(gate, up, down, num_groups: int, partition: Partition, g: torch.Generator) -> torch.Tensor:
-    """[E, G] neuron indices per expert (each neuron in exactly one group of equal size)."""
+    """[num_groups, F / num_groups] neuron indices (each neuron in exactly one group)."""
     F = gate.shape[0]
     size = F // num_groups
     if partition == "contiguous":
@@ -127,37 +174,61 @@ def neuron_groups(gate, up, down, num_groups: int, partition: Partition, g: torc
     if partition == "random":
         return torch.randperm(F, generator=g).view(num_groups, size)
     if partition == "kmeans":
-        features = torch.cat([gate, up, down.t()], dim=1).float()
-        return balanced_kmeans(features, num_groups, g)
+        return carve.balanced_kmeans(torch.cat([gate, up, down.t()], dim=1), num_groups, g)
     raise ConfigError("--partition", f"unknown partition {partition!r}; allowed: contiguous, random, kmeans")
 
 
-def balanced_kmeans(features: torch.Tensor, k: int, g: torch.Generator, iters: int = 20) -> torch.Tensor:
-    """k equal-size clusters of the rows of `features` ([N, d], N divisible by k): Lloyd's
-    iterations with a balanced assignment step (rows taken greedily by distance into clusters
-    with room). Returns [k, N / k] row indices, sorted within each cluster."""
-    N = features.shape[0]
-    size = N // k
-    x = torch.nn.functional.normalize(features, dim=1)
-    centers = x[torch.randperm(N, generator=g)[:k]].clone()
-    assign = torch.zeros(N, dtype=torch.int64)
-    for _ in range(iters):
-        dist = torch.cdist(x, centers)  # [N, k]
-        order = torch.argsort(dist.flatten())
-        room = torch.full((k,), size)
-        done = torch.zeros(N, dtype=torch.bool)
-        for flat in order.tolist():
-            row, cluster = divmod(flat, k)
-            if not done[row] and room[cluster] > 0:
-                assign[row], done[row] = cluster, True
-                room[cluster] -= 1
-        new_centers = torch.stack([x[assign == c].mean(0) for c in range(k)])
-        if torch.allclose(new_centers, centers):
-            break
-        centers = new_centers
-    return torch.stack([torch.nonzero(assign == c).flatten() for c in range(k)])
+def _granular_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x=None) -> dict[str, torch.Tensor]:
+    """E / slices copies of the FFN cut into `slices` slices (copy: one slice, the whole FFN)."""
+    E, slices = spec.num_experts, spec.slices
+    partition = spec.partition if spec.method == "split" else "contiguous"
+    groups = neuron_groups(gate, up, down, slices, partition, g)
+    groups_EG = groups.repeat(E // slices, 1)  # expert c * slices + j: copy c, slice j
+    experts = [gate[groups_EG], up[groups_EG], down[:, groups_EG].permute(1, 0, 2) * slices]
+    if spec.drop_ratio > 0:  # Drop-Upcycling: a different random subset of neurons per expert
+        width = experts[0].shape[1]
+        n_drop = int(round(spec.drop_ratio * width))
+        for e in range(E):
+            neurons = torch.randperm(width, generator=g)[:n_drop]
+            for w, neuron_dim in zip(experts, (0, 0, 1), strict=True):  # gate/up rows, down columns
+                shape = list(w[e].shape)
+                shape[neuron_dim] = n_drop
+                w[e].index_copy_(neuron_dim, neurons, torch.randn(shape, generator=g) * w[e].std())
+    if spec.noise > 0:
+        experts = [w * (1 + spec.noise * torch.randn(w.shape, generator=g)) for w in experts]
+    router = _random_router(E // slices, gate.shape[1], g).repeat_interleave(slices, dim=0)
+    return {**_stacked(*experts), "router.weight": router}
 
 
-def _split_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator) -> dict[str, torch.Tensor]:
+def _split_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x=None) -> dict[str, torch.Tensor]:
+    if spec.slices != spec.num_experts:
+        return _granular_block(gate, up, down, spec, g)
     groups_EG = neuron_groups(gate, up, down, spec.num_experts, spec.partition, g)
-    return _stacked(gate[groups_EG], up[groups_EG], down[:, groups_EG].permute(1, 0, 2))
+    return {**_experts_of(gate, up, down, groups_EG), "router.weight": _random_router(len(groups_EG), gate.shape[1], g)}
+
+
+# ---- carved from calibration activations ------------------------------------------------------
+def _moefication_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x) -> dict[str, torch.Tensor]:
+    groups_EG, router_ED = carve.moefication(gate, up, down, x, spec.num_experts, g)
+    return {**_experts_of(gate, up, down, groups_EG), "router.weight": router_ED}
+
+
+def _cmoe_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x) -> dict[str, torch.Tensor]:
+    shared, groups_EG, router_ED = carve.cmoe(gate, up, down, x, spec.num_experts, spec.num_shared, spec.top_k, g)
+    return {
+        **_experts_of(gate, up, down, groups_EG),
+        "router.weight": router_ED,
+        "shared_experts.w_gate.weight": gate[shared],
+        "shared_experts.w_up.weight": up[shared],
+        "shared_experts.w_down.weight": down[:, shared],
+    }
+
+
+def _fff_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x) -> dict[str, torch.Tensor]:
+    leaves_LG, node_weight_ND, node_bias_N = carve.fff_tree(gate, up, down, x, spec.num_experts.bit_length() - 1, g)
+    return {**_experts_of(gate, up, down, leaves_LG), "tree.node_weight_ND": node_weight_ND,
+            "tree.node_bias_N": node_bias_N}  # fmt: skip
+
+
+_CONVERT = {"copy": _granular_block, "split": _split_block, "moefication": _moefication_block,
+            "cmoe": _cmoe_block, "fff": _fff_block}  # fmt: skip

@@ -51,3 +51,17 @@ def hf_dir(tmp_path_factory):
         return path, model
 
     return make
+
+
+def save_tiny_tokenizer(path: Path, vocab_size: int = 64) -> None:
+    """A BPE tokenizer of at most `vocab_size` ids (so any id fits the tiny models), trained here
+    on a few lines of text and saved as tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n", "import os, sys\n"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "</s>"], limit_alphabet=40)
+    tok.train_from_iterator(text, trainer)
+    wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    wrapped.save_pretrained(str(path))

@@ -47,3 +47,31 @@ def test_init_from_errors_are_one_line(byte_vocab_llama, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--init-from: blocks.0.attn.wk.weight has shape" in err and err.count("\n") == 1
+
+
+def test_a_checkpoints_own_tokenizer_reads_the_training_data(hf_dir, tmp_path):
+    from sparse_train.data.tokenizer import HFTokenizer
+    from tests.upcycle.conftest import save_tiny_tokenizer
+
+    path, _ = hf_dir("llama")  # vocabulary of 64: byte tokens would not fit, the BPE's do
+    save_tiny_tokenizer(path)
+    run_settings = [o for o in tiny_overrides("train.steps=2") if not o.startswith(("model.", "moe.", "router."))]
+    sets = [arg for o in run_settings for arg in ("--set", o)]
+    assert main(["train", "--init-from", str(path), "--run-dir", str(tmp_path / "run"), *sets]) == 0
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "tokenizer: hf" in saved and f"tokenizer_path: {path.resolve()}" in saved
+    tokenizer = HFTokenizer(path)
+    assert tokenizer.decode(tokenizer.encode("return a + b")) == "return a + b"
+
+
+def test_tokenizer_config_errors_name_the_field(tmp_path):
+    from sparse_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="tokenizer_path.*needs the directory"):
+        load_config(None, ["data.tokenizer=hf"])
+    with pytest.raises(ConfigError, match="no such directory"):
+        load_config(None, ["data.tokenizer=hf", f"data.tokenizer_path={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="cannot load a tokenizer"):
+        from sparse_train.data.tokenizer import HFTokenizer
+
+        HFTokenizer(tmp_path)

@@ -8,8 +8,9 @@ import torch
 
 from sparse_train.config import ConfigError
 from sparse_train.models.transformer import Transformer
+from sparse_train.upcycle.carve import balanced_kmeans
 from sparse_train.upcycle.io import load_source, write_model
-from sparse_train.upcycle.methods import UpcycleSpec, balanced_kmeans, upcycle
+from sparse_train.upcycle.methods import UpcycleSpec, upcycle
 from tests.upcycle.conftest import transformers
 
 TOKENS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -63,6 +64,33 @@ def test_split_with_every_expert_active_sums_to_the_dense_ffn(dense, partition):
         errors.append(_rel(_logits(cfg, state), reference))
     assert errors[-1] <= 1e-5, "all 4 experts active with unit weights: exactly the dense FFN"
     assert errors[0] > errors[-1]
+
+
+@pytest.mark.parametrize(("method", "partition"), [("copy", "contiguous"), ("split", "kmeans"), ("split", "random")])
+@pytest.mark.parametrize("top_k", [2, 4])
+def test_granular_upcycling_reproduces_the_dense_logits(dense, tmp_path, method, partition, top_k):
+    """E = 8 experts: 4 copies of the FFN cut into 2 slices; top-k selects whole copies."""
+    spec = UpcycleSpec(method, num_experts=8, top_k=top_k, granularity=2, partition=partition)
+    cfg, state = upcycle(dense.cfg, dense.state, spec)
+    assert cfg.moe.expert_hidden == 24 // 2 and cfg.router.combine == "weights"
+    router = state["blocks.0.ffn.router.weight"]
+    assert torch.equal(router[0], router[1]) and not torch.equal(router[1], router[2])  # one row per copy
+    reference = _logits(dense.cfg, dense.state)
+    assert _rel(_logits(cfg, state), reference) <= 1e-5
+    write_model(tmp_path / "hf", cfg, state, "hf", overwrite=False)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert _rel(exported(TOKENS).logits, reference) <= 1e-5
+
+
+def test_bad_granularity_names_the_problem(dense):
+    for spec, message in [
+        (UpcycleSpec("copy", num_experts=8, top_k=3, granularity=2), "--top-k: must be a multiple of --granularity"),
+        (UpcycleSpec("split", num_experts=8, top_k=2, granularity=3), "--granularity: must divide --num-experts"),
+        (UpcycleSpec("copy", num_experts=10, top_k=5, granularity=5), r"--granularity: must divide the FFN width"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            upcycle(dense.cfg, dense.state, spec)
 
 
 def test_split_layers_only_touch_the_named_blocks(dense):

@@ -1,0 +1,103 @@
+"""How close each converted FFN is to the dense one, on held-out calibration tokens.
+
+For every converted block and every number of selected experts (leaves) k, the relative
+error ||y_converted - y_dense|| / ||y_dense|| (Frobenius, over the held-out tokens) and the
+fraction of the dense FFN's parameters a token uses: k experts' weights, the shared experts,
+and the router (or the tree's node neurons), all of which every token reads. An FFF is also
+measured in its inference form ("hard": the tree descent to one leaf).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparse_train.config import Config
+from sparse_train.models.experts import SwiGLU
+from sparse_train.models.fff import FFFLayer
+from sparse_train.models.moe import MoELayer
+from sparse_train.upcycle.calibration import Calibration
+
+REPORT_FILE = "conversion_report.json"
+
+
+def _k_values(n: int) -> list[int]:
+    """Every k up to 16 experts; powers of two (and n) beyond."""
+    if n <= 16:
+        return list(range(1, n + 1))
+    return sorted({2**p for p in range(int(math.log2(n)) + 1)} | {n})
+
+
+def _block_state(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    prefix = f"blocks.{i}.ffn."
+    return {k[len(prefix) :]: v.float() for k, v in state.items() if k.startswith(prefix)}
+
+
+def _layers(cfg: Config, k: int) -> list[tuple[str, torch.nn.Module]]:
+    """(label, converted FFN selecting k experts or leaves) for the report's rows at this k."""
+    d = cfg.model.d_model
+    if cfg.model.ffn == "fff":
+        rows = [(f"top-{k}", FFFLayer(d, replace(cfg.fff, mode="topk_paths", top_k=k, combine="unit")).train())]
+        if k == 1:
+            hard = replace(cfg.fff, mode="hard", inference_backend="torch")  # the reference descent, no build
+            rows.append(("hard", FFFLayer(d, hard).eval()))
+        return rows
+    return [(f"top-{k}", MoELayer(d, cfg.moe, replace(cfg.router, top_k=k)).train())]
+
+
+def _active_params(layer: torch.nn.Module, k: int, label: str) -> int:
+    """Parameters one token reads: k experts (one leaf for "hard") plus everything not per expert."""
+    per_expert = sum(p[0].numel() for p in layer.experts.parameters())
+    others = sum(p.numel() for name, p in layer.named_parameters() if not name.startswith("experts."))
+    return (1 if label == "hard" else k) * per_expert + others
+
+
+@torch.no_grad()
+def conversion_report(dense_cfg: Config, dense_state, cfg: Config, state, calib: Calibration) -> dict[str, Any]:
+    m = dense_cfg.model
+    dense_params = 3 * m.d_model * m.ffn_hidden
+    n_experts = cfg.fff.num_leaves if cfg.model.ffn == "fff" else cfg.moe.num_experts
+    blocks: dict[str, list[dict[str, Any]]] = {}
+    for i in cfg.moe.layers:
+        dense = SwiGLU(m.d_model, m.ffn_hidden)
+        dense.load_state_dict(_block_state(dense_state, i))
+        x = calib.held_out[i]
+        y_dense = dense(x)
+        rows = []
+        for k in _k_values(n_experts):
+            for label, layer in _layers(cfg, k):
+                layer.load_state_dict(_block_state(state, i))
+                y, _ = layer(x[None])  # one "sequence" of all held-out tokens
+                y = y[0]
+                rows.append({
+                    "selected": label, "top_k": k,
+                    "rel_error": float((y - y_dense).norm() / y_dense.norm().clamp_min(1e-30)),
+                    "active_fraction": _active_params(layer, k, label) / dense_params,
+                })  # fmt: skip
+        blocks[str(i)] = rows
+    return {"calibration": {"source": calib.source, "tokens": calib.num_tokens,
+                            "held_out_tokens": int(next(iter(calib.held_out.values())).shape[0])},
+            "blocks": blocks}  # fmt: skip
+
+
+def write_report(report: dict[str, Any], directory: Path) -> Path:
+    path = Path(directory) / REPORT_FILE
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A table: one row per selection, the relative error in each converted block."""
+    blocks = report["blocks"]
+    names = list(blocks)
+    first = blocks[names[0]]
+    lines = ["selected  active  " + "  ".join(f"err[{b:>2}]" for b in names)]
+    for r, row in enumerate(first):
+        errors = "  ".join(f"{blocks[b][r]['rel_error']:7.4f}" for b in names)
+        lines.append(f"{row['selected']:>8}  {row['active_fraction']:6.3f}  {errors}")
+    return "\n".join(lines)
