@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--format", required=True, choices=["native", "hf"], help="what to write")
     conv.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
 
+    plot = sub.add_parser("plot-runs", help="loss curves of several runs in one figure (PNG and SVG)")
+    plot.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR[@OFFSET]",
+                      help="a run's label and directory; @OFFSET shifts its steps (a continued run)")  # fmt: skip
+    plot.add_argument("--out", required=True, type=Path, help="output path without suffix: writes OUT.png, OUT.svg")
+    plot.add_argument("--title", default=None)
+
     sub.add_parser("info", help="versions, devices, optional integrations and runtime settings, as JSON")
 
     cfg = sub.add_parser("config", help="print the resolved config (YAML), or every field with its help")
@@ -455,6 +461,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot_runs(args: argparse.Namespace) -> int:
+    from sparse_train.train import plots
+
+    runs = []
+    for spec in args.runs:
+        label, sep, rest = spec.partition("=")
+        directory, _, offset = rest.partition("@")
+        if not sep or not label or not directory:
+            raise UsageError(f"sparse-train plot-runs: {spec!r} is not LABEL=RUN_DIR[@OFFSET]")
+        if offset and not offset.isdigit():
+            raise UsageError(f"sparse-train plot-runs: offset {offset!r} in {spec!r} is not a step count")
+        metrics = Path(directory) / "metrics.jsonl"
+        if not metrics.is_file():
+            raise UsageError(f"sparse-train plot-runs: {metrics} does not exist (is {directory} a run directory?)")
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        runs.append((label, records, int(offset or 0)))
+    fig = plots.compare_runs(runs)
+    if args.title:
+        fig.axes[0].set_title(args.title)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".png", ".svg"):
+        fig.savefig(str(args.out) + suffix, dpi=110)
+    plots.plt.close(fig)
+    print(f"wrote {args.out}.png, {args.out}.svg")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import importlib.metadata
     import os
@@ -494,6 +527,7 @@ COMMANDS = {
     "config": cmd_config,
     "upcycle": cmd_upcycle,
     "convert": cmd_convert,
+    "plot-runs": cmd_plot_runs,
 }
 
 

@@ -155,3 +155,27 @@ def test_main_job_trains_tiny_moe_with_a_falling_loss(tmp_path):
     assert losses[-1] < losses[0] - 2.0
     assert [r["val_loss"] for r in records if "val_loss" in r][-1] < 2.5
     assert "expert load" in proc.stdout
+
+
+def test_plot_runs_draws_every_run_on_one_step_axis(tmp_path, capsys):
+    for name, records in {
+        "a": [{"step": s, "lm_loss": 3.0 - s / 100} for s in range(10, 101, 10)] + [{"step": 100, "val_loss": 2.0}],
+        "b": [{"step": 0, "val_loss": 2.0}] + [{"step": s, "lm_loss": 2.0 - s / 200} for s in range(10, 101, 10)],
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "plots" / "curves"
+    assert main(["plot-runs", f"first={tmp_path / 'a'}", f"continued={tmp_path / 'b'}@100", "--out", str(out)]) == 0
+    assert out.with_suffix(".png").stat().st_size > 10_000 and out.with_suffix(".svg").is_file()
+    from sparse_train.train.plots import compare_runs
+
+    fig = compare_runs([("b", [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()],
+                         100)])  # fmt: skip
+    xs = [x for line in fig.axes[0].get_lines() for x in line.get_xdata()]
+    assert min(xs) == 100 and max(xs) == 200, "the continued run is drawn from its offset"
+    capsys.readouterr()
+    for argv, message in [(["nolabel"], "is not LABEL=RUN_DIR"), ([f"x={tmp_path}"], "metrics.jsonl does not exist"),
+                          ([f"x={tmp_path / 'a'}@soon"], "is not a step count")]:  # fmt: skip
+        assert main(["plot-runs", *argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

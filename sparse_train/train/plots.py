@@ -47,3 +47,28 @@ def loss_curve(records: Sequence[dict]) -> Figure:
 def save(fig: Figure, path: str) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def compare_runs(runs: Sequence[tuple[str, Sequence[dict], int]], smooth: int = 5) -> Figure:
+    """Loss curves of several runs on one step axis: (label, metrics records, step offset), e.g.
+    a run continued from another's final checkpoint starts at that run's last step. Train loss is
+    a moving average over `smooth` records; validation losses are marked."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    for label, records, offset in runs:
+        train = [(r["step"] + offset, r["lm_loss"]) for r in records if "lm_loss" in r]
+        val = [(r["step"] + offset, r["val_loss"]) for r in records if "val_loss" in r]
+        colour = None
+        if train:
+            steps, losses = zip(*train, strict=True)
+            window = max(1, min(smooth, len(losses)))
+            smoothed = np.convolve(losses, np.ones(window) / window, mode="valid")
+            (line,) = ax.plot(steps[window - 1 :], smoothed, label=f"{label} (train)")
+            colour = line.get_color()
+        if val:
+            ax.plot(*zip(*val, strict=True), "o--", color=colour, markersize=4, label=f"{label} (validation)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -136,7 +136,8 @@ class Trainer:
         self.data = data or load_token_data(self.cfg.data, self.tokenizer, self.cfg.model.vocab_size)
         # Every rank builds the whole model from the seed, then keeps its part of the layout.
         model = Transformer(self.cfg)
-        if init_weights is not None and resume_path is None:
+        self.initialised_from_weights = init_weights is not None and resume_path is None
+        if self.initialised_from_weights:
             _load_init_weights(model, init_weights)
         model = model.to(self.device)
         self.params = count_parameters(model)
@@ -335,6 +336,8 @@ class Trainer:
             file=sys.stderr,
         )
         try:
+            if self.initialised_from_weights and self.step == 0:
+                self._evaluate_and_log()  # where the given weights start: step 0 of the loss curve
             while self.step < t.steps:
                 started = time.perf_counter()
                 record = self.train_step()

@@ -4,7 +4,8 @@ For every converted block and every number of selected experts (leaves) k, the r
 error ||y_converted - y_dense|| / ||y_dense|| (Frobenius, over the held-out tokens) and the
 fraction of the dense FFN's parameters a token uses: k experts' weights, the shared experts,
 and the router (or the tree's node neurons), all of which every token reads. An FFF is also
-measured in its inference form ("hard": the tree descent to one leaf).
+measured in its inference form ("hard": the tree descent to one leaf). As a control, every
+row also gives the error of the same experts under a random router (`rel_error_random_router`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,23 @@ def _active_params(layer: torch.nn.Module, k: int, label: str) -> int:
     return (1 if label == "hard" else k) * per_expert + others
 
 
+def _rel_error(y: torch.Tensor, y_dense: torch.Tensor) -> float:
+    return float((y - y_dense).norm() / y_dense.norm().clamp_min(1e-30))
+
+
+def _random_routing(block: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The control: the same experts, the router (or node neurons) replaced by Gaussian rows of
+    the fitted ones' scale, node biases zero. What the calibration's router fit is worth."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(block)
+    for name in ("router.weight", "tree.node_weight_ND"):
+        if name in out:
+            out[name] = torch.randn(out[name].shape, generator=g) * out[name].std()
+    if "tree.node_bias_N" in out:
+        out["tree.node_bias_N"] = torch.zeros_like(out["tree.node_bias_N"])
+    return out
+
+
 @torch.no_grad()
 def conversion_report(dense_cfg: Config, dense_state, cfg: Config, state, calib: Calibration) -> dict[str, Any]:
     m = dense_cfg.model
@@ -73,10 +91,11 @@ def conversion_report(dense_cfg: Config, dense_state, cfg: Config, state, calib:
             for label, layer in _layers(cfg, k):
                 layer.load_state_dict(_block_state(state, i))
                 y, _ = layer(x[None])  # one "sequence" of all held-out tokens
-                y = y[0]
+                layer.load_state_dict(_random_routing(_block_state(state, i), i))
+                y_random, _ = layer(x[None])
                 rows.append({
-                    "selected": label, "top_k": k,
-                    "rel_error": float((y - y_dense).norm() / y_dense.norm().clamp_min(1e-30)),
+                    "selected": label, "top_k": k, "rel_error": _rel_error(y[0], y_dense),
+                    "rel_error_random_router": _rel_error(y_random[0], y_dense),
                     "active_fraction": _active_params(layer, k, label) / dense_params,
                 })  # fmt: skip
         blocks[str(i)] = rows
@@ -96,8 +115,10 @@ def format_report(report: dict[str, Any]) -> str:
     blocks = report["blocks"]
     names = list(blocks)
     first = blocks[names[0]]
-    lines = ["selected  active  " + "  ".join(f"err[{b:>2}]" for b in names)]
+    lines = ["selected  active  " + "  ".join(f"err[{b:>2}] (random router)" for b in names)]
     for r, row in enumerate(first):
-        errors = "  ".join(f"{blocks[b][r]['rel_error']:7.4f}" for b in names)
+        errors = "  ".join(
+            f"{blocks[b][r]['rel_error']:7.4f} ({blocks[b][r]['rel_error_random_router']:6.4f})" for b in names
+        )
         lines.append(f"{row['selected']:>8}  {row['active_fraction']:6.3f}  {errors}")
     return "\n".join(lines)

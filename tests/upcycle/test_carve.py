@@ -130,6 +130,7 @@ def test_error_shrinks_with_top_k_and_is_zero_with_every_expert(calibration, spe
         errors = [r["rel_error"] for r in ranked]
         assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
         assert errors[-1] <= 1e-5 and errors[0] > 0.05
+        assert ranked[-1]["rel_error_random_router"] <= 1e-5 and ranked[0]["rel_error_random_router"] > 0.05
         active = [r["active_fraction"] for r in ranked]
         assert all(a < b for a, b in zip(active, active[1:], strict=False)) and active[-1] > 1.0  # + router
     if spec.method == "fff":

@@ -19,8 +19,12 @@ def byte_vocab_llama(tmp_path):
     return tmp_path / "dense"
 
 
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _first_record(run_dir):
-    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    return next(r for r in _records(run_dir) if "lm_loss" in r)
 
 
 def test_upcycled_copy_starts_where_the_dense_model_is(byte_vocab_llama, tmp_path):
@@ -32,6 +36,9 @@ def test_upcycled_copy_starts_where_the_dense_model_is(byte_vocab_llama, tmp_pat
     assert main(["train", "--init-from", str(tmp_path / "moe"), "--run-dir", str(tmp_path / "moe-run"), *sets]) == 0
     dense, moe = _first_record(tmp_path / "dense-run"), _first_record(tmp_path / "moe-run")
     assert moe["lm_loss"] == pytest.approx(dense["lm_loss"], rel=1e-5)  # the same function at step 0
+    dense_start, moe_start = _records(tmp_path / "dense-run")[0], _records(tmp_path / "moe-run")[0]
+    assert dense_start["step"] == moe_start["step"] == 0  # a run from given weights evaluates them first
+    assert moe_start["val_loss"] == pytest.approx(dense_start["val_loss"], rel=1e-5)
     assert "moe/block0/expert_load" in moe and "moe/block0/expert_load" not in dense
     saved = (tmp_path / "moe-run" / "config.yaml").read_text()
     assert "num_experts: 4" in saved and "d_model: 32" in saved  # model sections from the source
