@@ -214,8 +214,19 @@ class FFFLayer(SparseFFN):
         if self.master is not None:
             a = self.blend()
             y_TD = (1 - a) * y_TD + a * self.master(x_TD)
-        zero = x_TD.new_zeros((), dtype=torch.float32)
-        return y_TD.reshape(*lead, -1), self._aux(zero, zero, counts_L, x_TD.shape[0], {})
+        return y_TD.reshape(*lead, -1), self._inference_aux(counts_L, x_TD.shape[0])
+
+    def _inference_aux(self, counts_L: torch.Tensor, total: int) -> FFFAux:
+        """Evaluation's aux: zero losses (nothing trains) and the leaf usage, in as few tensor ops
+        as possible: right after the kernel has streamed the leaf weights through the caches,
+        each small op costs tens of microseconds (measured at depth 4, batch 64: ~30 us each)."""
+        load_L = counts_L.to(torch.float32).div_(max(total, 1))
+        zero = load_L.new_zeros(())
+        metrics = {"leaf_usage_entropy": torch.special.entr(load_L).sum()}
+        if self.master is not None:
+            metrics["master_blend"] = self.blend().detach().float()[0]
+        losses = {"aux_loss": zero, "hardening_loss": zero}
+        return FFFAux(kind="fff", objective=zero, losses=losses, load=load_L, metrics=metrics)
 
 
 def fff_reference_forward(layer: FFFLayer, x_TD: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@
 //      rows; the others parallel over blocks of up to TB tokens of one leaf, each leaf's weights
 //      read once per block, hidden = act(x @ w_in[leaf]), out = hidden @ w_out[leaf], both as
 //      register-blocked micro-kernels (TB tokens x V outputs of accumulators, V = one vector),
-//      or, for blocks of a few tokens, where reading the weights is the cost, streaming the
-//      weights row by row.
+//      or, for blocks of a few tokens or wide rows, where reading the weights is the cost,
+//      streaming the weights row by row.
 // Leaf kinds: GELU (w_in [L, D, F], w_out [L, F, O]) and SwiGLU (w_in = [gate | up] [L, D, 2F],
 // w_out [L, F, O]). Parallelism is ATen's intra-op pool (at::parallel_for, OpenMP).
 #include <torch/extension.h>
@@ -28,8 +28,10 @@ constexpr int64_t V = 16;  // accumulator width (one AVX-512 register of floats)
 // (measured on 2 cores: BLAS wins from ~64 tokens of width >= 64; below, call overheads dominate).
 constexpr int64_t kBlasMinTokens = 64;
 constexpr int64_t kBlasMinWidth = 64;
-// Blocks of at most this many tokens stream the leaf's weights row by row (stream_matmul).
+// Blocks of at most this many tokens, or with weight rows at least this wide, stream the leaf's
+// weights row by row (stream_matmul).
 constexpr int64_t kStreamMaxTokens = 4;
+constexpr int64_t kStreamMinWidth = 128;
 
 inline float gelu(float v) { return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f)); }
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
@@ -73,19 +75,43 @@ void block_matmul(const float* const* a, int64_t K, const float* w, int64_t J, f
 }
 
 // The same product for n <= TB rows, streaming w row by row (axpy order): every weight is read
-// once, in address order, which the prefetcher follows. For blocks with few tokens, where the
-// leaf's weights (not the arithmetic) are the cost: the register block walks w by columns.
+// once, in address order, which the prefetcher follows, and each loaded weight vector feeds two
+// tokens. For blocks whose weights (not the arithmetic) are the cost: few tokens, or rows wider
+// than a register block, where block_matmul's walk down columns touches one cache line per row,
+// a row's width apart (measured on 2 AVX2 cores: 4x slower than this on 512 x 256
+// leaves that are not in cache). The rows kPrefetchRows ahead are requested while these are
+// used, since a 4 KiB page ends every few rows and the hardware prefetcher stops there.
+constexpr int64_t kPrefetchRows = 16;
+
 void stream_matmul(const float* const* a, int64_t n, int64_t K, const float* w, int64_t J, float* out,
                    int64_t out_stride) {
   for (int64_t b = 0; b < n; ++b) std::fill(out + b * out_stride, out + b * out_stride + J, 0.f);
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) {  // four rows per pass: four FMAs per load and store of the output
-    const float *w0 = w + k * J, *w1 = w0 + J, *w2 = w1 + J, *w3 = w2 + J;
-    for (int64_t b = 0; b < n; ++b) {
-      const float a0 = a[b][k], a1 = a[b][k + 1], a2 = a[b][k + 2], a3 = a[b][k + 3];
-      float* o = out + b * out_stride;
+    const float* __restrict__ w0 = w + k * J;
+    const float* __restrict__ w1 = w0 + J;
+    const float* __restrict__ w2 = w1 + J;
+    const float* __restrict__ w3 = w2 + J;
+    if (k + kPrefetchRows + 4 <= K)
+      for (int64_t j = 0; j < 4 * J; j += 16) __builtin_prefetch(w0 + kPrefetchRows * J + j, 0, 0);
+    int64_t b = 0;
+    for (; b + 2 <= n; b += 2) {  // two tokens per pass over the four rows
+      const float p0 = a[b][k], p1 = a[b][k + 1], p2 = a[b][k + 2], p3 = a[b][k + 3];
+      const float q0 = a[b + 1][k], q1 = a[b + 1][k + 1], q2 = a[b + 1][k + 2], q3 = a[b + 1][k + 3];
+      float* __restrict__ o = out + b * out_stride;
+      float* __restrict__ u = o + out_stride;
 #pragma omp simd
-      for (int64_t j = 0; j < J; ++j) o[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+      for (int64_t j = 0; j < J; ++j) {
+        const float x0 = w0[j], x1 = w1[j], x2 = w2[j], x3 = w3[j];
+        o[j] += p0 * x0 + p1 * x1 + p2 * x2 + p3 * x3;
+        u[j] += q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3;
+      }
+    }
+    for (; b < n; ++b) {
+      const float p0 = a[b][k], p1 = a[b][k + 1], p2 = a[b][k + 2], p3 = a[b][k + 3];
+      float* __restrict__ o = out + b * out_stride;
+#pragma omp simd
+      for (int64_t j = 0; j < J; ++j) o[j] += p0 * w0[j] + p1 * w1[j] + p2 * w2[j] + p3 * w3[j];
     }
   }
   for (; k < K; ++k) {
@@ -98,6 +124,10 @@ void stream_matmul(const float* const* a, int64_t n, int64_t K, const float* w, 
     }
   }
 }
+
+// Which kernel a block of n tokens uses for a [K, J] weight: register blocks for narrow rows
+// with enough tokens to reuse each loaded weight, the row stream otherwise.
+inline bool use_stream(int64_t n_tok, int64_t J) { return n_tok <= kStreamMaxTokens || J >= kStreamMinWidth; }
 
 // leaf[t] for the TB tokens from `begin` (rows past T repeat the last token and are not written).
 void descend_block(const float* x, const float* node_w, const float* node_b, int64_t T, int64_t D, int64_t depth,
@@ -189,15 +219,14 @@ std::vector<torch::Tensor> fff_hard_forward(torch::Tensor x, torch::Tensor node_
       const float* act_rows[TB];
       for (int64_t b = 0; b < TB; ++b) {  // a short block repeats its last token; the copy is not written
         x_rows[b] = xp + order[i + std::min(b, n_tok - 1)] * D;
-        act_rows[b] = act.data() + b * F;
+        act_rows[b] = act.data() + std::min(b, n_tok - 1) * F;
       }
-      const bool stream = n_tok <= kStreamMaxTokens;
-      if (stream) {
+      if (use_stream(n_tok, H)) {
         stream_matmul(x_rows, n_tok, D, wip + l * D * H, H, hidden.data(), H);
       } else {
         block_matmul(x_rows, D, wip + l * D * H, H, hidden.data(), H);
       }
-      for (int64_t b = 0; b < TB; ++b) {
+      for (int64_t b = 0; b < n_tok; ++b) {  // the repeated rows reuse the last token's activations
         const float* h = hidden.data() + b * H;
         float* a = act.data() + b * F;
         if (swiglu) {
@@ -206,7 +235,7 @@ std::vector<torch::Tensor> fff_hard_forward(torch::Tensor x, torch::Tensor node_
           for (int64_t j = 0; j < F; ++j) a[j] = gelu(h[j]);
         }
       }
-      if (stream) {
+      if (use_stream(n_tok, O)) {
         stream_matmul(act_rows, n_tok, F, wop + l * F * O, O, out.data(), O);
       } else {
         block_matmul(act_rows, F, wop + l * F * O, O, out.data(), O);
