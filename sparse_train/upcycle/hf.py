@@ -251,11 +251,6 @@ def export_arch(cfg: Config) -> str:
         raise ConfigError("moe.capacity_factor", "HF MoE blocks are dropless: export a model with capacity_factor null")
     if cfg.router.combine != "weights":
         raise ConfigError("router.combine", "HF MoE blocks weight experts by the router: export needs combine: weights")
-    if moe.num_shared_experts and not moe.shared_expert_gate:
-        raise ConfigError(
-            "moe.shared_expert_gate",
-            "ungated shared experts have no exact HF form; Qwen2-MoE gates them (train with shared_expert_gate: true)",
-        )
     all_moe = all(moe.is_moe_layer(i, m.n_layers) for i in range(m.n_layers))
     if all_moe and not moe.num_shared_experts and cfg.router.renormalize and not m.qkv_bias:
         return "MixtralForCausalLM"
@@ -320,7 +315,12 @@ def _experts_from_native(arch: str, i: int, cfg: Config, state: dict[str, torch.
         for ours, theirs in _swiglu_pairs(f"{nat}.shared_experts", f"{prefix}.shared_expert",
                                           ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
             out[theirs] = state[ours]
-        out[f"{prefix}.shared_expert_gate.weight"] = state[f"{nat}.shared_gate.weight"]
+        if cfg.moe.shared_expert_gate:
+            out[f"{prefix}.shared_expert_gate.weight"] = state[f"{nat}.shared_gate.weight"]
+        else:  # Qwen2-MoE always gates: sigmoid(0) = 1/2 times a doubled down projection, exactly ours
+            down = f"{prefix}.shared_expert.down_proj.weight"
+            out[down] = out[down] * 2
+            out[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, w_ED2F.shape[1], dtype=w_ED2F.dtype)
     elif arch == "Qwen2MoeForCausalLM":  # Qwen2-MoE always has one: a zero-width one adds nothing
         out.update(_empty_shared_expert(prefix, w_ED2F.shape[1], w_ED2F.dtype))
     return out

@@ -87,11 +87,25 @@ def test_unsupported_model_options_are_refused_by_name(hf_dir):
             native_config(read_hf(path))
 
 
-def test_ungated_shared_experts_are_not_exported_inexactly(tmp_path):
+def test_ungated_shared_experts_export_exactly_as_qwen2_moe(tmp_path):
     from tests.conftest import tiny_config
 
     cfg = tiny_config("moe.num_shared_experts=1", "model.vocab_size=258")
-    with pytest.raises(ConfigError, match="ungated shared experts have no exact HF form"):
+    model = Transformer(cfg).eval()
+    assert write_hf(tmp_path / "out", model.state_dict(), cfg) == "Qwen2MoeForCausalLM"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _rel(theirs(tokens).logits, model(tokens).logits_BSV) <= 1e-5
+    gate = read_hf(tmp_path / "out").tensors["model.layers.0.mlp.shared_expert_gate.weight"]
+    assert not gate.any(), "a zero gate: sigmoid(0) = 1/2 against the doubled down projection"
+
+
+def test_unit_combine_is_not_exported_inexactly(tmp_path):
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("router.combine=unit", "model.vocab_size=258")
+    with pytest.raises(ConfigError, match="export needs combine: weights"):
         write_hf(tmp_path / "out", Transformer(cfg).state_dict(), cfg)
     assert not (tmp_path / "out").exists()
 
