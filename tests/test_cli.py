@@ -77,10 +77,11 @@ def test_corrupted_explicit_checkpoint_is_a_clear_error(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--run-dir", str(run), *_set_args("train.steps=10")]) == 0
     ckpt = run / "checkpoints" / "step_00000010"
-    (ckpt / "optimizer.pt").write_bytes(b"")
+    shard = next((ckpt / "optim").glob("*.distcp"))
+    shard.write_bytes(b"")
     capsys.readouterr()
     assert main(["train", "--run-dir", str(tmp_path / "other"), "--resume", str(ckpt), *_set_args()]) == 2
-    assert "optimizer.pt is truncated" in capsys.readouterr().err
+    assert f"optim/{shard.name} is truncated" in capsys.readouterr().err
 
 
 def test_python_dash_m_is_the_same_command():

@@ -1,17 +1,22 @@
-"""Single-process checkpoints: atomic writes, a checksummed manifest, auto-resume with fallback.
+"""Checkpoints: sharded writes from any layout, atomic publication, verified reads, auto-resume.
 
 A checkpoint is a directory `RUN_DIR/checkpoints/step_XXXXXXXX/`:
 
-    model.safetensors   model weights
-    optimizer.pt        optimizer state
+    model/              the weights, torch.distributed.checkpoint (DCP) shards of every rank
+    optim/              the optimizer state, DCP shards (sparse_train.train.sharded)
     state.pt            step, scheduler, sampler position, RNG states, counters
     config.yaml         the resolved config of the run
+    layout.json         the parallel layout and world size that wrote it
     manifest.json       format, step, and size + sha256 of every other file; written last
 
-It is written under a temporary name, every file fsync'd, the manifest written last, then the
-directory renamed into place (and the parent fsync'd). A crash at any point leaves either no
-new checkpoint or a complete one, and the previous checkpoints untouched. Loading verifies
-sizes and checksums, so truncation or bit rot is reported instead of silently loaded.
+Every rank writes its shards into one hidden temporary directory (on a filesystem all ranks
+share); after all have finished, the main rank writes the rest, fsyncs every file, writes the
+manifest last and renames the directory into place. A crash or kill at any point leaves either
+no new checkpoint or a complete one, the previous checkpoints untouched, and `--resume auto`
+skips anything without a verifying manifest. Loading verifies sizes and checksums, so
+truncation or bit rot is reported instead of silently loaded, and reshards into the loading
+layout. Format 1 checkpoints (whole tensors in model.safetensors, optimizer.pt), written
+before sharded checkpoints, still load everywhere.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -36,8 +42,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-FORMAT_VERSION = 1
+from sparse_train.train import sharded
+
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
+LAYOUT = "layout.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -71,11 +81,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A single-process model's weights by name (tied weights appear under each name)."""
-    return {name: t.detach() for name, t in model.state_dict().items()}
-
-
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, full: bool = False) -> dict[str, Any]:
     """The optimizer state keyed by parameter name, so any layout can read it back.
 
@@ -85,47 +90,56 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, full:
     return get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def _unique_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors stores a tensor once: later names of a tied weight are dropped (load restores them)."""
-    seen: set[tuple[int, int]] = set()
-    unique = {}
-    for name, t in weights.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            unique[name] = t.contiguous()
-    return unique
-
-
 def save_checkpoint(
     checkpoints_dir: Path,
     step: int,
     weights: dict[str, torch.Tensor],
-    optim_state: dict[str, Any],
+    optim_state: dict[str, Any] | None,
     state: dict[str, Any],
     config_yaml: str,
     *,
     keep: int,
+    layout: dict[str, Any] | None = None,
+    distributed: bool = False,
+    is_main: bool = True,
     before_rename: Callable[[Path], None] | None = None,
-) -> Path:
-    """Write a complete checkpoint atomically, then delete all but the newest `keep`."""
-    for name, t in weights.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"refusing to save step {step}: parameter {name} is not finite")
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+) -> Path | None:
+    """Write a complete checkpoint atomically, then delete all but the newest `keep`.
+
+    `weights` / `optim_state` hold this rank's part (DTensor shards, a pipeline stage's
+    tensors; `sharded.model_state` / `sharded.optimizer_state`). When `distributed`, every rank
+    calls this (collective); the main rank publishes and returns the path, the others None."""
+    bad = sharded.local_non_finite(weights)
+    if distributed:
+        flag = torch.tensor([int(bad is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and bad is None:
+            bad = "(on another rank)"
+    if bad is not None:
+        raise CheckpointError(f"refusing to save step {step}: parameter {bad} is not finite")
     final = checkpoints_dir / step_dir_name(step)
-    tmp = checkpoints_dir / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_unique_storage(weights), str(tmp / "model.safetensors"))
-    torch.save(optim_state, tmp / "optimizer.pt")
+    tmp = checkpoints_dir / f".{final.name}.tmp"
+    if is_main:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that was killed
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if distributed:
+        dist.barrier()
+    sharded.save(tmp, weights, optim_state, distributed)
+    if distributed:
+        dist.barrier()  # every rank's shards are on disk
+    if not is_main:
+        return None
     torch.save(state, tmp / "state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / LAYOUT).write_text(json.dumps(layout or {"world_size": 1}, indent=1) + "\n")
     files = {}
-    for f in sorted(tmp.iterdir()):
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync_path(f)
-        files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    for d in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+        _fsync_path(d)
     manifest = {"format": FORMAT_VERSION, "step": step, "created": time.time(), "files": files}
     with (tmp / MANIFEST).open("w") as fh:
         json.dump(manifest, fh, indent=1)
@@ -144,6 +158,10 @@ def save_checkpoint(
     _fsync_path(checkpoints_dir)
     prune_checkpoints(checkpoints_dir, keep)
     return final
+
+
+def checkpoint_format(path: Path) -> int:
+    return int(json.loads((path / MANIFEST).read_text())["format"])
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[CheckpointInfo]:
@@ -170,8 +188,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{path}: {MANIFEST} is unreadable") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, this version reads {FORMAT_VERSION}")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, this version reads {READABLE_FORMATS}")
     for name, meta in files.items():
         f = path / name
         if not f.is_file():
@@ -202,7 +220,7 @@ def latest_valid_checkpoint(checkpoints_dir: Path, warn: Callable[[str], None]) 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
     """Delete complete checkpoints beyond the newest `keep`, and leftovers of interrupted saves."""
-    for leftover in checkpoints_dir.glob(".step_*.tmp-*"):
+    for leftover in checkpoints_dir.glob(".step_*.tmp*"):
         shutil.rmtree(leftover, ignore_errors=True)
     complete = [c for c in list_checkpoints(checkpoints_dir) if (c.path / MANIFEST).is_file()]
     for info in complete[keep:]:
@@ -222,7 +240,10 @@ def _fit_shape(name: str, stored: torch.Tensor, target: torch.Tensor) -> torch.T
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    """The whole model's weights as CPU tensors, whatever layout wrote them."""
+    if checkpoint_format(path) == 1:
+        return load_file(str(path / "model.safetensors"))
+    return sharded.read_full(path)
 
 
 def fit_weights(
@@ -302,10 +323,24 @@ def load_optimizer_state(
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Verify, then load weights (and optimizer state) into a single-process model; return the trainer state."""
     verify_checkpoint(path)
-    load_weights(path, model)
-    if optimizer is not None:
-        load_optimizer_state(path, read_optimizer_state(path), model, optimizer)
+    if checkpoint_format(path) == 1:
+        load_weights(path, model)
+        if optimizer is not None:
+            load_optimizer_state(path, read_optimizer_state(path), model, optimizer)
+    else:
+        load_sharded(path, model, optimizer, distributed=False)
     return read_trainer_state(path)
+
+
+def load_sharded(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None, *, distributed: bool,
+                 partial: bool = False) -> None:  # fmt: skip
+    """A format-2 checkpoint's weights (and optimizer state) into this rank's part of the model."""
+    try:
+        sharded.load_model(path, module, distributed, partial=partial)
+        if optimizer is not None:
+            sharded.load_optimizer(path, module, optimizer, distributed)
+    except sharded.ShapeMismatch as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

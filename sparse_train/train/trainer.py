@@ -27,6 +27,7 @@ from sparse_train.models.sparse import LOAD_NAMES
 from sparse_train.models.transformer import Transformer, count_parameters
 from sparse_train.parallel.runtime import DistributedRuntime, init_distributed
 from sparse_train.train import checkpoint as ckpt
+from sparse_train.train import sharded
 from sparse_train.train.engine import Engine
 from sparse_train.train.metrics import MetricsLogger
 from sparse_train.train.optim import build_optimizer, build_scheduler
@@ -223,10 +224,14 @@ class Trainer:
                 raise ConfigError("--resume", f"{path} was trained with a different config: {diff}")
         ckpt.verify_checkpoint(path)
         module = self.engine.module
-        weights = ckpt.fit_weights(path, ckpt.read_weights(path), module.state_dict(keep_vars=True))
-        self.engine.load_full_state_dict(weights)
         distributed = self.runtime is not None
-        ckpt.load_optimizer_state(path, ckpt.read_optimizer_state(path), module, self.optimizer, full=distributed)
+        if ckpt.checkpoint_format(path) == 1:  # whole tensors, written before sharded checkpoints
+            weights = ckpt.fit_weights(path, ckpt.read_weights(path), module.state_dict(keep_vars=True))
+            self.engine.load_full_state_dict(weights)
+            ckpt.load_optimizer_state(path, ckpt.read_optimizer_state(path), module, self.optimizer, full=distributed)
+        else:
+            partial = distributed and self.runtime.dims.pp > 1
+            ckpt.load_sharded(path, module, self.optimizer, distributed=distributed, partial=partial)
         state = ckpt.read_trainer_state(path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -252,19 +257,17 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        """Write a checkpoint of the whole model (every rank takes part; the main rank writes)."""
-        if self.runtime is None:
-            weights = ckpt.model_weights(self.model)
-            optim_state = ckpt.optimizer_state(self.model, self.optimizer)
-        else:
-            weights = self.engine.full_state_dict()
-            optim_state = self.engine.full_optimizer_state(self.optimizer)
-        path = None
-        if self.is_main:
-            path = ckpt.save_checkpoint(
-                self.checkpoints_dir, self.step, weights, optim_state, self._state(), self.cfg.to_yaml(),
-                keep=self.cfg.checkpoint.keep,
-            )  # fmt: skip
+        """Write a checkpoint: every rank its own shards, the main rank the rest (collective)."""
+        layout = {"world_size": 1}
+        if self.runtime is not None:
+            d = self.runtime.dims
+            layout = {"world_size": d.world_size, "dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard,
+                      "ep": d.ep, "tp": d.tp, "pp": d.pp}  # fmt: skip
+        path = ckpt.save_checkpoint(
+            self.checkpoints_dir, self.step, sharded.model_state(self.model),
+            sharded.optimizer_state(self.model, self.optimizer), self._state(), self.cfg.to_yaml(),
+            keep=self.cfg.checkpoint.keep, layout=layout, distributed=self.runtime is not None, is_main=self.is_main,
+        )  # fmt: skip
         if self.runtime is not None:
             torch.distributed.barrier()  # no rank runs ahead of a checkpoint that is not yet published
         return path
@@ -318,8 +321,11 @@ class Trainer:
         return val_loss, load_LE
 
     # ---- the loop -----------------------------------------------------------------------
-    def fit(self) -> RunSummary:
+    def fit(self, stop_at: int | None = None) -> RunSummary:
+        """Train to train.steps, or stop early after step `stop_at` (the schedule stays that of the
+        whole run: a run stopped there and resumed trains exactly as one that never stopped)."""
         t = self.cfg.train
+        last = t.steps if stop_at is None else min(stop_at, t.steps)
         tokens_per_step = t.batch_size * t.grad_accum * self.cfg.data.seq_len
         start_step = self.step
         first_loss = last_loss = val_loss = None
@@ -338,7 +344,7 @@ class Trainer:
         try:
             if self.initialised_from_weights and self.step == 0:
                 self._evaluate_and_log()  # where the given weights start: step 0 of the loss curve
-            while self.step < t.steps:
+            while self.step < last:
                 started = time.perf_counter()
                 record = self.train_step()
                 elapsed = time.perf_counter() - started

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from sparse_train.train import checkpoint as ckpt
+from sparse_train.train import sharded
 
 
 def _model_and_opt(seed: int = 0):
@@ -19,7 +20,7 @@ def _model_and_opt(seed: int = 0):
 
 
 def _save(dir_, step, model, opt, **kw):
-    weights, optim_state = ckpt.model_weights(model), ckpt.optimizer_state(model, opt)
+    weights, optim_state = sharded.model_state(model), sharded.optimizer_state(model, opt)
     keep = kw.pop("keep", 10)
     return ckpt.save_checkpoint(dir_, step, weights, optim_state, {"step": step}, "train: {}\n", keep=keep, **kw)
 
@@ -56,7 +57,7 @@ def test_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, damage):
     model, opt = _model_and_opt()
     _save(tmp_path, 1, model, opt)
     newest = _save(tmp_path, 2, model, opt)
-    weights = newest / "model.safetensors"
+    weights = next((newest / "model").glob("*.distcp"))  # one rank's shard file
     if damage == "flip":
         raw = bytearray(weights.read_bytes())
         raw[-3] ^= 0xFF
@@ -66,7 +67,7 @@ def test_damaged_newest_checkpoint_is_reported_and_skipped(tmp_path, damage):
     elif damage == "delete-manifest":
         (newest / "manifest.json").unlink()
     elif damage == "delete-file":
-        (newest / "optimizer.pt").unlink()
+        next((newest / "optim").glob("*.distcp")).unlink()
     else:
         (newest / "manifest.json").write_text("{")
     warnings = []
@@ -108,5 +109,44 @@ def test_manifest_lists_sizes_and_checksums(tmp_path):
     path = _save(tmp_path, 7, model, opt)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["step"] == 7
-    assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "state.pt", "config.yaml"}
+    assert {"model/.metadata", "optim/.metadata", "state.pt", "config.yaml", "layout.json"} <= set(manifest["files"])
+    assert any(name.startswith("model/") and name.endswith(".distcp") for name in manifest["files"])
     assert all(len(m["sha256"]) == 64 for m in manifest["files"].values())
+
+
+def _write_format1(dir_, step, model, opt):
+    """A checkpoint as the single-process writer before sharded checkpoints laid it out."""
+    from safetensors.torch import save_file
+
+    path = dir_ / ckpt.step_dir_name(step)
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    torch.save(ckpt.optimizer_state(model, opt), path / "optimizer.pt")
+    torch.save({"step": step}, path / "state.pt")
+    (path / "config.yaml").write_text("train: {}\n")
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": ckpt._sha256(f)} for f in sorted(path.iterdir())}
+    (path / "manifest.json").write_text(json.dumps({"format": 1, "step": step, "files": files}))
+    return path
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    model, opt = _model_and_opt(0)
+    path = _write_format1(tmp_path, 4, model, opt)
+    other, other_opt = _model_and_opt(1)
+    assert ckpt.load_checkpoint(path, other, other_opt) == {"step": 4}
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
+    assert set(ckpt.read_weights(path)) == set(model.state_dict())
+
+
+def test_a_checkpoint_of_another_model_shape_names_the_tensors(tmp_path):
+    model, opt = _model_and_opt(0)
+    path = _save(tmp_path, 1, model, opt)
+    wider = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    expected = r"3 tensors differ in shape: 0.weight is \(4, 4\) in the checkpoint, \(6, 4\) in the model"
+    with pytest.raises(ckpt.CheckpointError, match=expected):
+        ckpt.load_checkpoint(path, wider, torch.optim.AdamW(wider.parameters()))
+    deeper = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(2, 2))
+    with pytest.raises(ckpt.CheckpointError, match=r"missing \['2.bias', '2.weight'\]"):
+        ckpt.load_checkpoint(path, deeper)

@@ -58,7 +58,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
 def test_auto_resume_skips_a_corrupted_newest_checkpoint(tmp_path):
     Trainer(tiny_config(), tmp_path).fit()
     original = _losses(tmp_path)
-    weights = tmp_path / "checkpoints" / "step_00000020" / "model.safetensors"
+    weights = next((tmp_path / "checkpoints" / "step_00000020" / "model").glob("*.distcp"))
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     weights.write_bytes(bytes(raw))

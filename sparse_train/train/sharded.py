@@ -1,0 +1,138 @@
+"""Sharded checkpoint payloads: the model and optimizer state through torch.distributed.checkpoint.
+
+Every rank writes only the shards it holds (FSDP2 / EP / TP DTensor pieces, its pipeline
+stage's blocks) into `model/` and `optim/` DCP directories; replicated tensors are written
+once. A checkpoint records global tensor shapes, so it loads into any other layout: DCP reads
+each rank's new shards from whatever pieces were written, which is what reshards expert
+weights and FFF leaves from ep=2 to ep=4, to ep=1, or into one process. The optimizer state is
+flattened per parameter (`state.<fqn>.<key>`, `param_groups.<fqn>.<key>`), so pipeline stages,
+which hold disjoint parameters and param groups, save and load it independently.
+
+Names are those of the single-device model everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+MODEL_DIR = "model"
+OPTIM_DIR = "optim"
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class ShapeMismatch(ValueError):
+    """The checkpoint's tensors do not fit the model; the message names them."""
+
+
+def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return get_model_state_dict(module, options=_OPTIONS)
+
+
+def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return get_optimizer_state_dict(module, optimizer, options=_OPTIONS)
+
+
+@contextlib.contextmanager
+def _quiet(distributed: bool) -> Iterator[None]:
+    """One process on purpose: DCP's "assuming the intent is ... a single process" warning is noise."""
+    with warnings.catch_warnings():
+        if not distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save(directory: Path, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None, distributed: bool) -> None:
+    """Write this rank's shards (a collective when `distributed`)."""
+    with _quiet(distributed):
+        dcp.save(model_sd, checkpoint_id=str(directory / MODEL_DIR), no_dist=not distributed)
+        if optim_sd:
+            dcp.save(optim_sd, checkpoint_id=str(directory / OPTIM_DIR), no_dist=not distributed)
+
+
+def stored_tensors(directory: Path, what: str = MODEL_DIR) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Global shape and dtype of every tensor in a DCP directory (from its metadata)."""
+    metadata = dcp.FileSystemReader(str(directory / what)).read_metadata()
+    return {
+        key: (tuple(meta.size), meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+
+
+def check_fits(
+    stored: dict[str, tuple[tuple[int, ...], torch.dtype]], targets: dict[str, torch.Tensor], partial: bool = False
+) -> None:
+    """Raise ShapeMismatch naming the tensors whose global shapes differ, or that either side
+    lacks (`partial`: the targets are one pipeline stage's, other tensors are expected)."""
+    missing = sorted(set(targets) - set(stored))
+    unexpected = [] if partial else sorted(set(stored) - set(targets))
+    differ = [
+        f"{name} is {stored[name][0]} in the checkpoint, {tuple(t.shape)} in the model"
+        for name, t in targets.items()
+        if name in stored and tuple(stored[name][0]) != tuple(t.shape)
+    ]
+    problems = []
+    if differ:
+        problems.append(f"{len(differ)} tensors differ in shape: " + "; ".join(differ[:3]))
+    for what, names in (("missing", missing), ("unexpected", unexpected)):
+        if names:
+            problems.append(f"{what} {names[:3]}" + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
+    if problems:
+        raise ShapeMismatch("checkpoint does not fit the model: " + ", ".join(problems))
+
+
+def load_model(directory: Path, module: nn.Module, distributed: bool, *, partial: bool = False) -> None:
+    """Load the model shards this rank holds from any layout's checkpoint (collective when distributed)."""
+    sd = model_state(module)
+    check_fits(stored_tensors(directory), sd, partial)
+    with _quiet(distributed):
+        dcp.load(sd, checkpoint_id=str(directory / MODEL_DIR), no_dist=not distributed)
+    set_model_state_dict(module, sd, options=_OPTIONS)
+
+
+def load_optimizer(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, distributed: bool) -> None:
+    """Load this rank's optimizer state from any layout's checkpoint (collective when distributed)."""
+    osd = optimizer_state(module, optimizer)  # builds the state's structure (a zero-lr step on a fresh optimizer)
+    stored = stored_tensors(directory, OPTIM_DIR)
+    wanted = {k: v for k, v in osd.items() if isinstance(v, torch.Tensor)}
+    missing = sorted(set(wanted) - set(stored))
+    if missing:
+        raise ShapeMismatch(f"optimizer state does not fit the model: missing {missing[:3]}")
+    with _quiet(distributed):
+        dcp.load(osd, checkpoint_id=str(directory / OPTIM_DIR), no_dist=not distributed)
+    set_optimizer_state_dict(module, optimizer, osd, options=_OPTIONS)
+
+
+def read_full(directory: Path, what: str = MODEL_DIR) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP directory as a whole CPU tensor, in this one process."""
+    full = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in stored_tensors(directory, what).items()}
+    with _quiet(False):
+        dcp.load(full, checkpoint_id=str(directory / what), no_dist=True)
+    return full
+
+
+def local_non_finite(sd: dict[str, Any]) -> str | None:
+    """The first floating-point tensor with a non-finite value in this rank's shards, if any."""
+    for name, t in sd.items():
+        if isinstance(t, torch.Tensor):
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if local.is_floating_point() and local.numel() and not torch.isfinite(local).all():
+                return name
+    return None
