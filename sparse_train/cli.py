@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--format", required=True, choices=["native", "hf"], help="what to write")
     conv.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
 
+    ck = sub.add_parser("ckpt", help="inspect or convert checkpoints")
+    ck_sub = ck.add_subparsers(dest="ckpt_command", required=True, parser_class=_ArgumentParser)
+    ck_info = ck_sub.add_parser("info", help="a checkpoint's format, step, layout and tensors, as JSON")
+    ck_info.add_argument("path", type=Path, help="a checkpoint directory, or a run directory (its newest)")
+    ck_conv = ck_sub.add_parser("convert", help="a checkpoint's whole weights (any layout) as one safetensors file")
+    ck_conv.add_argument("path", type=Path, help="a checkpoint directory, or a run directory (its newest)")
+    ck_conv.add_argument("--to", dest="target", type=Path, required=True, help="output file, e.g. model.safetensors")
+    ck_conv.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
+
     plot = sub.add_parser("plot-runs", help="loss curves of several runs in one figure (PNG and SVG)")
     plot.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR[@OFFSET]",
                       help="a run's label and directory; @OFFSET shifts its steps (a continued run)")  # fmt: skip
@@ -461,6 +470,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ckpt(args: argparse.Namespace) -> int:
+    from sparse_train.train import checkpoint as ckpt
+
+    path = ckpt.resolve_checkpoint_path(args.path, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    if args.ckpt_command == "info":
+        print(json.dumps(ckpt.describe(path), indent=1))
+        return 0
+    out = ckpt.consolidate(path, args.target, overwrite=args.overwrite)
+    print(f"wrote {out}: the weights of {path} as one safetensors file")
+    return 0
+
+
 def cmd_plot_runs(args: argparse.Namespace) -> int:
     from sparse_train.train import plots
 
@@ -528,6 +549,7 @@ COMMANDS = {
     "upcycle": cmd_upcycle,
     "convert": cmd_convert,
     "plot-runs": cmd_plot_runs,
+    "ckpt": cmd_ckpt,
 }
 
 

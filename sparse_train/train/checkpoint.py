@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -362,3 +363,75 @@ def resolve_checkpoint_path(path: Path, warn: Callable[[str], None]) -> Path:
             if found is not None:
                 return found
     raise CheckpointError(f"{path}: no checkpoint here (expected a step_XXXXXXXX directory or a run directory)")
+
+
+# ---- inspection and conversion (`sparse-train ckpt info | convert`) ---------------------------
+def describe(path: Path) -> dict[str, Any]:
+    """What a checkpoint holds: format, step, the layout that wrote it, and every weight tensor."""
+    import yaml
+
+    manifest = verify_checkpoint(path)
+    fmt = int(manifest["format"])
+    if fmt == 1:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+            tensors = {k: (tuple(fh.get_slice(k).get_shape()), _SAFETENSORS_DTYPES.get(fh.get_slice(k).get_dtype(),
+                       fh.get_slice(k).get_dtype())) for k in fh.keys()}  # fmt: skip
+        layout: dict[str, Any] = {"world_size": 1, "note": "format 1: whole tensors written by the main rank"}
+    else:
+        tensors = {
+            k: (shape, str(dtype).replace("torch.", "")) for k, (shape, dtype) in sharded.stored_tensors(path).items()
+        }
+        layout = json.loads((path / LAYOUT).read_text())
+    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    model = config.get("model", {})
+    return {
+        "path": str(path), "format": fmt, "step": manifest["step"], "created": manifest.get("created"),
+        "layout": layout,
+        "model": {k: model.get(k) for k in ("ffn", "d_model", "n_layers", "vocab_size")},
+        "parameters": sum(math.prod(shape) for shape, _ in tensors.values()),
+        "bytes_on_disk": sum(meta["bytes"] for meta in manifest["files"].values()),
+        "tensors": {k: f"{dtype}{list(shape)}" for k, (shape, dtype) in sorted(tensors.items())},
+    }  # fmt: skip
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
+
+
+def consolidate(path: Path, out: Path, *, overwrite: bool = False) -> Path:
+    """The whole model's weights of a checkpoint (any layout, any format) as one safetensors file,
+    written under a temporary name and renamed when complete."""
+    from safetensors.torch import save_file
+
+    verify_checkpoint(path)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
+    weights = {k: v.contiguous() for k, v in read_weights(path).items()}
+    step = str(read_trainer_state(path).get("step", ""))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        metadata = {
+            "format": "pt",
+            "sparse_train_step": step,
+            "sparse_train_config": (path / "config.yaml").read_text(),
+        }
+        save_file(_distinct_storage(weights), str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def _distinct_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights read from format 1): copy the later ones."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in weights.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out

@@ -97,3 +97,25 @@ def test_the_optimizer_state_reshards_too(tmp_path):
     assert any("experts.w_down_EFD" in k for k in moments)
     _assert_same_tensors({k: ep2[k] for k in moments}, moments, "Adam moments")
     assert torch.equal(ep2["state.embed.weight.step"], single["state.embed.weight.step"])
+
+
+def test_ckpt_info_and_convert_read_a_sharded_checkpoint(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from sparse_train.cli import main
+
+    _run(2, _config([], [*RUN, "parallel.ep=2"]), tmp_path / "run", _data(), None, stop_at=SAVED)
+    capsys.readouterr()
+    assert main(["ckpt", "info", str(tmp_path / "run")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["format"], info["step"]) == (2, SAVED)
+    assert info["layout"]["world_size"] == 2 and info["layout"]["ep"] == 2
+    assert info["tensors"]["blocks.0.ffn.experts.w_down_EFD"] == "float32[4, 32, 32]"  # global shape, all 4 experts
+    out = tmp_path / "whole.safetensors"
+    assert main(["ckpt", "convert", str(tmp_path / "run"), "--to", str(out)]) == 0
+    whole = load_file(str(out))
+    assert set(whole) == set(info["tensors"]) and sum(t.numel() for t in whole.values()) == info["parameters"]
+    for name, t in ckpt.read_weights(tmp_path / "run" / "checkpoints" / ckpt.step_dir_name(SAVED)).items():
+        assert torch.equal(whole[name], t), name
+    assert main(["ckpt", "convert", str(tmp_path / "run"), "--to", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
