@@ -55,14 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = sub.add_parser(
         "launch",
-        help="run a command on N processes per node with torchrun (e.g. launch --nproc-per-node 4 train ...)",
+        help="run a command on N processes per node with torchrun (e.g. launch --nproc-per-node 4 train ...), "
+        "or on N Ray workers (launch --ray --num-workers 4 train ...)",
     )
-    launch.add_argument("--nproc-per-node", type=int, required=True, help="processes on this node (GPUs or CPU ranks)")
+    launch.add_argument("--nproc-per-node", type=int, help="torchrun: processes on this node (GPUs or CPU ranks)")
     launch.add_argument("--nnodes", type=int, default=1, help="nodes in the job")
     launch.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
     launch.add_argument("--master-addr", default=None, help="address of node 0 (multi-node); default localhost")
     launch.add_argument("--master-port", type=int, default=29500, help="port on node 0 (multi-node)")
     launch.add_argument("--max-restarts", type=int, default=0, help="restart all workers this often after a failure")
+    launch.add_argument("--ray", action="store_true", help="run on Ray workers (Ray Train) instead of torchrun")
+    launch.add_argument("--address", default=None,
+                        help="--ray: auto (a cluster on this host) or HOST:PORT; default: a local one")  # fmt: skip
+    launch.add_argument("--num-workers", type=int, help="--ray: workers (ranks) in the job")
+    launch.add_argument("--cpus-per-worker", type=float, default=1.0, help="--ray: CPUs each worker reserves")
+    launch.add_argument("--gpus-per-worker", type=float, default=0.0, help="--ray: GPUs each worker reserves")
+    launch.add_argument("--max-failures", type=int, default=0,
+                        help="--ray: restart the worker group this often after a worker or node dies")  # fmt: skip
+    launch.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                        help="--ray: how workers are placed on nodes (STRICT_SPREAD: one per node)")  # fmt: skip
     launch.add_argument(
         "launch_command", nargs=argparse.REMAINDER, metavar="command", help="the sparse-train command, e.g. train ..."
     )
@@ -231,7 +242,7 @@ def _init_from(args: argparse.Namespace):
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    """Validate the layout for nproc_per_node * nnodes ranks, then become torchrun."""
+    """Validate the layout for the job's ranks, then become torchrun (or run the job on Ray)."""
     import os
 
     from sparse_train.launch.torchrun import torchrun_argv, validate_launch
@@ -241,14 +252,44 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise UsageError(
             "sparse-train launch: name the command to run, e.g. launch --nproc-per-node 2 train --config ..."
         )
+    parsed = build_parser().parse_args(command)
+    restarts = args.max_failures if args.ray else args.max_restarts
+    if restarts and (parsed.command != "train" or parsed.resume != "auto"):
+        raise UsageError("sparse-train launch: restarts resume the run: the command must be train ... --resume auto")
+    if args.ray:
+        return _launch_ray(args, command, parsed)
+    if args.nproc_per_node is None:
+        raise UsageError("sparse-train launch: --nproc-per-node is required (or --ray --num-workers N)")
     if args.nproc_per_node < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise UsageError("sparse-train launch: --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
-    validate_launch(build_parser().parse_args(command), args.nproc_per_node * args.nnodes)
+    validate_launch(parsed, args.nproc_per_node * args.nnodes)
     argv = torchrun_argv(args, command)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)
     return 0  # not reached
+
+
+def _launch_ray(args: argparse.Namespace, command: list[str], parsed: argparse.Namespace) -> int:
+    from sparse_train.config import load_config
+    from sparse_train.launch import ray_launch
+    from sparse_train.launch.torchrun import validate_launch
+
+    if parsed.command != "train":
+        raise UsageError(f"sparse-train launch --ray: runs train, not {parsed.command}")
+    if args.num_workers is None or args.num_workers < 1 or args.cpus_per_worker <= 0 or args.gpus_per_worker < 0:
+        raise UsageError("sparse-train launch --ray: --num-workers >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
+    validate_launch(parsed, args.num_workers)
+    # Every worker and the driver must agree on the run directory (the driver follows its metrics).
+    run_dir = Path(parsed.run_dir or _default_run_dir(parsed.config)).resolve()
+    argv = [*command, "--run-dir", str(run_dir)] if parsed.run_dir is None else command
+    steps = load_config(parsed.config, parsed.overrides).train.steps
+    job = ray_launch.RayJob(args.num_workers, args.cpus_per_worker, args.gpus_per_worker, args.address,
+                            args.max_failures, args.placement)  # fmt: skip
+    try:
+        return ray_launch.run(job, argv, run_dir, steps)
+    except ray_launch.RayLaunchError as err:
+        raise UsageError(f"sparse-train launch --ray: {err}") from None
 
 
 def format_summary(s) -> str:

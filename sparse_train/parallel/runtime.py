@@ -74,5 +74,25 @@ def init_distributed(cfg: Config, device: torch.device, timeout_s: float | None 
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("SPARSE_TRAIN_DIST_TIMEOUT", 600)))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _restart_safe_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_from_env()[2], timeout=timeout)
     return DistributedRuntime(dims, dims.build_meshes(device.type), rank, local_rank, device)
+
+
+def _restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store with keys scoped to this restart attempt.
+
+    torchrun keeps one agent-hosted store across `--max-restarts` restarts, so the workers of a
+    restart read the peer addresses the dead workers published and gloo fails to connect
+    ("connectFullMesh failed ... Connection refused"; pytorch/pytorch#167288, seen here with
+    torch 2.13). Prefixing every key with the attempt number gives each attempt a clean slate.
+    None (plain env:// rendezvous) outside torchrun's agent store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"sparse_train/attempt{attempt}", client)

@@ -103,6 +103,7 @@ def save_checkpoint(
     layout: dict[str, Any] | None = None,
     distributed: bool = False,
     is_main: bool = True,
+    after_shards: Callable[[], None] | None = None,
     before_rename: Callable[[Path], None] | None = None,
 ) -> Path | None:
     """Write a complete checkpoint atomically, then delete all but the newest `keep`.
@@ -128,6 +129,8 @@ def save_checkpoint(
     if distributed:
         dist.barrier()
     sharded.save(tmp, weights, optim_state, distributed)
+    if after_shards is not None:  # a test hook: a rank dying before the checkpoint is published
+        after_shards()
     if distributed:
         dist.barrier()  # every rank's shards are on disk
     if not is_main:

@@ -27,7 +27,7 @@ from sparse_train.models.sparse import LOAD_NAMES
 from sparse_train.models.transformer import Transformer, count_parameters
 from sparse_train.parallel.runtime import DistributedRuntime, init_distributed
 from sparse_train.train import checkpoint as ckpt
-from sparse_train.train import sharded
+from sparse_train.train import faults, sharded
 from sparse_train.train.engine import Engine
 from sparse_train.train.metrics import MetricsLogger
 from sparse_train.train.optim import build_optimizer, build_scheduler
@@ -123,6 +123,8 @@ class Trainer:
         self.runtime: DistributedRuntime | None = init_distributed(self.cfg, select_device(cfg.train.device))
         self.device = self.runtime.device if self.runtime else select_device(cfg.train.device)
         self.is_main = self.runtime is None or self.runtime.is_main
+        self.rank = 0 if self.runtime is None else self.runtime.rank
+        self.failure_plan = faults.plan_from_env()  # test-only injected kills (sparse_train.train.faults)
         self._log_file = None
         if self.runtime is not None:
             run_dir = Path(self.runtime.agree(str(run_dir)))  # the main rank's (e.g. timestamped) choice
@@ -267,10 +269,14 @@ class Trainer:
             self.checkpoints_dir, self.step, sharded.model_state(self.model),
             sharded.optimizer_state(self.model, self.optimizer), self._state(), self.cfg.to_yaml(),
             keep=self.cfg.checkpoint.keep, layout=layout, distributed=self.runtime is not None, is_main=self.is_main,
+            after_shards=lambda: self._maybe_fail("save"),
         )  # fmt: skip
         if self.runtime is not None:
             torch.distributed.barrier()  # no rank runs ahead of a checkpoint that is not yet published
         return path
+
+    def _maybe_fail(self, where: str) -> None:
+        faults.maybe_fail(self.failure_plan, step=self.step, rank=self.rank, where=where, run_dir=self.run_dir)
 
     # ---- one step -----------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -370,6 +376,7 @@ class Trainer:
                 every = self.cfg.checkpoint.every
                 if (every and self.step % every == 0) or (self.step == t.steps and self.cfg.checkpoint.save_final):
                     last_ckpt = self.save()
+                self._maybe_fail("step")
         finally:
             bar.close()
             self.metrics.close()

@@ -1,0 +1,232 @@
+"""`sparse-train launch --ray`: the same command on N Ray workers, through Ray Train's TorchTrainer.
+
+Ray places the workers (a placement group: PACK by default, SPREAD / STRICT_SPREAD to put them
+on different nodes), starts torch.distributed among them (gloo on CPU, NCCL with GPUs) and,
+with `--max-failures K`, restarts the whole worker group up to K times when a worker or node
+dies; the restarted workers run the command again with `--resume auto`, i.e. from the newest
+complete checkpoint. Each worker runs the ordinary `sparse-train` command in-process, so a Ray
+job trains exactly what torchrun would.
+
+The run directory must be on storage every node reaches (a shared filesystem): every rank
+writes its checkpoint shards there, and Ray keeps its own run records under RUN_DIR/ray. The
+driver shows progress from RUN_DIR/metrics.jsonl and rank 0's log (RUN_DIR/logs/rank0.log),
+which rank 0 writes, rather than streaming every worker's console. Without `--address` the
+driver starts a local Ray instance, so the same command works on a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+FORWARDED_ENV = ("SPARSE_TRAIN_FAIL_AT", "SPARSE_TRAIN_DIST_TIMEOUT", "OMP_NUM_THREADS")
+
+
+class RayLaunchError(Exception):
+    """A Ray job that cannot start (no Ray, unreachable cluster, too few resources); one line."""
+
+
+@dataclass
+class RayJob:
+    num_workers: int
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    address: str | None = None  # None: a local instance; "auto": the cluster on this machine; HOST:PORT
+    max_failures: int = 0
+    placement: str = "PACK"
+
+    @property
+    def cpus(self) -> float:
+        return self.num_workers * self.cpus_per_worker
+
+    @property
+    def gpus(self) -> float:
+        return self.num_workers * self.gpus_per_worker
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.train  # noqa: F401 - the [train] extra, not only Ray core
+    except ImportError:
+        raise RayLaunchError("--ray needs Ray Train: pip install 'sparse_train[ray]'") from None
+    return ray
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT nothing listens on (ray.init would retry for a minute)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayLaunchError(f"--address must be auto or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise RayLaunchError(f"cannot reach a Ray cluster at {address}: {err.strerror or err}") from None
+
+
+def connect(ray, job: RayJob) -> bool:
+    """Connect to (or start) Ray; True if this process started a local instance."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if job.address is None:
+        available = os.cpu_count() or 1
+        if job.cpus > available:
+            raise RayLaunchError(
+                f"{job.num_workers} workers x {job.cpus_per_worker:g} CPUs need {job.cpus:g} CPUs; this machine "
+                f"has {available} (lower --cpus-per-worker, e.g. 0.5, or pass --address of a cluster)"
+            )
+        ray.init(num_cpus=available, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        return True
+    if job.address != "auto":
+        check_reachable(job.address)
+    try:
+        ray.init(address=job.address, log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RayLaunchError(f"cannot connect to the Ray cluster at {job.address}: {first}") from None
+    return False
+
+
+def check_resources(ray, job: RayJob) -> None:
+    total = ray.cluster_resources()
+    if job.cpus > total.get("CPU", 0):
+        raise RayLaunchError(
+            f"{job.num_workers} workers x {job.cpus_per_worker:g} CPUs need {job.cpus:g} CPUs; "
+            f"the cluster has {total.get('CPU', 0):g}"
+        )
+    if job.gpus > total.get("GPU", 0):
+        raise RayLaunchError(
+            f"{job.num_workers} workers x {job.gpus_per_worker:g} GPUs need {job.gpus:g} GPUs; "
+            f"the cluster has {total.get('GPU', 0):g}"
+        )
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if job.placement == "STRICT_SPREAD" and len(nodes) < job.num_workers:
+        raise RayLaunchError(
+            f"--placement STRICT_SPREAD puts each of {job.num_workers} workers on its own node; "
+            f"the cluster has {len(nodes)} nodes"
+        )
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the sparse-train command, in this process (torch.distributed is up)."""
+    import ray.train
+    import torch
+
+    from sparse_train.cli import main
+
+    os.chdir(config["cwd"])
+    os.environ.update(config["env"])
+    torch.set_num_threads(config["threads"])
+    rank = ray.train.get_context().get_world_rank()
+    status = main(config["argv"])
+    if status != 0:
+        raise RuntimeError(
+            f"rank {rank}: sparse-train {config['argv'][0]} exited with status {status} "
+            f"(see {config['run_dir']}/logs/rank{rank}.log)"
+        )
+
+
+class _Progress:
+    """Follows rank 0's metrics and log in the run directory: a progress bar and its log lines."""
+
+    def __init__(self, run_dir: Path, total_steps: int) -> None:
+        self.run_dir, self.total = run_dir, total_steps
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _follow(self) -> None:
+        from tqdm import tqdm
+
+        log_pos = 0
+        with tqdm(total=self.total, desc="train (ray)", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+            while True:
+                stopping = self._stop.is_set()
+                log = self.run_dir / "logs" / "rank0.log"
+                if log.is_file():
+                    with log.open(encoding="utf-8", errors="replace") as fh:
+                        fh.seek(log_pos)
+                        for line in fh.read().splitlines():
+                            bar.write(line)
+                        log_pos = fh.tell()
+                last = self._last_record()
+                if last is not None:
+                    bar.n = min(int(last["step"]), self.total)
+                    if "loss" in last:
+                        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last.get('tokens_per_s', 0):,.0f}")
+                    bar.refresh()
+                if stopping:
+                    return
+                self._stop.wait(1.0)
+
+    def _last_record(self) -> dict | None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        for line in reversed(lines):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:  # a line being written
+                continue
+        return None
+
+
+def run(job: RayJob, argv: list[str], run_dir: Path, total_steps: int) -> int:
+    """Run `sparse-train <argv>` on the job's workers; 0 on success, 1 if the job failed."""
+    ray = import_ray()
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started_local = connect(ray, job)
+    try:
+        check_resources(ray, job)
+        resources = {"CPU": job.cpus_per_worker, **({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})}
+        config = {
+            "argv": argv, "cwd": os.getcwd(), "run_dir": str(run_dir),
+            "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+            "threads": max(1, int(job.cpus_per_worker)),
+        }  # fmt: skip
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config=config,
+            torch_config=TorchConfig(backend="nccl" if job.gpus_per_worker else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=job.num_workers,
+                use_gpu=bool(job.gpus_per_worker),
+                resources_per_worker=resources,
+                placement_strategy=job.placement,
+            ),  # fmt: skip
+            run_config=RunConfig(
+                name=f"sparse-train-{int(time.time())}",
+                storage_path=str(run_dir / "ray"),
+                failure_config=FailureConfig(max_failures=job.max_failures),
+            ),  # fmt: skip
+        )
+        with _Progress(run_dir, total_steps):
+            result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - Ray wraps worker errors in its own types
+        message = str(err).strip().splitlines()
+        print(f"error: the Ray job failed: {message[-1] if message else type(err).__name__}", file=sys.stderr)
+        return 1
+    finally:
+        if started_local:
+            ray.shutdown()
+    if result.error is not None:
+        print(f"error: the Ray job failed: {str(result.error).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    return 0
