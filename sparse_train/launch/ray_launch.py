@@ -116,6 +116,7 @@ def check_resources(ray, job: RayJob) -> None:
 
 def _worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the sparse-train command, in this process (torch.distributed is up)."""
+    import ray
     import ray.train
     import torch
 
@@ -125,6 +126,11 @@ def _worker(config: dict[str, Any]) -> None:
     os.environ.update(config["env"])
     torch.set_num_threads(config["threads"])
     rank = ray.train.get_context().get_world_rank()
+    logs = Path(config["run_dir"]) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with (logs / f"rank{rank}.log").open("a", encoding="utf-8") as fh:  # which node holds which rank
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank}: Ray node {ray.get_runtime_context().get_node_id()}"
+                 f" ({socket.gethostname()})\n")  # fmt: skip
     status = main(config["argv"])
     if status != 0:
         raise RuntimeError(
@@ -161,10 +167,10 @@ class _Progress:
                     with log.open(encoding="utf-8", errors="replace") as fh:
                         fh.seek(log_pos)
                         for line in fh.read().splitlines():
-                            bar.write(line)
+                            bar.write(line, file=sys.stderr)
                         log_pos = fh.tell()
                 last = self._last_record()
-                if last is not None:
+                if last is not None and min(int(last["step"]), self.total) != bar.n:  # a restart may go back
                     bar.n = min(int(last["step"]), self.total)
                     if "loss" in last:
                         bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last.get('tokens_per_s', 0):,.0f}")
@@ -229,4 +235,24 @@ def run(job: RayJob, argv: list[str], run_dir: Path, total_steps: int) -> int:
     if result.error is not None:
         print(f"error: the Ray job failed: {str(result.error).strip().splitlines()[-1]}", file=sys.stderr)
         return 1
+    print(summary(run_dir, job))
     return 0
+
+
+def summary(run_dir: Path, job: RayJob) -> str:
+    from sparse_train.train import checkpoint as ckpt
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r for r in records if "loss" in r]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    newest = ckpt.list_checkpoints(run_dir / "checkpoints")
+    lines = [f"trained {losses[-1]['step'] if losses else 0} steps on {job.num_workers} Ray workers"]
+    if losses:
+        lines.append(f"  loss          {losses[0]['loss']:.4f} (first step) -> {losses[-1]['loss']:.4f} (last step)")
+    if vals:
+        lines.append(f"  val loss      {vals[-1]:.4f}")
+    lines.append(f"  metrics       {run_dir / 'metrics.jsonl'}")
+    lines.append(f"  logs          {run_dir / 'logs'} (one file per rank)")
+    if newest:
+        lines.append(f"  checkpoint    {newest[0].path}")
+    return "\n".join(lines)
