@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -134,3 +135,9 @@ def test_config_command_prints_fields(capsys):
     assert main(["config", "--fields"]) == 0
     out = capsys.readouterr().out
     assert "router.balance_scope" in out and "checkpoint.every" in out
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_recipe_loads_and_validates(recipe):
+    cfg = load_config(Path(__file__).parents[1] / "configs" / recipe)
+    assert cfg.train.steps > 0 and cfg.model.d_model % cfg.model.n_heads == 0
