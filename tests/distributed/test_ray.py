@@ -17,7 +17,7 @@ import pytest
 
 from sparse_train.cli import main
 from sparse_train.launch.local import free_port
-from tests.distributed.test_faults import SETS, _assert_same_run, _launch
+from tests.distributed.restarts import SETS, assert_same_run, reference_run
 
 BIN = Path(sys.executable).parent
 RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}  # token auth once ~/.ray/auth_token exists
@@ -36,10 +36,7 @@ def _ray_launch(run: Path, *launch_args: str, fail_at: str | None = None) -> sub
 
 @pytest.fixture(scope="module")
 def torchrun_reference(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("reference") / "run"
-    done = _launch(run, None, max_restarts=0)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run
+    return reference_run(tmp_path_factory)
 
 
 def _nodes_of_ranks(run: Path) -> dict[int, str]:
@@ -59,7 +56,7 @@ def test_a_killed_ray_worker_is_restarted_and_the_run_ends_as_if_never_interrupt
     assert list(run.glob(".injected-failure-*")), "the failure was injected"
     assert "resumed from" in done.stderr and "step_00000003" in done.stderr, "the driver shows rank 0's log"
     assert "trained 8 steps on 2 Ray workers" in done.stdout
-    _assert_same_run(run, torchrun_reference)  # the same losses and weights as an uninterrupted torchrun job
+    assert_same_run(run, torchrun_reference)  # the same losses and weights as an uninterrupted torchrun job
 
 
 @pytest.mark.slow
@@ -80,7 +77,7 @@ def test_a_two_node_ray_cluster_on_this_host_trains_across_both_nodes(tmp_path, 
         assert done.returncode == 0, done.stderr[-3000:]
         nodes = _nodes_of_ranks(run)
         assert nodes[0] != nodes[1], f"STRICT_SPREAD put both ranks on one node: {nodes}"
-        _assert_same_run(run, torchrun_reference)  # it trained and checkpointed, exactly as one host does
+        assert_same_run(run, torchrun_reference)  # it trained and checkpointed, exactly as one host does
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert max(r["step"] for r in records) == 8
     finally:
