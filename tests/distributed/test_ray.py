@@ -114,3 +114,23 @@ def test_launch_ray_errors_are_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "pip install 'sparse_train[ray]'" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists(), "nothing was started or written"
+
+
+def test_a_cluster_too_small_for_the_job_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from sparse_train.launch.ray_launch import RayJob, RayLaunchError, check_resources
+
+    cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0, "GPU": 2.0},
+                              nodes=lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])  # fmt: skip
+    check_resources(cluster, RayJob(2, cpus_per_worker=4, gpus_per_worker=1, placement="STRICT_SPREAD"))  # fits
+    for job, message in [
+        (RayJob(3, cpus_per_worker=4), "3 workers x 4 CPUs need 12 CPUs; the cluster has 8"),
+        (RayJob(4, cpus_per_worker=1, gpus_per_worker=1), "4 workers x 1 GPUs need 4 GPUs; the cluster has 2"),
+        (
+            RayJob(3, cpus_per_worker=1, placement="STRICT_SPREAD"),
+            "each of 3 workers on its own node; the cluster has 2",
+        ),
+    ]:
+        with pytest.raises(RayLaunchError, match=message):
+            check_resources(cluster, job)
