@@ -178,6 +178,34 @@ def build_parser() -> argparse.ArgumentParser:
     ck_conv.add_argument("--to", dest="target", type=Path, required=True, help="output file, e.g. model.safetensors")
     ck_conv.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
 
+    sw = sub.add_parser("sweep", help="scaling-law sweeps: run a grid of trainings, fit laws, plot the frontier")
+    sw_sub = sw.add_subparsers(dest="sweep_command", required=True, parser_class=_ArgumentParser)
+    sw_run = sw_sub.add_parser("run", help="run (or finish) every trial of a sweep spec")
+    sw_run.add_argument("spec", type=Path, help="sweep YAML, e.g. configs/sweeps/moe-vs-dense.yaml")
+    sw_run.add_argument("--out", type=Path, required=True, help="results directory (reruns skip finished trials)")
+    sw_run.add_argument("--ray-address", default=None, help="auto or HOST:PORT; default: a local Ray instance")
+    sw_run.add_argument("--executor", default="ray", choices=["ray", "local"], help="local: subprocesses, no Ray")
+    sw_run.add_argument("--max-parallel", type=int, default=None, help="trials at once (default: CPUs / per-trial)")
+    sw_run.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs (and torch threads) per trial")
+    sw_fit = sw_sub.add_parser("fit", help="fit a scaling law to a sweep's results (JSON)")
+    sw_fit.add_argument("dir", type=Path, help="the sweep's --out directory")
+    sw_fit.add_argument("--law", default="chinchilla", choices=["chinchilla", "moe"])
+    sw_fit.add_argument("--out", type=Path, default=None, help="where to write the fit (default DIR/fit-LAW.json)")
+    sw_fit.add_argument("--bootstrap", type=int, default=100, help="resamples for the 95%% intervals")
+    sw_fit.add_argument("--metric", default="final_val_loss", choices=["final_val_loss", "final_train_loss"])
+    sw_opt = sw_sub.add_parser("optimal", help="compute-optimal N, D (and E, G) for a FLOP budget, from a fit")
+    sw_opt.add_argument("dir", type=Path, help="the sweep's --out directory (with a fit)")
+    sw_opt.add_argument("--flops", type=float, required=True, help="training budget, e.g. 1e21")
+    sw_opt.add_argument("--law", default=None, choices=["chinchilla", "moe"], help="which fit (default: moe if fitted)")
+    sw_opt.add_argument(
+        "--max-experts", type=int, default=None, help="moe: largest E considered (default: the sweep's)"
+    )
+    sw_plot = sw_sub.add_parser("plot", help="PNG and SVG figures of a sweep (DIR/plots)")
+    sw_plot.add_argument("dir", type=Path, help="the sweep's --out directory")
+    sw_plot.add_argument(
+        "--law", default=None, choices=["chinchilla", "moe"], help="the fit drawn (default: moe if fitted)"
+    )
+
     plot = sub.add_parser("plot-runs", help="loss curves of several runs in one figure (PNG and SVG)")
     plot.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR[@OFFSET]",
                       help="a run's label and directory; @OFFSET shifts its steps (a continued run)")  # fmt: skip
@@ -523,6 +551,73 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sparse_train.sweeps import fit as fitting
+    from sparse_train.sweeps.spec import SweepError
+
+    if args.sweep_command == "run":
+        from sparse_train.launch.ray_launch import RayLaunchError
+        from sparse_train.sweeps.runner import RESULTS, run_sweep
+        from sparse_train.sweeps.spec import load_spec
+
+        if args.cpus_per_trial <= 0 or (args.max_parallel is not None and args.max_parallel < 1):
+            raise UsageError("sparse-train sweep run: --cpus-per-trial > 0 and --max-parallel >= 1")
+        spec = load_spec(args.spec)
+        try:
+            counts = run_sweep(spec, args.out, executor=args.executor, address=args.ray_address,
+                               max_parallel=args.max_parallel, cpus_per_trial=args.cpus_per_trial)  # fmt: skip
+        except RayLaunchError as err:
+            raise UsageError(f"sparse-train sweep run: {err}") from None
+        print(f"sweep {spec.name}: {counts['done']} done, {counts['failed']} failed; results in {args.out / RESULTS}")
+        return 0 if counts["failed"] == 0 else 1
+    if args.sweep_command == "fit":
+        result = fitting.fit(fitting.read_results(args.dir, args.metric), args.law, bootstrap=args.bootstrap)
+        result["metric"] = args.metric
+        out = args.out or args.dir / f"fit-{args.law}.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: result[k] for k in ("law", "params", "ci95", "points", "rms_log_residual")}, indent=1))
+        held = result["holdout"]
+        if "mean_abs_rel_error" in held:
+            print(f"held out the {len(held['held_out'])} largest-compute runs: mean |relative error| of "
+                  f"their predicted loss {held['mean_abs_rel_error']:.4f} (fit on {held['fit_on']})")  # fmt: skip
+        print(f"written to {out}")
+        return 0
+    result = _load_fit(args.dir, args.law)
+    if args.sweep_command == "optimal":
+        import csv
+
+        rows = [r for r in csv.DictReader((args.dir / "results.csv").open()) if r["status"] == "done"]
+        observed_e = sorted({int(float(r["num_experts"])) for r in rows}) or [1]
+        max_e = args.max_experts or max(observed_e)
+        experts = sorted({e for e in [1, 2, 4, 8, 16, 32, 64, 128, *observed_e] if e <= max_e})
+        grans = sorted({int(float(r["granularity"])) for r in rows}) or [1]
+        best = fitting.optimal(result, args.flops, experts=experts, granularities=grans)
+        print(json.dumps({"law": result["law"], **best}, indent=1))
+        return 0
+    from sparse_train.sweeps.plots import plot_sweep
+
+    if not (args.dir / "results.csv").is_file():
+        raise SweepError(f"{args.dir / 'results.csv'} does not exist (run the sweep first)")
+    for path in plot_sweep(
+        args.dir, result, metric=result.get("metric", "final_val_loss") if result else "final_val_loss"
+    ):
+        print(f"wrote {path}")
+    return 0
+
+
+def _load_fit(directory: Path, law: str | None) -> dict | None:
+    from sparse_train.sweeps.spec import SweepError
+
+    names = [law] if law else ["moe", "chinchilla"]
+    for name in names:
+        path = directory / f"fit-{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    if law:
+        raise SweepError(f"no {law} fit in {directory}: run `sparse-train sweep fit {directory} --law {law}` first")
+    return None
+
+
 def cmd_plot_runs(args: argparse.Namespace) -> int:
     from sparse_train.train import plots
 
@@ -591,6 +686,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "plot-runs": cmd_plot_runs,
     "ckpt": cmd_ckpt,
+    "sweep": cmd_sweep,
 }
 
 

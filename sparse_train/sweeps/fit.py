@@ -1,0 +1,223 @@
+"""Scaling-law fits to a sweep's results, with bootstrap intervals and a held-out check.
+
+Laws (N = active parameters without the input embedding, D = training tokens, E = routed
+experts, 1 for dense models, G = granularity, the dense FFN width over the expert width):
+
+    chinchilla  L = e + a N^-alpha + b D^-beta                 (Hoffmann et al. 2022, eq. 2)
+    moe         L = c + (a + g G^-gamma) E^-delta N^-alpha + b D^-beta
+
+`moe` is the fine-grained MoE law of Krajewski et al. (2024, "Scaling Laws for Fine-Grained
+Mixture of Experts", eq. 3: c + (g / G^gamma + a) / N^alpha + b / D^beta) with the expert
+count entering as a power law E^-delta in the parameter term, the log-linear regime of Clark
+et al. (2022, "Unified Scaling Laws for Routed Language Models"; their saturation at large E
+is not modelled, these sweeps stay at E <= 64). Dense models are E = G = 1.
+
+Fitting follows Hoffmann et al.: the Huber loss (delta 1e-3) of log L_predicted - log L_observed,
+minimised with L-BFGS-B from the 8 best points of an initialisation grid (the best result kept),
+coefficients fitted as logs
+so they stay positive. Intervals: the 2.5th and 97.5th percentiles of the parameters refitted
+on bootstrap resamples of the points. Validation: fit on all but the largest-compute points,
+predict those, report the relative errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparse_train.sweeps.spec import SweepError
+
+HUBER_DELTA = 1e-3
+HOLDOUT_FRACTION = 0.2
+SCREENED_STARTS = 8  # of the initialisation grid, the best by objective value are refined
+
+
+@dataclass(frozen=True)
+class Law:
+    name: str
+    params: tuple[str, ...]
+    log_params: tuple[str, ...]  # fitted as logs (positive coefficients)
+    predict: Callable[[dict[str, float], dict[str, np.ndarray]], np.ndarray]
+    inits: dict[str, tuple[float, ...]]  # per parameter (log-space for log_params), crossed into a grid
+    bounds: dict[str, tuple[float, float]]
+
+
+def _chinchilla(p, x):
+    return p["e"] + p["a"] * x["N"] ** -p["alpha"] + p["b"] * x["D"] ** -p["beta"]
+
+
+def _moe(p, x):
+    coef = (p["a"] + p["g"] * x["G"] ** -p["gamma"]) * x["E"] ** -p["delta"]
+    return p["c"] + coef * x["N"] ** -p["alpha"] + p["b"] * x["D"] ** -p["beta"]
+
+
+EXPONENT = (0.05, 2.0)
+LAWS = {
+    "chinchilla": Law(
+        "chinchilla", ("e", "a", "alpha", "b", "beta"), ("e", "a", "b"), _chinchilla,
+        {"e": (-1.0, 0.5), "a": (0.0, 4.0, 8.0), "alpha": (0.2, 0.6), "b": (0.0, 4.0, 8.0), "beta": (0.2, 0.6)},
+        {"alpha": EXPONENT, "beta": EXPONENT},
+    ),
+    "moe": Law(
+        "moe", ("c", "a", "g", "gamma", "delta", "alpha", "b", "beta"), ("c", "a", "g", "b"), _moe,
+        {"c": (-1.0, 0.5), "a": (0.0, 5.0), "g": (-2.0, 3.0), "gamma": (0.5,), "delta": (0.1,),
+         "alpha": (0.2, 0.6), "b": (0.0, 5.0), "beta": (0.2, 0.6)},
+        {"alpha": EXPONENT, "beta": EXPONENT, "gamma": (0.0, 3.0), "delta": (0.0, 1.0)},
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class Data:
+    x: dict[str, np.ndarray]  # N, D, E, G, flops
+    loss: np.ndarray
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+    def subset(self, idx: np.ndarray) -> Data:
+        return Data({k: v[idx] for k, v in self.x.items()}, self.loss[idx], [self.ids[i] for i in idx])
+
+
+def read_results(directory: Path, metric: str = "final_val_loss") -> Data:
+    path = Path(directory) / "results.csv"
+    if not path.is_file():
+        raise SweepError(f"{path} does not exist (run `sparse-train sweep run SPEC --out {directory}` first)")
+    rows = [r for r in csv.DictReader(path.open()) if r["status"] == "done"]
+    rows = [r for r in rows if r.get(metric) not in ("", None) and math.isfinite(float(r[metric]))]
+    x = {
+        "N": np.array([float(r["params_active"]) for r in rows]), "D": np.array([float(r["tokens"]) for r in rows]),
+        "E": np.array([float(r["num_experts"]) for r in rows]), "G": np.array([float(r["granularity"]) for r in rows]),
+        "flops": np.array([float(r["flops"]) for r in rows]),
+    }  # fmt: skip
+    return Data(x, np.array([float(r[metric]) for r in rows]), [r["trial_id"] for r in rows])
+
+
+def _unpack(law: Law, theta: np.ndarray) -> dict[str, float]:
+    return {n: (math.exp(v) if n in law.log_params else float(v)) for n, v in zip(law.params, theta, strict=True)}
+
+
+def _objective(law: Law, data: Data):
+    log_obs = np.log(data.loss)
+
+    def f(theta: np.ndarray) -> float:
+        pred = law.predict(_unpack(law, theta), data.x)
+        if not np.all(np.isfinite(pred)) or np.any(pred <= 0):
+            return 1e6
+        r = np.log(pred) - log_obs
+        small = np.abs(r) <= HUBER_DELTA
+        huber = np.where(small, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA))
+        # / delta: the same minimiser, on a scale where L-BFGS's gradient tolerance means something
+        return float(np.sum(huber) / HUBER_DELTA)
+
+    return f
+
+
+def _minimise(law: Law, data: Data, starts: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    from scipy.optimize import minimize
+
+    f = _objective(law, data)
+    bounds = [law.bounds.get(n, (-20.0, 20.0)) for n in law.params]
+    best_theta, best = None, math.inf
+    if len(starts) > SCREENED_STARTS:  # descend only from the most promising initialisations
+        starts = sorted(starts, key=f)[:SCREENED_STARTS]
+    for start in starts:
+        res = minimize(f, start, method="L-BFGS-B", bounds=bounds,
+                       options={"maxiter": 20000, "maxfun": 200000, "ftol": 1e-15, "gtol": 1e-9})  # fmt: skip
+        if res.fun < best:
+            best_theta, best = res.x, float(res.fun)
+    return best_theta, best
+
+
+def _grid(law: Law) -> list[np.ndarray]:
+    import itertools
+
+    return [np.array(v, dtype=float) for v in itertools.product(*(law.inits[n] for n in law.params))]
+
+
+def fit(data: Data, law_name: str, *, bootstrap: int = 100, seed: int = 0) -> dict[str, Any]:
+    law = LAWS.get(law_name)
+    if law is None:
+        raise SweepError(f"unknown law {law_name!r}; allowed: {', '.join(LAWS)}")
+    if len(data) < len(law.params):
+        raise SweepError(
+            f"the {law.name} law has {len(law.params)} parameters: it needs at least {len(law.params)} finished "
+            f"trials, the results hold {len(data)}"
+        )
+    theta, objective = _minimise(law, data, _grid(law))
+    params = _unpack(law, theta)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(data), len(data))
+        t, _ = _minimise(law, data.subset(idx), [theta])
+        samples.append([_unpack(law, t)[n] for n in law.params])
+    samples_arr = np.array(samples) if samples else np.empty((0, len(law.params)))
+    ci = {n: [float(np.percentile(samples_arr[:, i], 2.5)), float(np.percentile(samples_arr[:, i], 97.5))]
+          for i, n in enumerate(law.params)} if bootstrap else {}  # fmt: skip
+    pred = law.predict(params, data.x)
+    return {
+        "law": law.name, "params": params, "ci95": ci, "bootstrap": bootstrap, "points": len(data),
+        "huber_delta": HUBER_DELTA, "objective": objective,
+        "rms_log_residual": float(np.sqrt(np.mean((np.log(pred) - np.log(data.loss)) ** 2))),
+        "holdout": holdout(data, law),
+    }  # fmt: skip
+
+
+def holdout(data: Data, law: Law) -> dict[str, Any]:
+    """Fit on the smaller-compute runs, predict the largest ones."""
+    order = np.argsort(data.x["flops"])
+    n_out = max(1, int(round(HOLDOUT_FRACTION * len(data))))
+    fit_idx, out_idx = order[:-n_out], order[-n_out:]
+    if len(fit_idx) < len(law.params):
+        return {"skipped": f"{len(fit_idx)} points left to fit after holding out {n_out}; needs {len(law.params)}"}
+    part = data.subset(fit_idx)
+    theta, _ = _minimise(law, part, _grid(law))
+    params = _unpack(law, theta)
+    held = data.subset(out_idx)
+    pred = law.predict(params, held.x)
+    rows = [{"trial_id": t, "flops": float(c), "observed": float(o), "predicted": float(p),
+             "rel_error": float((p - o) / o)} for t, c, o, p in zip(held.ids, held.x["flops"], held.loss, pred,
+                                                                     strict=True)]  # fmt: skip
+    return {"fit_on": len(fit_idx), "held_out": rows,
+            "mean_abs_rel_error": float(np.mean([abs(r["rel_error"]) for r in rows]))}  # fmt: skip
+
+
+def predict(result: dict[str, Any], **x: np.ndarray | float) -> np.ndarray:
+    law = LAWS[result["law"]]
+    full = {k: np.asarray(x.get(k, 1.0), dtype=float) for k in ("N", "D", "E", "G")}
+    return law.predict(result["params"], full)
+
+
+def optimal(result: dict[str, Any], flops: float, *, experts: list[int] | None = None,
+            granularities: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The allocation minimising the fitted loss at a compute budget C = 6 N D (N active)."""
+    from scipy.optimize import minimize_scalar
+
+    if flops <= 0:
+        raise SweepError(f"--flops must be > 0, got {flops}")
+    options = (
+        [(1, 1)] if result["law"] == "chinchilla" else [(e, g) for e in experts or [1] for g in granularities or [1]]
+    )
+    best = None
+    for e, g in options:
+
+        def loss_at(log_n: float, e=e, g=g) -> float:
+            n = math.exp(log_n)
+            return float(predict(result, N=n, D=flops / (6 * n), E=e, G=g))
+
+        res = minimize_scalar(loss_at, bounds=(math.log(1e3), math.log(flops / 6 / 1e3)), method="bounded")
+        n = math.exp(res.x)
+        tokens = flops / (6 * n)
+        candidate = {"flops": flops, "params_active": n, "tokens": tokens, "num_experts": e, "granularity": g,
+                     "predicted_loss": float(res.fun), "tokens_per_param": tokens / n}  # fmt: skip
+        if best is None or candidate["predicted_loss"] < best["predicted_loss"]:
+            best = candidate
+    return best

@@ -1,0 +1,108 @@
+"""Sweep figures (PNG and SVG): loss vs compute with the fitted law and frontier, residuals, and
+MoE vs dense at equal active parameters."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparse_train.sweeps import fit as fitting
+from sparse_train.train.plots import plt
+
+
+def _family(row: dict[str, str]) -> str:
+    if row["ffn"] != "moe":
+        return row["ffn"]
+    return f"moe E={row['num_experts']} G={row['granularity']}"
+
+
+def _rows(directory: Path, metric: str) -> list[dict[str, str]]:
+    rows = [r for r in csv.DictReader((Path(directory) / "results.csv").open()) if r["status"] == "done"]
+    return [r for r in rows if r.get(metric) not in ("", None)]
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    paths = [out / f"{name}.png", out / f"{name}.svg"]
+    for p in paths:
+        fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def plot_sweep(directory: Path, result: dict[str, Any] | None, metric: str = "final_val_loss") -> list[Path]:
+    """Write DIR/plots/{loss_vs_compute,residuals,moe_vs_dense}.{png,svg}; residuals need a fit."""
+    directory = Path(directory)
+    out = directory / "plots"
+    out.mkdir(exist_ok=True)
+    rows = _rows(directory, metric)
+    families = sorted({_family(r) for r in rows})
+    colours = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
+    written = []
+
+    # 1. loss vs compute, with each (family, size)'s fitted curve over D and the frontier
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for fam in families:
+        mine = [r for r in rows if _family(r) == fam]
+        losses = [float(r[metric]) for r in mine]
+        ax.scatter([float(r["flops"]) for r in mine], losses, color=colours[fam], label=fam, s=22)
+        if result is None:
+            continue
+        e, g = float(mine[0]["num_experts"]), float(mine[0]["granularity"])
+        for n in sorted({float(r["params_active"]) for r in mine}):
+            tokens = [float(r["tokens"]) for r in mine if float(r["params_active"]) == n]
+            d = np.geomspace(min(tokens) / 2, max(tokens) * 2, 40)
+            ax.plot(6 * n * d, fitting.predict(result, N=n, D=d, E=e, G=g), color=colours[fam], lw=0.8, alpha=0.6)
+    if result is not None and rows:
+        flops = [float(r["flops"]) for r in rows]
+        budgets = np.geomspace(min(flops) / 2, max(flops) * 4, 30)
+        experts = sorted({int(float(r["num_experts"])) for r in rows})
+        grans = sorted({int(float(r["granularity"])) for r in rows})
+        front = [fitting.optimal(result, c, experts=experts, granularities=grans)["predicted_loss"] for c in budgets]
+        ax.plot(budgets, front, "k--", lw=1.2, label=f"compute-optimal frontier ({result['law']} fit)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel(metric.replace("_", " ") + " (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written += _save(fig, out, "loss_vs_compute")
+
+    # 2. residuals of the fit
+    if result is not None:
+        data = fitting.read_results(directory, metric)
+        pred = fitting.LAWS[result["law"]].predict(result["params"], data.x)
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        ax.axhline(0, color="k", lw=0.8)
+        ax.scatter(data.x["flops"], np.log(data.loss) - np.log(pred), s=22)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel("log observed - log predicted")
+        ax.set_title(f"residuals of the {result['law']} fit (rms {result['rms_log_residual']:.4f})")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written += _save(fig, out, "residuals")
+
+    # 3. MoE vs dense at equal active parameters, at each family's largest token count
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for fam in families:
+        mine = [r for r in rows if _family(r) == fam]
+        most = max(float(r["tokens"]) for r in mine)
+        by_size: dict[float, list[float]] = {}
+        for r in mine:
+            if float(r["tokens"]) == most:
+                by_size.setdefault(float(r["params_active"]), []).append(float(r[metric]))
+        xs = sorted(by_size)
+        ys = [float(np.mean(by_size[x])) for x in xs]
+        ax.plot(xs, ys, "o-", color=colours[fam], label=f"{fam} ({most:.3g} tokens)")
+    ax.set_xscale("log")
+    ax.set_xlabel("active parameters (without the input embedding)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title("MoE vs dense at equal active parameters")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written += _save(fig, out, "moe_vs_dense")
+    return written
