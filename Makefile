@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make run` trains the tiny MoE model, `make test` runs the tests.
 # Both create (or reuse) the virtualenv .venv in this checkout with sparse_train installed in it.
 VENV ?= .venv
-EXTRAS ?= dev,triton,hf,bench
+EXTRAS ?= dev,triton,hf,bench,sweep
 CONFIG ?= configs/tiny-moe.yaml
 PYTEST_ARGS ?=
 

@@ -120,8 +120,16 @@ def _objective(law: Law, data: Data):
     return f
 
 
+def _scipy_optimize():
+    try:
+        from scipy import optimize
+    except ImportError:
+        raise SweepError("fitting needs scipy: pip install 'sparse_train[sweep]'") from None
+    return optimize
+
+
 def _minimise(law: Law, data: Data, starts: list[np.ndarray]) -> tuple[np.ndarray, float]:
-    from scipy.optimize import minimize
+    minimize = _scipy_optimize().minimize
 
     f = _objective(law, data)
     bounds = [law.bounds.get(n, (-20.0, 20.0)) for n in law.params]
@@ -199,8 +207,7 @@ def predict(result: dict[str, Any], **x: np.ndarray | float) -> np.ndarray:
 def optimal(result: dict[str, Any], flops: float, *, experts: list[int] | None = None,
             granularities: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
     """The allocation minimising the fitted loss at a compute budget C = 6 N D (N active)."""
-    from scipy.optimize import minimize_scalar
-
+    minimize_scalar = _scipy_optimize().minimize_scalar
     if flops <= 0:
         raise SweepError(f"--flops must be > 0, got {flops}")
     options = (

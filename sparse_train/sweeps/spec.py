@@ -64,7 +64,8 @@ class Point:
         return hashlib.sha1(key.encode()).hexdigest()[:10]
 
     def set_args(self) -> list[str]:
-        return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in self.overrides.items()]
+        return [f"{k}={json.dumps(v) if v is None or isinstance(v, (list, dict, bool)) else v}"
+                for k, v in self.overrides.items()]  # fmt: skip
 
 
 @dataclass
@@ -167,7 +168,7 @@ def _overrides(combo: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
             out.update(value)
         elif axis != "granularity":
             out[axis] = value
-    base = spec.base_config([f"{k}={v}" for k, v in out.items() if not isinstance(v, (list, dict))])
+    base = spec.base_config(Point(combo, out, 0).set_args())
     if base.model.ffn != "moe":  # dense (and FFF) models: the MoE axes do not apply
         return {k: v for k, v in out.items() if not k.startswith(("moe.", "router."))}
     if "granularity" in combo:
