@@ -13,7 +13,7 @@ import yaml
 
 from sparse_train.cli import main
 from sparse_train.sweeps.runner import plan
-from sparse_train.sweeps.spec import SweepError, expand, load_spec
+from sparse_train.sweeps.spec import expand, load_spec
 
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})  # before Ray is imported
 ROOT = Path(__file__).resolve().parents[2]
