@@ -590,7 +590,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         observed_e = sorted({int(float(r["num_experts"])) for r in rows}) or [1]
         max_e = args.max_experts or max(observed_e)
         experts = sorted({e for e in [1, 2, 4, 8, 16, 32, 64, 128, *observed_e] if e <= max_e})
-        grans = sorted({int(float(r["granularity"])) for r in rows}) or [1]
+        grans = sorted({float(r["granularity"]) for r in rows}) or [1.0]
         best = fitting.optimal(result, args.flops, experts=experts, granularities=grans)
         print(json.dumps({"law": result["law"], **best}, indent=1))
         return 0

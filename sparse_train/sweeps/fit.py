@@ -205,15 +205,17 @@ def predict(result: dict[str, Any], **x: np.ndarray | float) -> np.ndarray:
 
 
 def optimal(result: dict[str, Any], flops: float, *, experts: list[int] | None = None,
-            granularities: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The allocation minimising the fitted loss at a compute budget C = 6 N D (N active)."""
+            granularities: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The allocation minimising the fitted loss at a compute budget C = 6 N D (N active), over
+    the given expert counts and granularities (dense, E = 1, only at G = 1: there is no finer
+    dense model); `alternatives` holds the best allocation of every (E, G)."""
     minimize_scalar = _scipy_optimize().minimize_scalar
     if flops <= 0:
         raise SweepError(f"--flops must be > 0, got {flops}")
-    options = (
-        [(1, 1)] if result["law"] == "chinchilla" else [(e, g) for e in experts or [1] for g in granularities or [1]]
-    )
-    best = None
+    options = [(1, 1.0)]
+    if result["law"] != "chinchilla":
+        options = [(e, float(g)) for e in experts or [1] for g in granularities or [1] if e > 1 or g == 1] or options
+    candidates = []
     for e, g in options:
 
         def loss_at(log_n: float, e=e, g=g) -> float:
@@ -223,8 +225,7 @@ def optimal(result: dict[str, Any], flops: float, *, experts: list[int] | None =
         res = minimize_scalar(loss_at, bounds=(math.log(1e3), math.log(flops / 6 / 1e3)), method="bounded")
         n = math.exp(res.x)
         tokens = flops / (6 * n)
-        candidate = {"flops": flops, "params_active": n, "tokens": tokens, "num_experts": e, "granularity": g,
-                     "predicted_loss": float(res.fun), "tokens_per_param": tokens / n}  # fmt: skip
-        if best is None or candidate["predicted_loss"] < best["predicted_loss"]:
-            best = candidate
-    return best
+        candidates.append({"flops": flops, "params_active": n, "tokens": tokens, "num_experts": e, "granularity": g,
+                           "predicted_loss": float(res.fun), "tokens_per_param": tokens / n})  # fmt: skip
+    candidates.sort(key=lambda c: c["predicted_loss"])
+    return {**candidates[0], "alternatives": candidates[1:]}

@@ -14,9 +14,11 @@ from sparse_train.train.plots import plt
 
 
 def _family(row: dict[str, str]) -> str:
-    if row["ffn"] != "moe":
-        return row["ffn"]
-    return f"moe E={row['num_experts']} G={row['granularity']}"
+    if row["ffn"] == "dense":
+        return "dense"
+    if row["ffn"] == "fff":
+        return f"fff {row['num_experts']} leaves"
+    return f"moe E={row['num_experts']} G={float(row['granularity']):g}"
 
 
 def _rows(directory: Path, metric: str) -> list[dict[str, str]]:
@@ -59,7 +61,7 @@ def plot_sweep(directory: Path, result: dict[str, Any] | None, metric: str = "fi
         flops = [float(r["flops"]) for r in rows]
         budgets = np.geomspace(min(flops) / 2, max(flops) * 4, 30)
         experts = sorted({int(float(r["num_experts"])) for r in rows})
-        grans = sorted({int(float(r["granularity"])) for r in rows})
+        grans = sorted({float(r["granularity"]) for r in rows})
         front = [fitting.optimal(result, c, experts=experts, granularities=grans)["predicted_loss"] for c in budgets]
         ax.plot(budgets, front, "k--", lw=1.2, label=f"compute-optimal frontier ({result['law']} fit)")
     ax.set_xscale("log")

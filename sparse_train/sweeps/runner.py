@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparse_train.config import Config
 from sparse_train.sweeps.flops import compute_of
 from sparse_train.sweeps.spec import Point, SweepError, SweepSpec, expand
 
@@ -126,6 +127,19 @@ def _save_record(trial: Trial, outcome: dict[str, Any]) -> None:
     os.replace(tmp, trial.record_path)
 
 
+def sparsity_of(cfg: Config) -> dict[str, Any]:
+    """The law's E and G for a trial. Dense: 1 and 1. MoE: the routed experts and ffn_hidden /
+    expert_hidden. FFF: the leaves and ffn_hidden / leaf_width, i.e. an FFF counts as a routed
+    model of 2^depth experts (the moe law's reading of it is an approximation: its leaves are
+    chosen by a tree, not a learned top-k)."""
+    m = cfg.model
+    if m.ffn == "moe":
+        return {"ffn": "moe", "num_experts": cfg.moe.num_experts, "granularity": m.ffn_hidden / cfg.moe.expert_hidden}
+    if m.ffn == "fff":
+        return {"ffn": "fff", "num_experts": cfg.fff.num_leaves, "granularity": m.ffn_hidden / cfg.fff.leaf_width}
+    return {"ffn": m.ffn, "num_experts": 1, "granularity": 1}
+
+
 def write_results(spec: SweepSpec, trials: list[Trial], out: Path) -> Path:
     """results.csv: one row per trial (not yet run: status pending)."""
     axes = list(spec.axes)
@@ -136,10 +150,8 @@ def write_results(spec: SweepSpec, trials: list[Trial], out: Path) -> Path:
     for trial in trials:
         rec = trial.record() or {"status": "pending"}
         cfg = spec.base_config(trial.point.set_args())
-        moe = cfg.model.ffn == "moe"
         row = {"trial_id": trial.point.trial_id, "seed": trial.point.seed, **trial.compute, **rec,
-               "ffn": cfg.model.ffn, "num_experts": cfg.moe.num_experts if moe else 1,
-               "granularity": cfg.model.ffn_hidden // cfg.moe.expert_hidden if moe else 1}  # fmt: skip
+               **sparsity_of(cfg)}  # fmt: skip
         for axis in axes:
             value = trial.point.values[axis]
             row[f"axis:{axis}"] = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
@@ -174,14 +186,18 @@ def run_sweep(spec: SweepSpec, out: Path, *, executor: str = "ray", address: str
         counts["running"] -= 1
         counts["done" if outcome["status"] == "done" else "failed"] += 1
         bar.update(1)
-        bar.set_postfix(done=counts["done"], running=counts["running"], failed=counts["failed"])
+        show()
         write_results(spec, trials, out)
+
+    def show() -> None:
+        bar.set_postfix(done=counts["done"], running=counts["running"], failed=counts["failed"])
 
     try:
         if executor == "local":
 
             def started(t: Trial) -> dict[str, Any]:
                 counts["running"] += 1
+                show()
                 return run_trial(trial_command(spec, t), str(t.directory), threads)
 
             with ThreadPoolExecutor(parallel) as pool:
@@ -189,7 +205,7 @@ def run_sweep(spec: SweepSpec, out: Path, *, executor: str = "ray", address: str
                 for future in as_completed(futures):
                     finished(futures[future], future.result())
         elif executor == "ray":
-            _run_on_ray(spec, todo, address, parallel, cpus_per_trial, threads, counts, finished)
+            _run_on_ray(spec, todo, address, parallel, cpus_per_trial, threads, counts, finished, show)
         else:
             raise SweepError(f"unknown executor {executor!r}; allowed: ray, local")
     finally:
@@ -197,7 +213,7 @@ def run_sweep(spec: SweepSpec, out: Path, *, executor: str = "ray", address: str
     return {k: v for k, v in counts.items() if k != "running"}
 
 
-def _run_on_ray(spec, todo, address, parallel, cpus_per_trial, threads, counts, finished) -> None:
+def _run_on_ray(spec, todo, address, parallel, cpus_per_trial, threads, counts, finished, show) -> None:
     from sparse_train.launch.ray_launch import RayJob, check_resources, connect, import_ray
 
     ray = import_ray()
@@ -212,6 +228,7 @@ def _run_on_ray(spec, todo, address, parallel, cpus_per_trial, threads, counts, 
                 t = pending.pop(0)
                 running[task.remote(trial_command(spec, t), str(t.directory), threads)] = t
                 counts["running"] += 1
+                show()
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
                 t = running.pop(ref)

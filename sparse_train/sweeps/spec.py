@@ -10,15 +10,18 @@
       model.ffn: [dense, moe]         # an axis over one config field
       moe.num_experts: [4, 8]
       granularity: [1, 2]             # expert width = ffn_hidden / G, top_k = G: active FFN = dense
-      train.steps: [100, 200]         # tokens = steps x batch x seq_len
+      train.steps: [100, 200]         # tokens = steps x batch x grad_accum x seq_len
+      # tokens: [1.0e5, 2.0e5]        # or tokens directly: steps = ceil(tokens / tokens per step)
+      # fff.depth: [3, 5]             # FFF points (model.ffn: fff) vary the tree depth
     points: grid                      # every combination; or a list of {axis: value} mappings
     seeds: [0]
     budget_flops: 1.0e13              # drop points whose training FLOPs exceed this (optional)
 
 A point's value for an axis may be any config field by its dotted name; `size` (a list of
-mappings) and `granularity` are the two derived axes. Points of dense models ignore the MoE
-axes (the duplicates they would make are dropped), so a grid over `model.ffn` x
-`moe.num_experts` holds one dense point per size and step count.
+mappings), `granularity` and `tokens` are the derived axes. An axis only applies to the models
+it describes: dense and FFF points ignore `moe.*`, `router.*` and `granularity`, dense and MoE
+points ignore `fff.*` (the duplicates this would make are dropped), so a grid over `model.ffn`
+x `moe.num_experts` holds one dense point per size and step count.
 
 Compute per point (recorded with every trial; sparse_train.sweeps.flops): total and active
 parameters from the built model, training FLOPs C = 6 N_active D + 6 L S d D (Kaplan et al.
@@ -40,7 +43,8 @@ import yaml
 from sparse_train.config import Config, ConfigError, load_config
 from sparse_train.configtypes import field_help
 
-DERIVED_AXES = ("size", "granularity")
+DERIVED_AXES = ("size", "granularity", "tokens")
+MOE_ONLY = ("moe.", "router.")
 
 
 class SweepError(ConfigError):
@@ -126,7 +130,9 @@ def _check_axes(spec: SweepSpec) -> None:
             if not all(isinstance(v, dict) for v in values):
                 raise SweepError("axis size: each rung must be a mapping of config fields")
             fields = {k for v in values for k in v}
-        elif axis == "granularity":
+        elif axis in ("granularity", "tokens"):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in values):
+                raise SweepError(f"axis {axis}: values must be numbers >= 1, got {values}")
             fields = set()
         else:
             fields = {axis}
@@ -166,11 +172,16 @@ def _overrides(combo: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
     for axis, value in combo.items():
         if axis == "size":
             out.update(value)
-        elif axis != "granularity":
+        elif axis not in ("granularity", "tokens"):
             out[axis] = value
     base = spec.base_config(Point(combo, out, 0).set_args())
-    if base.model.ffn != "moe":  # dense (and FFF) models: the MoE axes do not apply
-        return {k: v for k, v in out.items() if not k.startswith(("moe.", "router."))}
+    if "tokens" in combo:
+        per_step = base.train.batch_size * base.train.grad_accum * base.data.seq_len
+        out["train.steps"] = -(-int(combo["tokens"]) // per_step)
+    if base.model.ffn != "fff":
+        out = {k: v for k, v in out.items() if not k.startswith("fff.")}
+    if base.model.ffn != "moe":  # dense and FFF models: the MoE axes do not apply
+        return {k: v for k, v in out.items() if not k.startswith(MOE_ONLY)}
     if "granularity" in combo:
         g = int(combo["granularity"])
         if g < 1 or base.model.ffn_hidden % g:

@@ -70,3 +70,6 @@ def test_compute_optimal_allocation_matches_the_closed_form():
     picked = optimal(moe, 1e20, experts=[1, 8, 64], granularities=[1, 8])
     assert (picked["num_experts"], picked["granularity"]) == (64, 8)  # delta, g > 0: more, finer experts help
     assert math.isfinite(picked["predicted_loss"])
+    options = {(a["num_experts"], a["granularity"]) for a in picked["alternatives"]}
+    assert options == {(1, 1.0), (8, 1.0), (8, 8.0), (64, 1.0)}, "no dense model at G > 1"
+    assert all(a["predicted_loss"] >= picked["predicted_loss"] for a in picked["alternatives"])

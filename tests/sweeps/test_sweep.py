@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sparse_train.cli import main
-from sparse_train.sweeps.runner import plan
+from sparse_train.sweeps.runner import plan, write_results
 from sparse_train.sweeps.spec import expand, load_spec
 
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})  # before Ray is imported
@@ -53,12 +53,35 @@ def test_the_grid_expands_with_derived_axes_and_no_duplicate_dense_points(tmp_pa
     assert dense_small["tokens"] == 6 * 4 * 32 and dense_small["flops"] > 6 * dense_small["params_active"] * 768
 
 
+def test_fff_depth_and_token_axes_apply_only_where_they_mean_something(tmp_path):
+    spec = load_spec(_spec(tmp_path, axes={"size": SIZES[:1], "model.ffn": ["dense", "moe", "fff"], "fff.depth": [2, 3],
+                                            "granularity": [2], "tokens": [1000]}))  # fmt: skip
+    points = expand(spec)
+    by_ffn = {f: [p for p in points if p.overrides["model.ffn"] == f] for f in ("dense", "moe", "fff")}
+    assert [len(by_ffn[f]) for f in ("dense", "moe", "fff")] == [1, 1, 2]
+    assert all("fff.depth" not in p.overrides for p in by_ffn["dense"] + by_ffn["moe"])
+    assert all("router.top_k" not in p.overrides for p in by_ffn["fff"])
+    assert {p.overrides["train.steps"] for p in points} == {8}, "ceil(1000 tokens / (4 x 32) per step)"
+    trials = {t.point.trial_id: t for t in plan(spec, tmp_path / "out")}
+    (tmp_path / "out").mkdir()
+    write_results(spec, list(trials.values()), tmp_path / "out")
+    rows = {(r["ffn"], r["num_experts"]): r for r in _rows(tmp_path / "out")}
+    assert set(rows) == {("dense", "1"), ("moe", "8"), ("fff", "4"), ("fff", "8")}  # tiny-moe: 8 experts
+    assert all(int(r["tokens"]) == 8 * 4 * 32 and r["status"] == "pending" for r in rows.values())
+    deep, shallow = rows[("fff", "8")], rows[("fff", "4")]
+    assert int(deep["params_total"]) > int(shallow["params_total"])  # twice the leaves
+    # one leaf active either way: only the extra node neurons (d_model + 1 each) differ
+    assert int(deep["params_active"]) - int(shallow["params_active"]) == 4 * (SIZES[0]["model.d_model"] + 1)
+    assert float(deep["granularity"]) == SIZES[0]["model.ffn_hidden"] / 64  # ffn_hidden / fff.leaf_width
+
+
 def test_bad_specs_and_directories_are_one_line_errors_with_status_2(tmp_path, capsys):
     out = tmp_path / "out"
     cases = [
         (_spec(tmp_path, axes={"model.widht": [1]}), "axis model.widht: model.widht is not a config field"),
         (_spec(tmp_path, axes={"size": [{"model.nope": 1}]}), "axis size: model.nope is not a config field"),
         (_spec(tmp_path, budget_flops=1.0), "no point fits budget_flops=1: the smallest needs"),
+        (_spec(tmp_path, axes={"tokens": [0]}), "axis tokens: values must be numbers >= 1, got [0]"),
         (tmp_path / "missing.yaml", "no such sweep spec"),
     ]
     capsys.readouterr()
