@@ -7,6 +7,7 @@ values only (no devices, process groups or other runtime objects).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -144,6 +145,14 @@ class RouterConfig(Section):
     def validate(self) -> None:
         _positive(self, "top_k")
         _non_negative(self, "aux_loss_coef", "z_loss_coef")
+        if self.top_k == 1 and self.renormalize and self.combine == "weights":
+            # p_i / p_i = 1: the LM loss sends the router no gradient, only the auxiliary losses
+            # train it, and routing stays near random (measured: docs/benchmarks.md, sweeps)
+            warnings.warn(
+                "router.top_k=1 with router.renormalize=true gives every token weight 1: the router gets no "
+                "gradient from the loss; set router.renormalize=false (Switch-style) to train it",
+                stacklevel=2,
+            )
 
 
 MAX_FFF_DEPTH = 20

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,12 @@ def test_config_command_prints_fields(capsys):
 def test_every_shipped_recipe_loads_and_validates(recipe):
     cfg = load_config(Path(__file__).parents[1] / "configs" / recipe)
     assert cfg.train.steps > 0 and cfg.model.d_model % cfg.model.n_heads == 0
+
+
+def test_renormalised_top1_routing_warns_that_the_router_cannot_learn():
+    with pytest.warns(UserWarning, match="router gets no gradient"):
+        load_config(None, ["router.top_k=1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["router.top_k=1", "router.renormalize=false"])  # Switch-style: trains the router
+        load_config(None, ["router.top_k=2"])

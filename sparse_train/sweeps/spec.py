@@ -159,12 +159,20 @@ def expand(spec: SweepSpec) -> list[Point]:
     seen, points = set(), []
     for combo in combos:
         overrides = _overrides(combo, spec)
+        values = {axis: (v if _applies(axis, overrides) else None) for axis, v in combo.items()}
         for seed in spec.seeds:
-            point = Point(combo, {**overrides, "train.seed": seed}, seed)
+            point = Point(values, {**overrides, "train.seed": seed}, seed)
             if point.trial_id not in seen:
                 seen.add(point.trial_id)
                 points.append(point)
     return points
+
+
+def _applies(axis: str, overrides: dict[str, Any]) -> bool:
+    """Whether an axis changed this point (a dense point has no granularity, a MoE none of fff.*)."""
+    if axis in ("size", "tokens"):
+        return True
+    return ("moe.expert_hidden" if axis == "granularity" else axis) in overrides
 
 
 def _overrides(combo: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:

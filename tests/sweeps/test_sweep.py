@@ -61,6 +61,9 @@ def test_fff_depth_and_token_axes_apply_only_where_they_mean_something(tmp_path)
     assert [len(by_ffn[f]) for f in ("dense", "moe", "fff")] == [1, 1, 2]
     assert all("fff.depth" not in p.overrides for p in by_ffn["dense"] + by_ffn["moe"])
     assert all("router.top_k" not in p.overrides for p in by_ffn["fff"])
+    # inapplicable axes are recorded empty
+    assert by_ffn["dense"][0].values == {"size": SIZES[0], "model.ffn": "dense", "fff.depth": None,
+                                         "granularity": None, "tokens": 1000}  # fmt: skip
     assert {p.overrides["train.steps"] for p in points} == {8}, "ceil(1000 tokens / (4 x 32) per step)"
     trials = {t.point.trial_id: t for t in plan(spec, tmp_path / "out")}
     (tmp_path / "out").mkdir()
