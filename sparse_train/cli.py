@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw_fit.add_argument("--out", type=Path, default=None, help="where to write the fit (default DIR/fit-LAW.json)")
     sw_fit.add_argument("--bootstrap", type=int, default=100, help="resamples for the 95%% intervals")
     sw_fit.add_argument("--metric", default="final_val_loss", choices=["final_val_loss", "final_train_loss"])
+    sw_fit.add_argument("--by-family", action="store_true",
+                        help="fit each model family (dense, each E and G) on its own and report where each "
+                             "crosses dense at equal active parameters (DIR/fit-LAW-families.json)")  # fmt: skip
     sw_opt = sw_sub.add_parser("optimal", help="compute-optimal N, D (and E, G) for a FLOP budget, from a fit")
     sw_opt.add_argument("dir", type=Path, help="the sweep's --out directory (with a fit)")
     sw_opt.add_argument("--flops", type=float, required=True, help="training budget, e.g. 1e21")
@@ -570,6 +573,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise UsageError(f"sparse-train sweep run: {err}") from None
         print(f"sweep {spec.name}: {counts['done']} done, {counts['failed']} failed; results in {args.out / RESULTS}")
         return 0 if counts["failed"] == 0 else 1
+    if args.sweep_command == "fit" and args.by_family:
+        result = fitting.fit_families(fitting.read_results(args.dir, args.metric), args.law, bootstrap=args.bootstrap)
+        result["metric"] = args.metric
+        out = args.out or args.dir / f"fit-{args.law}-families.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        for fam, rows in result["crossover"].items():
+            for r in rows:
+                where = (
+                    f"crosses {result['base']} at {r['crossing_tokens']:.3g} tokens "
+                    f"({r['crossing_tokens_per_param']:.1f}/param)"
+                    if r["crossing_tokens"]
+                    else "no crossing"
+                )
+                print(f"{fam}, N_active {r['params_active']:.3g}: {where}; {fam} - {result['base']} = "
+                      f"{r['gap_at_fewest_tokens']:+.4f} at {r['tokens'][0]:.3g} tokens, "
+                      f"{r['gap_at_most_tokens']:+.4f} at {r['tokens'][1]:.3g}")  # fmt: skip
+        print(f"written to {out}")
+        return 0
     if args.sweep_command == "fit":
         result = fitting.fit(fitting.read_results(args.dir, args.metric), args.law, bootstrap=args.bootstrap)
         result["metric"] = args.metric

@@ -78,26 +78,43 @@ class Data:
     x: dict[str, np.ndarray]  # N, D, E, G, flops
     loss: np.ndarray
     ids: list[str]
+    families: list[str] | None = None  # family_of() each point, when read from a results table
 
     def __len__(self) -> int:
         return len(self.loss)
 
     def subset(self, idx: np.ndarray) -> Data:
-        return Data({k: v[idx] for k, v in self.x.items()}, self.loss[idx], [self.ids[i] for i in idx])
+        fams = None if self.families is None else [self.families[i] for i in idx]
+        return Data({k: v[idx] for k, v in self.x.items()}, self.loss[idx], [self.ids[i] for i in idx], fams)
+
+
+def family_of(row: dict[str, str]) -> str:
+    """A results row's model family: dense, `moe E=8 G=2`, or `fff 8 leaves`."""
+    if row["ffn"] == "fff":
+        return f"fff {row['num_experts']} leaves"
+    if row["ffn"] == "moe":
+        return f"moe E={row['num_experts']} G={float(row['granularity']):g}"
+    return row["ffn"]
 
 
 def read_results(directory: Path, metric: str = "final_val_loss") -> Data:
     path = Path(directory) / "results.csv"
     if not path.is_file():
         raise SweepError(f"{path} does not exist (run `sparse-train sweep run SPEC --out {directory}` first)")
-    rows = [r for r in csv.DictReader(path.open()) if r["status"] == "done"]
+    reader = csv.DictReader(path.open())
+    missing = [c for c in ("status", "ffn", "params_active", "tokens", "num_experts", "granularity", "flops", metric)
+               if c not in (reader.fieldnames or [])]  # fmt: skip
+    if missing:
+        raise SweepError(f"{path} lacks the columns {missing}: not a sweep results table")
+    rows = [r for r in reader if r["status"] == "done"]
     rows = [r for r in rows if r.get(metric) not in ("", None) and math.isfinite(float(r[metric]))]
     x = {
         "N": np.array([float(r["params_active"]) for r in rows]), "D": np.array([float(r["tokens"]) for r in rows]),
         "E": np.array([float(r["num_experts"]) for r in rows]), "G": np.array([float(r["granularity"]) for r in rows]),
         "flops": np.array([float(r["flops"]) for r in rows]),
     }  # fmt: skip
-    return Data(x, np.array([float(r[metric]) for r in rows]), [r["trial_id"] for r in rows])
+    return Data(x, np.array([float(r[metric]) for r in rows]), [r["trial_id"] for r in rows],
+                [family_of(r) for r in rows])  # fmt: skip
 
 
 def _unpack(law: Law, theta: np.ndarray) -> dict[str, float]:
@@ -177,6 +194,52 @@ def fit(data: Data, law_name: str, *, bootstrap: int = 100, seed: int = 0) -> di
         "rms_log_residual": float(np.sqrt(np.mean((np.log(pred) - np.log(data.loss)) ** 2))),
         "holdout": holdout(data, law),
     }  # fmt: skip
+
+
+def fit_families(data: Data, law_name: str, *, bootstrap: int = 100, base: str = "dense") -> dict[str, Any]:
+    """The law fitted to each model family on its own, and where each family's fitted loss
+    crosses the base family's at equal active parameters (a law like `moe` only scales the
+    parameter term with E, so it cannot say that MoE loses at few tokens and wins at many;
+    separate fits can)."""
+    assert data.families is not None, "family fits need a results table"
+    if base not in data.families:
+        raise SweepError(f"no {base} trials to compare the other families with")
+    fits = {}
+    for fam in sorted(set(data.families)):
+        idx = np.array([i for i, f in enumerate(data.families) if f == fam])
+        try:
+            fits[fam] = fit(data.subset(idx), law_name, bootstrap=bootstrap)
+        except SweepError as err:
+            raise SweepError(f"family {fam}: {err.message}") from None
+    cross = {}
+    for fam in fits:
+        if fam == base:
+            continue
+        idx = np.array([i for i, f in enumerate(data.families) if f == fam])
+        span = (float(data.x["D"][idx].min()), float(data.x["D"][idx].max()))
+        cross[fam] = [crossover(fits[fam], fits[base], n, data.x["E"][idx[0]], data.x["G"][idx[0]], span)
+                      for n in sorted({float(data.x["N"][i]) for i in idx})]  # fmt: skip
+    return {"law": law_name, "base": base, "families": fits, "crossover": cross}
+
+
+def crossover(fam: dict[str, Any], base: dict[str, Any], n: float, e: float, g: float,
+              tokens: tuple[float, float]) -> dict[str, Any]:  # fmt: skip
+    """At N active parameters, within the sweep's token range (no extrapolation): where `fam`'s
+    fitted loss crosses the base's (None if it does not) and the gaps (fam - base, nats) at
+    both ends of the range."""
+    from scipy.optimize import brentq
+
+    def gap(log_d: float) -> float:
+        d = math.exp(log_d)
+        return float(predict(fam, N=n, D=d, E=e, G=g) - predict(base, N=n, D=d))
+
+    grid = np.linspace(math.log(tokens[0]), math.log(tokens[1]), 100)
+    gaps = np.array([gap(v) for v in grid])
+    changes = np.nonzero(np.sign(gaps[:-1]) != np.sign(gaps[1:]))[0]
+    cross = math.exp(brentq(gap, grid[changes[0]], grid[changes[0] + 1])) if len(changes) else None
+    return {"params_active": n, "crossing_tokens": cross, "crossing_tokens_per_param": cross and cross / n,
+            "tokens": list(tokens), "gap_at_fewest_tokens": float(gaps[0]),
+            "gap_at_most_tokens": float(gaps[-1])}  # fmt: skip
 
 
 def holdout(data: Data, law: Law) -> dict[str, Any]:

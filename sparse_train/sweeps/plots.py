@@ -4,6 +4,7 @@ MoE vs dense at equal active parameters."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,7 @@ import numpy as np
 from sparse_train.sweeps import fit as fitting
 from sparse_train.train.plots import plt
 
-
-def _family(row: dict[str, str]) -> str:
-    if row["ffn"] == "dense":
-        return "dense"
-    if row["ffn"] == "fff":
-        return f"fff {row['num_experts']} leaves"
-    return f"moe E={row['num_experts']} G={float(row['granularity']):g}"
+_family = fitting.family_of
 
 
 def _rows(directory: Path, metric: str) -> list[dict[str, str]]:
@@ -54,16 +49,18 @@ def plot_sweep(directory: Path, result: dict[str, Any] | None, metric: str = "fi
             continue
         e, g = float(mine[0]["num_experts"]), float(mine[0]["granularity"])
         for n in sorted({float(r["params_active"]) for r in mine}):
-            tokens = [float(r["tokens"]) for r in mine if float(r["params_active"]) == n]
+            size = [r for r in mine if float(r["params_active"]) == n]
+            tokens = [float(r["tokens"]) for r in size]
+            per_token = float(size[0]["flops"]) / float(size[0]["tokens"])  # 6 N + attention, as the points
             d = np.geomspace(min(tokens) / 2, max(tokens) * 2, 40)
-            ax.plot(6 * n * d, fitting.predict(result, N=n, D=d, E=e, G=g), color=colours[fam], lw=0.8, alpha=0.6)
+            ax.plot(per_token * d, fitting.predict(result, N=n, D=d, E=e, G=g), color=colours[fam], lw=0.8, alpha=0.6)
     if result is not None and rows:
         flops = [float(r["flops"]) for r in rows]
-        budgets = np.geomspace(min(flops) / 2, max(flops) * 4, 30)
+        budgets = np.geomspace(min(flops), max(flops), 30)  # no extrapolation beyond the sweep
         experts = sorted({int(float(r["num_experts"])) for r in rows})
         grans = sorted({float(r["granularity"]) for r in rows})
         front = [fitting.optimal(result, c, experts=experts, granularities=grans)["predicted_loss"] for c in budgets]
-        ax.plot(budgets, front, "k--", lw=1.2, label=f"compute-optimal frontier ({result['law']} fit)")
+        ax.plot(budgets, front, "k--", lw=1.2, label=f"compute-optimal frontier ({result['law']} fit, C = 6 N D)")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel(metric.replace("_", " ") + " (nats/token)")
@@ -87,8 +84,9 @@ def plot_sweep(directory: Path, result: dict[str, Any] | None, metric: str = "fi
         fig.tight_layout()
         written += _save(fig, out, "residuals")
 
-    # 3. MoE vs dense at equal active parameters, at each family's largest token count
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    # 3. MoE vs dense at equal active parameters: losses at the most tokens, and the gap over tokens
+    families_fit = _families_fit(directory)
+    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(11.5, 4.2))
     for fam in families:
         mine = [r for r in rows if _family(r) == fam]
         most = max(float(r["tokens"]) for r in mine)
@@ -97,14 +95,56 @@ def plot_sweep(directory: Path, result: dict[str, Any] | None, metric: str = "fi
             if float(r["tokens"]) == most:
                 by_size.setdefault(float(r["params_active"]), []).append(float(r[metric]))
         xs = sorted(by_size)
-        ys = [float(np.mean(by_size[x])) for x in xs]
-        ax.plot(xs, ys, "o-", color=colours[fam], label=f"{fam} ({most:.3g} tokens)")
+        ax.plot(
+            xs, [float(np.mean(by_size[x])) for x in xs], "o-", color=colours[fam], label=f"{fam} ({most:.3g} tokens)"
+        )
+        if fam != "dense":
+            _gap_panel(gap_ax, rows, fam, metric, colours[fam], families_fit)
     ax.set_xscale("log")
     ax.set_xlabel("active parameters (without the input embedding)")
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title("MoE vs dense at equal active parameters")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
+    gap_ax.axhline(0, color="k", lw=0.8)
+    gap_ax.set_xscale("log")
+    gap_ax.set_xlabel("training tokens")
+    gap_ax.set_ylabel("loss - dense loss at equal active params")
+    gap_ax.set_title("below 0: the sparse model wins" + (" (lines: per-family fits)" if families_fit else ""))
+    gap_ax.grid(alpha=0.3, which="both")
+    gap_ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     written += _save(fig, out, "moe_vs_dense")
     return written
+
+
+def _families_fit(directory: Path) -> dict[str, Any] | None:
+    for path in sorted(Path(directory).glob("fit-*-families.json")):
+        return json.loads(path.read_text())
+    return None
+
+
+def _gap_panel(ax, rows, fam: str, metric: str, colour, families_fit: dict[str, Any] | None) -> None:
+    """Observed fam - dense at matched (active parameters within 5%, tokens), one marker per
+    size, and the per-family fits' gap over the same tokens."""
+    dense = [r for r in rows if r["ffn"] == "dense"]
+    markers = "os^vD<>p"
+    sizes = sorted({float(r["params_active"]) for r in rows if _family(r) == fam})
+    for i, n in enumerate(sizes):
+        pairs = []
+        for r in (r for r in rows if _family(r) == fam and float(r["params_active"]) == n):
+            twin = [d for d in dense if d["tokens"] == r["tokens"] and abs(float(d["params_active"]) / n - 1) < 0.05]
+            if twin:
+                pairs.append((float(r["tokens"]), float(r[metric]) - float(np.mean([float(d[metric]) for d in twin]))))
+        if not pairs:
+            continue
+        pairs.sort()
+        ax.scatter(*zip(*pairs, strict=True), color=colour, marker=markers[i % len(markers)], s=24,
+                   label=f"{fam}, N={n:.3g}")  # fmt: skip
+        if families_fit and fam in families_fit["families"] and "dense" in families_fit["families"]:
+            mine, base = families_fit["families"][fam], families_fit["families"]["dense"]
+            e = float(next(r["num_experts"] for r in rows if _family(r) == fam))
+            g = float(next(r["granularity"] for r in rows if _family(r) == fam))
+            d = np.geomspace(pairs[0][0], pairs[-1][0], 40)
+            gap = fitting.predict(mine, N=n, D=d, E=e, G=g) - fitting.predict(base, N=n, D=d)
+            ax.plot(d, gap, color=colour, lw=0.8, alpha=0.7)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from sparse_train.sweeps.fit import LAWS, Data, fit, optimal
+from sparse_train.sweeps.fit import LAWS, Data, fit, fit_families, optimal
 from sparse_train.sweeps.spec import SweepError
 
 
@@ -73,3 +73,29 @@ def test_compute_optimal_allocation_matches_the_closed_form():
     options = {(a["num_experts"], a["granularity"]) for a in picked["alternatives"]}
     assert options == {(1, 1.0), (8, 1.0), (8, 8.0), (64, 1.0)}, "no dense model at G > 1"
     assert all(a["predicted_loss"] >= picked["predicted_loss"] for a in picked["alternatives"])
+
+
+def test_family_fits_find_where_moe_starts_beating_dense():
+    """MoE worse at few tokens (larger D term) and better at many (smaller N term): the
+    per-family fits must place the crossing where the true laws cross."""
+    dense_truth = {"e": 1.0, "a": 60.0, "alpha": 0.4, "b": 40.0, "beta": 0.25}
+    moe_truth = {"e": 1.0, "a": 20.0, "alpha": 0.4, "b": 60.0, "beta": 0.25}
+    rows = [(n, d, 1, 1) for n in np.logspace(4.5, 6, 4) for d in np.logspace(5.5, 8, 5)]
+    dense, moe = _synthetic("chinchilla", dense_truth, rows, seed=1), _synthetic("chinchilla", moe_truth, rows, seed=2)
+    moe.x["E"] = np.full(len(rows), 8.0)
+    x = {k: np.concatenate([dense.x[k], moe.x[k]]) for k in dense.x}
+    data = Data(x, np.concatenate([dense.loss, moe.loss]), [str(i) for i in range(2 * len(rows))],
+                ["dense"] * len(rows) + ["moe E=8 G=1"] * len(rows))  # fmt: skip
+    result = fit_families(data, "chinchilla", bootstrap=0)
+    assert set(result["families"]) == {"dense", "moe E=8 G=1"}
+    for row in result["crossover"]["moe E=8 G=1"]:
+        n = row["params_active"]
+        # the truth: 40 N^-0.4 = 20 D^-0.25 (a N^-alpha saved = b D^-beta added)
+        true_d = (20.0 / (40.0 * n**-0.4)) ** (1 / 0.25)
+        if true_d > 10**8:
+            assert row["crossing_tokens"] is None and row["gap_at_most_tokens"] > 0
+        else:
+            assert row["crossing_tokens"] == pytest.approx(true_d, rel=0.25)
+            assert row["gap_at_fewest_tokens"] > 0 > row["gap_at_most_tokens"]
+    with pytest.raises(SweepError, match="no dense trials"):
+        fit_families(data.subset(np.arange(len(rows), 2 * len(rows))), "chinchilla", bootstrap=0)

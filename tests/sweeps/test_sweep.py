@@ -99,10 +99,13 @@ def test_bad_specs_and_directories_are_one_line_errors_with_status_2(tmp_path, c
     assert main(["sweep", "run", str(_spec(tmp_path)), "--out", str(out)]) == 2
     assert "holds results of another spec (other, x.yaml)" in capsys.readouterr().err
     # too few points to fit
-    (out / "results.csv").write_text("trial_id,status,params_active,tokens,num_experts,granularity,flops,"
-                                     "final_val_loss\na,done,10,10,1,1,600,3.0\n")  # fmt: skip
+    (out / "results.csv").write_text("trial_id,status,ffn,params_active,tokens,num_experts,granularity,flops,"
+                                     "final_val_loss\na,done,dense,10,10,1,1,600,3.0\n")  # fmt: skip
     assert main(["sweep", "fit", str(out)]) == 2
     assert "needs at least 5 finished trials, the results hold 1" in capsys.readouterr().err
+    (out / "results.csv").write_text("trial_id,status\na,done\n")
+    assert main(["sweep", "fit", str(out)]) == 2
+    assert "lacks the columns ['ffn', 'params_active'" in capsys.readouterr().err
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
@@ -137,6 +140,9 @@ def test_a_tiny_sweep_runs_on_ray_resumes_fits_and_plots(tmp_path, capsys):
     assert main(["sweep", "optimal", str(out), "--flops", "1e12"]) == 0
     best = json.loads(capsys.readouterr().out.split("written to")[-1].split("\n", 1)[1])
     assert best["flops"] == 1e12 and best["params_active"] * best["tokens"] * 6 == pytest.approx(1e12)
+    # per-family fits need 5 points per family for chinchilla; this sweep has 4 of each
+    assert main(["sweep", "fit", str(out), "--by-family", "--bootstrap", "0"]) == 2
+    assert "family dense: the chinchilla law has 5 parameters" in capsys.readouterr().err
     assert main(["sweep", "plot", str(out)]) == 0
     for name in ("loss_vs_compute", "residuals", "moe_vs_dense"):
         for suffix in (".png", ".svg"):
