@@ -597,6 +597,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         out = args.out or args.dir / f"fit-{args.law}.json"
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: result[k] for k in ("law", "params", "ci95", "points", "rms_log_residual")}, indent=1))
+        if result["at_bound"]:
+            print(f"at a bound of the search (not identified by these points): {', '.join(result['at_bound'])}")
         held = result["holdout"]
         if "mean_abs_rel_error" in held:
             print(f"held out the {len(held['held_out'])} largest-compute runs: mean |relative error| of "

@@ -35,6 +35,7 @@ from sparse_train.sweeps.spec import SweepError
 
 HUBER_DELTA = 1e-3
 HOLDOUT_FRACTION = 0.2
+DEFAULT_BOUNDS = (-20.0, 20.0)  # log-coefficients: e^-20 is zero for every loss we fit
 SCREENED_STARTS = 8  # of the initialisation grid, the best by objective value are refined
 
 
@@ -149,7 +150,7 @@ def _minimise(law: Law, data: Data, starts: list[np.ndarray]) -> tuple[np.ndarra
     minimize = _scipy_optimize().minimize
 
     f = _objective(law, data)
-    bounds = [law.bounds.get(n, (-20.0, 20.0)) for n in law.params]
+    bounds = [law.bounds.get(n, DEFAULT_BOUNDS) for n in law.params]
     best_theta, best = None, math.inf
     if len(starts) > SCREENED_STARTS:  # descend only from the most promising initialisations
         starts = sorted(starts, key=f)[:SCREENED_STARTS]
@@ -188,8 +189,14 @@ def fit(data: Data, law_name: str, *, bootstrap: int = 100, seed: int = 0) -> di
     ci = {n: [float(np.percentile(samples_arr[:, i], 2.5)), float(np.percentile(samples_arr[:, i], 97.5))]
           for i, n in enumerate(law.params)} if bootstrap else {}  # fmt: skip
     pred = law.predict(params, data.x)
+    bounds = [law.bounds.get(n, DEFAULT_BOUNDS) for n in law.params]
+    # a parameter pinned at a bound is not identified by the data (its interval collapses there)
+    # (a log-coefficient below 1e-6 is zero to the optimiser: its gradient vanishes before -20)
+    at_bound = [n for n, v, (lo, hi) in zip(law.params, theta, bounds, strict=True)
+                if min(v - lo, hi - v) < 1e-4 or (n in law.log_params and v < math.log(1e-6))]  # fmt: skip
     return {
-        "law": law.name, "params": params, "ci95": ci, "bootstrap": bootstrap, "points": len(data),
+        "law": law.name, "params": params, "ci95": ci, "at_bound": at_bound, "bootstrap": bootstrap,
+        "points": len(data),
         "huber_delta": HUBER_DELTA, "objective": objective,
         "rms_log_residual": float(np.sqrt(np.mean((np.log(pred) - np.log(data.loss)) ** 2))),
         "holdout": holdout(data, law),

@@ -31,6 +31,9 @@ def test_chinchilla_parameters_are_recovered_inside_their_intervals():
         assert lo <= true <= hi, f"{name}: {true} outside [{lo:.4g}, {hi:.4g}]"
         assert hi - lo < 0.5 * abs(true), f"{name}: an interval this wide says nothing"
     assert result["rms_log_residual"] < 0.01
+    assert result["at_bound"] == []
+    below = fit(_synthetic("chinchilla", {**CHINCHILLA, "e": -0.3}, rows), "chinchilla", bootstrap=0)
+    assert below["at_bound"] == ["e"], "an irreducible loss below 0 fits as e = 0, at its bound"
     assert result["holdout"]["mean_abs_rel_error"] < 0.02  # the largest runs, predicted from the others
 
 
