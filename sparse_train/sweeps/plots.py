@@ -75,8 +75,13 @@ def plot_sweep(directory: Path, result: dict[str, Any] | None, metric: str = "fi
         pred = fitting.LAWS[result["law"]].predict(result["params"], data.x)
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         ax.axhline(0, color="k", lw=0.8)
-        ax.scatter(data.x["flops"], np.log(data.loss) - np.log(pred), s=22)
+        resid = np.log(data.loss) - np.log(pred)
+        for fam in families:  # by family: a law that misses one family's trend shows it here
+            mine = [i for i, f in enumerate(data.families or []) if f == fam]
+            ax.scatter(data.x["flops"][mine], resid[mine], s=22, color=colours[fam], label=fam)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.legend(fontsize=7)
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel("log observed - log predicted")
         ax.set_title(f"residuals of the {result['law']} fit (rms {result['rms_log_residual']:.4f})")
