@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw_run.add_argument("--executor", default="ray", choices=["ray", "local"], help="local: subprocesses, no Ray")
     sw_run.add_argument("--max-parallel", type=int, default=None, help="trials at once (default: CPUs / per-trial)")
     sw_run.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs (and torch threads) per trial")
+    sw_run.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs Ray assigns each trial (ray executor)")
     sw_fit = sw_sub.add_parser("fit", help="fit a scaling law to a sweep's results (JSON)")
     sw_fit.add_argument("dir", type=Path, help="the sweep's --out directory")
     sw_fit.add_argument("--law", default="chinchilla", choices=["chinchilla", "moe"])
@@ -563,12 +564,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from sparse_train.sweeps.runner import RESULTS, run_sweep
         from sparse_train.sweeps.spec import load_spec
 
-        if args.cpus_per_trial <= 0 or (args.max_parallel is not None and args.max_parallel < 1):
-            raise UsageError("sparse-train sweep run: --cpus-per-trial > 0 and --max-parallel >= 1")
+        if (
+            args.cpus_per_trial <= 0
+            or args.gpus_per_trial < 0
+            or (args.max_parallel is not None and args.max_parallel < 1)
+        ):
+            raise UsageError("sparse-train sweep run: --cpus-per-trial > 0, --gpus-per-trial >= 0, --max-parallel >= 1")
         spec = load_spec(args.spec)
         try:
             counts = run_sweep(spec, args.out, executor=args.executor, address=args.ray_address,
-                               max_parallel=args.max_parallel, cpus_per_trial=args.cpus_per_trial)  # fmt: skip
+                               max_parallel=args.max_parallel, cpus_per_trial=args.cpus_per_trial,
+                               gpus_per_trial=args.gpus_per_trial)  # fmt: skip
         except RayLaunchError as err:
             raise UsageError(f"sparse-train sweep run: {err}") from None
         print(f"sweep {spec.name}: {counts['done']} done, {counts['failed']} failed; results in {args.out / RESULTS}")

@@ -167,8 +167,11 @@ def write_results(spec: SweepSpec, trials: list[Trial], out: Path) -> Path:
 
 
 def run_sweep(spec: SweepSpec, out: Path, *, executor: str = "ray", address: str | None = None,
-              max_parallel: int | None = None, cpus_per_trial: float = 1.0) -> dict[str, int]:  # fmt: skip
+              max_parallel: int | None = None, cpus_per_trial: float = 1.0,
+              gpus_per_trial: float = 0.0) -> dict[str, int]:  # fmt: skip
     """Run every trial not yet done; returns counts by status."""
+    if gpus_per_trial and executor != "ray":
+        raise SweepError("--gpus-per-trial needs the ray executor (Ray assigns each trial its GPUs)")
     from tqdm import tqdm
 
     out = Path(out)
@@ -205,7 +208,8 @@ def run_sweep(spec: SweepSpec, out: Path, *, executor: str = "ray", address: str
                 for future in as_completed(futures):
                     finished(futures[future], future.result())
         elif executor == "ray":
-            _run_on_ray(spec, todo, address, parallel, cpus_per_trial, threads, counts, finished, show)
+            resources = {"num_cpus": cpus_per_trial, "num_gpus": gpus_per_trial}
+            _run_on_ray(spec, todo, address, parallel, resources, threads, counts, finished, show)
         else:
             raise SweepError(f"unknown executor {executor!r}; allowed: ray, local")
     finally:
@@ -213,15 +217,17 @@ def run_sweep(spec: SweepSpec, out: Path, *, executor: str = "ray", address: str
     return {k: v for k, v in counts.items() if k != "running"}
 
 
-def _run_on_ray(spec, todo, address, parallel, cpus_per_trial, threads, counts, finished, show) -> None:
+def _run_on_ray(spec, todo, address, parallel, resources, threads, counts, finished, show) -> None:
     from sparse_train.launch.ray_launch import RayJob, check_resources, connect, import_ray
 
     ray = import_ray()
-    job = RayJob(1, cpus_per_worker=cpus_per_trial, address=address)
+    # one trial must fit the cluster; Ray queues the rest. Ray sets CUDA_VISIBLE_DEVICES for a
+    # task with GPUs, and the trial's subprocess inherits it.
+    job = RayJob(1, cpus_per_worker=resources["num_cpus"], gpus_per_worker=resources["num_gpus"], address=address)
     started_local = connect(ray, job)
     try:
         check_resources(ray, job)
-        task = ray.remote(num_cpus=cpus_per_trial, max_retries=0)(run_trial)
+        task = ray.remote(**resources, max_retries=0)(run_trial)
         pending, running = list(todo), {}
         while pending or running:
             while pending and len(running) < parallel:

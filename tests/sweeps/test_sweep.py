@@ -92,6 +92,9 @@ def test_bad_specs_and_directories_are_one_line_errors_with_status_2(tmp_path, c
         assert main(["sweep", "run", str(spec), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    assert main(["sweep", "run", str(_spec(tmp_path)), "--out", str(out), "--executor", "local",
+                 "--gpus-per-trial", "1"]) == 2  # fmt: skip
+    assert "--gpus-per-trial needs the ray executor" in capsys.readouterr().err
     assert not out.exists(), "nothing written for a sweep that cannot run"
     # a results directory made by another spec
     out.mkdir()
@@ -160,3 +163,12 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     rows = {r["axis:data.path"]: r for r in _rows(out)}
     assert rows[""]["status"] == "done"
     assert rows[str(tiny)]["status"] == "failed" and "corpus too small" in rows[str(tiny)]["error"]
+
+
+@pytest.mark.slow
+def test_a_trial_asking_for_more_gpus_than_the_cluster_has_is_refused_before_anything_runs(tmp_path, capsys):
+    pytest.importorskip("ray.train")
+    out = tmp_path / "out"
+    assert main(["sweep", "run", str(_spec(tmp_path)), "--out", str(out), "--gpus-per-trial", "1"]) == 2
+    assert "1 GPUs; the cluster has 0" in capsys.readouterr().err
+    assert not (out / "trials").exists()
