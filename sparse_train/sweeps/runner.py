@@ -179,6 +179,7 @@ def run_sweep(spec: SweepSpec, out: Path, *, executor: str = "ray", address: str
     _write_marker(spec, out)
     todo = [t for t in trials if not t.done]
     threads = max(1, int(cpus_per_trial))
+    # default: as many trials as this machine's CPUs hold; on Ray, as many as the cluster's do
     parallel = max_parallel or max(1, int((os.cpu_count() or 1) // cpus_per_trial))
     counts = {"done": len(trials) - len(todo), "failed": 0, "running": 0}
     write_results(spec, trials, out)
@@ -209,7 +210,7 @@ def run_sweep(spec: SweepSpec, out: Path, *, executor: str = "ray", address: str
                     finished(futures[future], future.result())
         elif executor == "ray":
             resources = {"num_cpus": cpus_per_trial, "num_gpus": gpus_per_trial}
-            _run_on_ray(spec, todo, address, parallel, resources, threads, counts, finished, show)
+            _run_on_ray(spec, todo, address, max_parallel, resources, threads, counts, finished, show)
         else:
             raise SweepError(f"unknown executor {executor!r}; allowed: ray, local")
     finally:
@@ -227,6 +228,12 @@ def _run_on_ray(spec, todo, address, parallel, resources, threads, counts, finis
     started_local = connect(ray, job)
     try:
         check_resources(ray, job)
+        if parallel is None:
+            total = ray.cluster_resources()
+            fits = [total.get("CPU", 0) // resources["num_cpus"]]
+            if resources["num_gpus"]:
+                fits.append(total.get("GPU", 0) // resources["num_gpus"])
+            parallel = max(1, int(min(fits)))
         task = ray.remote(**resources, max_retries=0)(run_trial)
         pending, running = list(todo), {}
         while pending or running:

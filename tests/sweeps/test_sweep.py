@@ -119,7 +119,7 @@ def _rows(out: Path) -> list[dict[str, str]]:
 def test_a_tiny_sweep_runs_on_ray_resumes_fits_and_plots(tmp_path, capsys):
     pytest.importorskip("ray.train")
     spec, out = _spec(tmp_path), tmp_path / "out"
-    assert main(["sweep", "run", str(spec), "--out", str(out), "--max-parallel", "2"]) == 0
+    assert main(["sweep", "run", str(spec), "--out", str(out)]) == 0  # as many at once as the cluster's CPUs
     rows = _rows(out)
     assert len(rows) == 8 and {r["status"] for r in rows} == {"done"}
     assert all(float(r["final_val_loss"]) > 0 and float(r["flops"]) > 0 for r in rows)
