@@ -65,15 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--master-port", type=int, default=29500, help="port on node 0 (multi-node)")
     launch.add_argument("--max-restarts", type=int, default=0, help="restart all workers this often after a failure")
     launch.add_argument("--ray", action="store_true", help="run on Ray workers (Ray Train) instead of torchrun")
-    launch.add_argument("--address", default=None,
-                        help="--ray: auto (a cluster on this host) or HOST:PORT; default: a local one")  # fmt: skip
+    launch.add_argument(
+        "--address", default=None, help="--ray: auto (a cluster on this host) or HOST:PORT; default: a local one"
+    )
     launch.add_argument("--num-workers", type=int, help="--ray: workers (ranks) in the job")
     launch.add_argument("--cpus-per-worker", type=float, default=1.0, help="--ray: CPUs each worker reserves")
     launch.add_argument("--gpus-per-worker", type=float, default=0.0, help="--ray: GPUs each worker reserves")
-    launch.add_argument("--max-failures", type=int, default=0,
-                        help="--ray: restart the worker group this often after a worker or node dies")  # fmt: skip
-    launch.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
-                        help="--ray: how workers are placed on nodes (STRICT_SPREAD: one per node)")  # fmt: skip
+    launch.add_argument(
+        "--max-failures",
+        type=int,
+        default=0,
+        help="--ray: restart the worker group this often after a worker or node dies",
+    )
+    launch.add_argument(
+        "--placement",
+        default="PACK",
+        choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+        help="--ray: how workers are placed on nodes (STRICT_SPREAD: one per node)",
+    )
     launch.add_argument(
         "launch_command", nargs=argparse.REMAINDER, metavar="command", help="the sparse-train command, e.g. train ..."
     )
@@ -140,24 +149,43 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upcycle", help="turn a dense checkpoint (HF directory or sparse_train run) into an MoE or FFF")
     up.add_argument("--from", dest="source", required=True, help="HF model directory or sparse_train checkpoint/run")
     up.add_argument("--to", dest="target", required=True, help="output directory (must not exist; see --overwrite)")
-    up.add_argument("--method", required=True, choices=["copy", "split", "moefication", "cmoe", "fff"],
-                    help="copy: each expert the dense FFN; split: its neurons partitioned; moefication, cmoe, "
-                         "fff: neurons carved by activations on calibration tokens (fff: tree leaves)")  # fmt: skip
+    up.add_argument(
+        "--method",
+        required=True,
+        choices=["copy", "split", "moefication", "cmoe", "fff"],
+        help="copy: each expert the dense FFN; split: its neurons partitioned; moefication, cmoe, "
+        "fff: neurons carved by activations on calibration tokens (fff: tree leaves)",
+    )
     up.add_argument("--num-experts", type=int, required=True, help="routed experts (fff: leaves, a power of two)")
     up.add_argument("--top-k", type=int, required=True, help="experts (fff: leaves) selected per token")
     up.add_argument("--layers", type=int, nargs="+", help="blocks to convert (default: all)")
-    up.add_argument("--partition", default="contiguous", choices=["contiguous", "random", "kmeans"],
-                    help="split: how neurons are grouped into experts")  # fmt: skip
-    up.add_argument("--granularity", type=int, default=None,
-                    help="copy/split: slices each dense FFN is cut into, each copied into E/g experts "
-                         "(default: copy 1, split E)")  # fmt: skip
+    up.add_argument(
+        "--partition",
+        default="contiguous",
+        choices=["contiguous", "random", "kmeans"],
+        help="split: how neurons are grouped into experts",
+    )
+    up.add_argument(
+        "--granularity",
+        type=int,
+        default=None,
+        help="copy/split: slices each dense FFN is cut into, each copied into E/g experts (default: copy 1, split E)",
+    )
     up.add_argument("--num-shared", type=int, default=1, help="cmoe: shared experts from the highest-rate neurons")
     up.add_argument("--noise", type=float, default=0.0, help="copy: relative Gaussian noise on each expert")
-    up.add_argument("--drop-ratio", type=float, default=0.0,
-                    help="copy: share of each expert's neurons re-initialised (Drop-Upcycling)")  # fmt: skip
-    up.add_argument("--calib", type=Path, default=None,
-                    help="moefication/cmoe/fff: calibration text (file, directory, .jsonl) or token ids (.bin); "
-                         "default: the Python standard library")  # fmt: skip
+    up.add_argument(
+        "--drop-ratio",
+        type=float,
+        default=0.0,
+        help="copy: share of each expert's neurons re-initialised (Drop-Upcycling)",
+    )
+    up.add_argument(
+        "--calib",
+        type=Path,
+        default=None,
+        help="moefication/cmoe/fff: calibration text (file, directory, .jsonl) or token ids (.bin); "
+        "default: the Python standard library",
+    )
     up.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens read (a quarter held out)")
     up.add_argument("--seed", type=int, default=0)
     up.add_argument("--format", default="native", choices=["native", "hf"], help="output: sparse_train run or HF")
@@ -194,9 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw_fit.add_argument("--out", type=Path, default=None, help="where to write the fit (default DIR/fit-LAW.json)")
     sw_fit.add_argument("--bootstrap", type=int, default=100, help="resamples for the 95%% intervals")
     sw_fit.add_argument("--metric", default="final_val_loss", choices=["final_val_loss", "final_train_loss"])
-    sw_fit.add_argument("--by-family", action="store_true",
-                        help="fit each model family (dense, each E and G) on its own and report where each "
-                             "crosses dense at equal active parameters (DIR/fit-LAW-families.json)")  # fmt: skip
+    sw_fit.add_argument(
+        "--by-family",
+        action="store_true",
+        help="fit each model family (dense, each E and G) on its own and report where each "
+        "crosses dense at equal active parameters (DIR/fit-LAW-families.json)",
+    )
     sw_opt = sw_sub.add_parser("optimal", help="compute-optimal N, D (and E, G) for a FLOP budget, from a fit")
     sw_opt.add_argument("dir", type=Path, help="the sweep's --out directory (with a fit)")
     sw_opt.add_argument("--flops", type=float, required=True, help="training budget, e.g. 1e21")
@@ -211,8 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     plot = sub.add_parser("plot-runs", help="loss curves of several runs in one figure (PNG and SVG)")
-    plot.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR[@OFFSET]",
-                      help="a run's label and directory; @OFFSET shifts its steps (a continued run)")  # fmt: skip
+    plot.add_argument(
+        "runs",
+        nargs="+",
+        metavar="LABEL=RUN_DIR[@OFFSET]",
+        help="a run's label and directory; @OFFSET shifts its steps (a continued run)",
+    )
     plot.add_argument("--out", required=True, type=Path, help="output path without suffix: writes OUT.png, OUT.svg")
     plot.add_argument("--title", default=None)
 
@@ -316,8 +351,9 @@ def _launch_ray(args: argparse.Namespace, command: list[str], parsed: argparse.N
     run_dir = Path(parsed.run_dir or _default_run_dir(parsed.config)).resolve()
     argv = [*command, "--run-dir", str(run_dir)] if parsed.run_dir is None else command
     steps = load_config(parsed.config, parsed.overrides).train.steps
-    job = ray_launch.RayJob(args.num_workers, args.cpus_per_worker, args.gpus_per_worker, args.address,
-                            args.max_failures, args.placement)  # fmt: skip
+    job = ray_launch.RayJob(
+        args.num_workers, args.cpus_per_worker, args.gpus_per_worker, args.address, args.max_failures, args.placement
+    )
     try:
         return ray_launch.run(job, argv, run_dir, steps)
     except ray_launch.RayLaunchError as err:
@@ -434,8 +470,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config = Path(args.config) if args.config else dispatch.CONFIG
         if not config.is_file():
             raise UsageError(f"sparse-train bench dispatch: no config at {config}; pass --config")
-        dispatch.run(args.ep, config=config, steps=args.steps, warmup=args.warmup, dedup_off=args.compare_no_dedup,
-                     as_json=args.json)  # fmt: skip
+        dispatch.run(
+            args.ep,
+            config=config,
+            steps=args.steps,
+            warmup=args.warmup,
+            dedup_off=args.compare_no_dedup,
+            as_json=args.json,
+        )
         return 0
     from sparse_train.bench import moe_layer
 
@@ -445,8 +487,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"sparse-train bench moe-layer: unknown --peers {sorted(unknown)}; allowed: hf, deepspeed")
     if args.repeats < 1 or args.warmup < 0 or (args.tokens is not None and args.tokens < 1):
         raise UsageError("sparse-train bench moe-layer: --repeats >= 1, --warmup >= 0 and --tokens >= 1 required")
-    moe_layer.run(args.shapes, tokens=args.tokens, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-                  peers=peers, as_json=args.json)  # fmt: skip
+    moe_layer.run(
+        args.shapes,
+        tokens=args.tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        peers=peers,
+        as_json=args.json,
+    )
     return 0
 
 
@@ -460,8 +509,15 @@ def _bench_fff_infer(args: argparse.Namespace) -> int:
         raise UsageError("sparse-train bench fff-infer: --depths in [1, 12] (leaf width = 4096 / 2^depth >= 1)")
     if any(b < 1 for b in args.batches) or args.repeats < 1 or args.warmup < 0:
         raise UsageError("sparse-train bench fff-infer: --batches >= 1, --repeats >= 1 and --warmup >= 0 required")
-    fff_infer.run(args.depths, args.batches, repeats=args.repeats, warmup=args.warmup, seed=args.seed, peers=peers,
-                  as_json=args.json)  # fmt: skip
+    fff_infer.run(
+        args.depths,
+        args.batches,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        peers=peers,
+        as_json=args.json,
+    )
     return 0
 
 
@@ -499,9 +555,18 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
         raise UsageError(f"sparse-train upcycle: --calib is for {', '.join(CALIBRATED)}; {args.method} reads no data")
     check_target(Path(args.target), args.overwrite)
     source = load_source(Path(args.source))
-    spec = UpcycleSpec(args.method, args.num_experts, args.top_k, layers=args.layers, seed=args.seed,
-                       noise=args.noise, drop_ratio=args.drop_ratio, partition=args.partition,
-                       granularity=args.granularity, num_shared=args.num_shared)  # fmt: skip
+    spec = UpcycleSpec(
+        args.method,
+        args.num_experts,
+        args.top_k,
+        layers=args.layers,
+        seed=args.seed,
+        noise=args.noise,
+        drop_ratio=args.drop_ratio,
+        partition=args.partition,
+        granularity=args.granularity,
+        num_shared=args.num_shared,
+    )
     planned = upcycled_config(source.cfg, spec)  # checks the request before the work starts
     if args.format == "hf":
         hf.export_arch(planned)
@@ -509,8 +574,9 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     if args.method in CALIBRATED:
         if args.calib_tokens < 1:
             raise UsageError(f"sparse-train upcycle: --calib-tokens must be >= 1, got {args.calib_tokens}")
-        tokens, where = calibration_tokens(source.tokenizer(), args.calib, args.calib_tokens,
-                                           source.cfg.model.vocab_size, args.seed)  # fmt: skip
+        tokens, where = calibration_tokens(
+            source.tokenizer(), args.calib, args.calib_tokens, source.cfg.model.vocab_size, args.seed
+        )
         print(f"calibrating on {tokens.size} tokens of {where}", file=sys.stderr)
         calib = ffn_inputs(source.cfg, source.state, tokens, planned.moe.layers, source=where)
     with tqdm(total=len(planned.moe.layers), desc=f"upcycle ({args.method})", unit="block", file=sys.stderr) as bar:
@@ -518,11 +584,21 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     extra = {}
     if calib is not None:
         report = conversion_report(source.cfg, source.state, cfg, state, calib)
-        print(f"relative error of each converted FFN on {report['calibration']['held_out_tokens']} held-out tokens:\n"
-              + format_report(report), file=sys.stderr)  # fmt: skip
+        print(
+            f"relative error of each converted FFN on {report['calibration']['held_out_tokens']} held-out tokens:\n"
+            + format_report(report),
+            file=sys.stderr,
+        )
         extra[REPORT_FILE] = json.dumps(report, indent=1) + "\n"
-    what = write_model(Path(args.target), cfg, state, args.format, overwrite=args.overwrite,
-                       tokenizer_dir=source.tokenizer_dir, extra_files=extra)  # fmt: skip
+    what = write_model(
+        Path(args.target),
+        cfg,
+        state,
+        args.format,
+        overwrite=args.overwrite,
+        tokenizer_dir=source.tokenizer_dir,
+        extra_files=extra,
+    )
     if cfg.model.ffn == "fff":
         shape = f"depth-{cfg.fff.depth} trees of {cfg.fff.num_leaves} leaves of width {cfg.fff.leaf_width}"
     else:
@@ -537,8 +613,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from sparse_train.upcycle.io import load_source, write_model
 
     source = load_source(Path(args.source))
-    what = write_model(Path(args.target), source.cfg, source.state, args.format, overwrite=args.overwrite,
-                       tokenizer_dir=source.tokenizer_dir)  # fmt: skip
+    what = write_model(
+        Path(args.target),
+        source.cfg,
+        source.state,
+        args.format,
+        overwrite=args.overwrite,
+        tokenizer_dir=source.tokenizer_dir,
+    )
     print(f"wrote {args.target}: {what}")
     return 0
 
@@ -572,9 +654,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise UsageError("sparse-train sweep run: --cpus-per-trial > 0, --gpus-per-trial >= 0, --max-parallel >= 1")
         spec = load_spec(args.spec)
         try:
-            counts = run_sweep(spec, args.out, executor=args.executor, address=args.ray_address,
-                               max_parallel=args.max_parallel, cpus_per_trial=args.cpus_per_trial,
-                               gpus_per_trial=args.gpus_per_trial)  # fmt: skip
+            counts = run_sweep(
+                spec,
+                args.out,
+                executor=args.executor,
+                address=args.ray_address,
+                max_parallel=args.max_parallel,
+                cpus_per_trial=args.cpus_per_trial,
+                gpus_per_trial=args.gpus_per_trial,
+            )
         except RayLaunchError as err:
             raise UsageError(f"sparse-train sweep run: {err}") from None
         print(f"sweep {spec.name}: {counts['done']} done, {counts['failed']} failed; results in {args.out / RESULTS}")
@@ -592,9 +680,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                     if r["crossing_tokens"]
                     else "no crossing"
                 )
-                print(f"{fam}, N_active {r['params_active']:.3g}: {where}; {fam} - {result['base']} = "
-                      f"{r['gap_at_fewest_tokens']:+.4f} at {r['tokens'][0]:.3g} tokens, "
-                      f"{r['gap_at_most_tokens']:+.4f} at {r['tokens'][1]:.3g}")  # fmt: skip
+                print(
+                    f"{fam}, N_active {r['params_active']:.3g}: {where}; {fam} - {result['base']} = "
+                    f"{r['gap_at_fewest_tokens']:+.4f} at {r['tokens'][0]:.3g} tokens, "
+                    f"{r['gap_at_most_tokens']:+.4f} at {r['tokens'][1]:.3g}"
+                )
         print(f"written to {out}")
         return 0
     if args.sweep_command == "fit":
@@ -607,8 +697,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"at a bound of the search (not identified by these points): {', '.join(result['at_bound'])}")
         held = result["holdout"]
         if "mean_abs_rel_error" in held:
-            print(f"held out the {len(held['held_out'])} largest-compute runs: mean |relative error| of "
-                  f"their predicted loss {held['mean_abs_rel_error']:.4f} (fit on {held['fit_on']})")  # fmt: skip
+            print(
+                f"held out the {len(held['held_out'])} largest-compute runs: mean |relative error| of "
+                f"their predicted loss {held['mean_abs_rel_error']:.4f} (fit on {held['fit_on']})"
+            )
         print(f"written to {out}")
         return 0
     result = _load_fit(args.dir, args.law)
@@ -689,17 +781,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    print(json.dumps({
-        "sparse_train": sparse_train.__version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "cuda_devices": torch.cuda.device_count(),
-        "threads": torch.get_num_threads(),
-        "integrations": {name: version(name) for name in ("triton", "transformers", "deepspeed", "ray")},
-        "malloc_tuning": {key: os.environ.get(key) for key in MALLOC_ENV},
-        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-    }, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "sparse_train": sparse_train.__version__,
+                "python": sys.version.split()[0],
+                "torch": torch.__version__,
+                "cuda_available": torch.cuda.is_available(),
+                "cuda_devices": torch.cuda.device_count(),
+                "threads": torch.get_num_threads(),
+                "integrations": {name: version(name) for name in ("triton", "transformers", "deepspeed", "ray")},
+                "malloc_tuning": {key: os.environ.get(key) for key in MALLOC_ENV},
+                "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

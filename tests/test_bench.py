@@ -12,9 +12,18 @@ from sparse_train.bench.moe_layer import SHAPES, Shape, bench_shape, build_probl
 from sparse_train.models.experts import SwiGLU
 
 REQUIRED_KEYS = {
-    "shape", "ours_ms", "dense_ms", "ratio_vs_dense", "hf_mixtral_ms", "speedup_vs_hf", "max_abs_diff_vs_hf",
-    "peak_mem_mb_ours", "peak_mem_mb_dense", "deepspeed_ms", "speedup_vs_deepspeed",
-}  # fmt: skip
+    "shape",
+    "ours_ms",
+    "dense_ms",
+    "ratio_vs_dense",
+    "hf_mixtral_ms",
+    "speedup_vs_hf",
+    "max_abs_diff_vs_hf",
+    "peak_mem_mb_ours",
+    "peak_mem_mb_dense",
+    "deepspeed_ms",
+    "speedup_vs_deepspeed",
+}
 TINY = Shape("tiny", tokens=48, d_model=32, num_experts=4, top_k=2, expert_hidden=16)
 
 
@@ -77,10 +86,27 @@ def test_bench_shape_reports_every_key_consistently():
 def test_cli_prints_one_json_object_per_shape_with_deepspeed():
     pytest.importorskip("deepspeed")
     proc = subprocess.run(
-        [sys.executable, "-m", "sparse_train", "bench", "moe-layer", "--json", "--tokens", "64", "--repeats", "1",
-         "--warmup", "0", "--shapes", "mixtral-like", "skewed"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sparse_train",
+            "bench",
+            "moe-layer",
+            "--json",
+            "--tokens",
+            "64",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--shapes",
+            "mixtral-like",
+            "skewed",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["shape"] for r in rows] == ["mixtral-like", "skewed"]
@@ -114,25 +140,51 @@ def test_peak_activation_memory_counts_saved_activations_not_gradients():
 
 def test_interleaved_median_is_a_median():
     calls = []
-    times = interleaved_median_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                                  repeats=3, warmup=1, device=torch.device("cpu"))  # fmt: skip
+    times = interleaved_median_ms(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        repeats=3,
+        warmup=1,
+        device=torch.device("cpu"),
+    )
     assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
 
 
 DISPATCH_KEYS = {
-    "layout", "ep", "bytes_sent_per_step", "bytes_min_per_step", "bytes_ratio_vs_min", "all_to_all_share",
-    "tokens_per_s", "single_process_tokens_per_s", "speedup_vs_single_process",
-}  # fmt: skip
+    "layout",
+    "ep",
+    "bytes_sent_per_step",
+    "bytes_min_per_step",
+    "bytes_ratio_vs_min",
+    "all_to_all_share",
+    "tokens_per_s",
+    "single_process_tokens_per_s",
+    "speedup_vs_single_process",
+}
 
 
 @pytest.mark.slow
 def test_dispatch_benchmark_reports_bytes_at_the_minimum_with_deduplication():
     proc = subprocess.run(
-        [sys.executable, "-m", "sparse_train", "bench", "dispatch", "--json", "--ep", "2", "--steps", "3",
-         "--warmup", "1", "--compare-no-dedup"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sparse_train",
+            "bench",
+            "dispatch",
+            "--json",
+            "--ep",
+            "2",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--compare-no-dedup",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     dedup, plain = (json.loads(line) for line in proc.stdout.splitlines())
     assert DISPATCH_KEYS <= set(dedup)

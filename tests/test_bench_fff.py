@@ -10,8 +10,17 @@ import torch
 from sparse_train.bench import fff_infer, fff_repro
 from sparse_train.cli import main
 
-INFER_KEYS = {"depth", "batch", "fff_ms", "fff_torch_ms", "dense_ms", "speedup_vs_dense", "theoretical_flop_ratio",
-              "leaf_mismatches", "max_abs_diff_vs_torch_backend"}  # fmt: skip
+INFER_KEYS = {
+    "depth",
+    "batch",
+    "fff_ms",
+    "fff_torch_ms",
+    "dense_ms",
+    "speedup_vs_dense",
+    "theoretical_flop_ratio",
+    "leaf_mismatches",
+    "max_abs_diff_vs_torch_backend",
+}
 
 
 def test_theoretical_flop_ratio_is_the_issue_figure_at_depth_8():
@@ -33,8 +42,28 @@ def test_fastfeedforward_peer_gets_identical_weights_and_the_difference_can_fail
 
 
 def test_fff_infer_cli_prints_one_object_per_case(capsys):
-    assert main(["bench", "fff-infer", "--json", "--depths", "2", "8", "--batches", "1", "64", "--repeats", "1",
-                 "--warmup", "0", "--peers", ""]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "bench",
+                "fff-infer",
+                "--json",
+                "--depths",
+                "2",
+                "8",
+                "--batches",
+                "1",
+                "64",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--peers",
+                "",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["depth"], r["batch"]) for r in rows] == [(2, 1), (2, 64), (8, 1), (8, 64)]
     for row in rows:

@@ -170,13 +170,17 @@ def test_plot_runs_draws_every_run_on_one_step_axis(tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 10_000 and out.with_suffix(".svg").is_file()
     from sparse_train.train.plots import compare_runs
 
-    fig = compare_runs([("b", [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()],
-                         100)])  # fmt: skip
+    fig = compare_runs(
+        [("b", [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()], 100)]
+    )
     xs = [x for line in fig.axes[0].get_lines() for x in line.get_xdata()]
     assert min(xs) == 100 and max(xs) == 200, "the continued run is drawn from its offset"
     capsys.readouterr()
-    for argv, message in [(["nolabel"], "is not LABEL=RUN_DIR"), ([f"x={tmp_path}"], "metrics.jsonl does not exist"),
-                          ([f"x={tmp_path / 'a'}@soon"], "is not a step count")]:  # fmt: skip
+    for argv, message in [
+        (["nolabel"], "is not LABEL=RUN_DIR"),
+        ([f"x={tmp_path}"], "metrics.jsonl does not exist"),
+        ([f"x={tmp_path / 'a'}@soon"], "is not a step count"),
+    ]:
         assert main(["plot-runs", *argv, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -13,8 +13,9 @@ from sparse_train.runtime import MALLOC_ENV, tuned_allocator_env
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tuning is Linux-only")
 def test_entry_point_reexecs_once_with_malloc_tuning():
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV and k != "SPARSE_TRAIN_MALLOC_TUNING"}
-    proc = subprocess.run([sys.executable, "-m", "sparse_train", "info"], capture_output=True, text=True, env=env,
-                          timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparse_train", "info"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["malloc_tuning"] == MALLOC_ENV
 

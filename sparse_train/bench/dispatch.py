@@ -35,10 +35,17 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-moe.yaml"
 
 def _overrides(steps: int, ep: int, dedup: bool) -> list[str]:
     return [
-        f"train.steps={steps}", "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
-        "logging.progress=false", "logging.tensorboard=false", "logging.plots=false",
-        "router.balance_scope=global_batch", f"parallel.ep={ep}", f"parallel.ep_dedup={str(dedup).lower()}",
-    ]  # fmt: skip
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        "checkpoint.every=0",
+        "checkpoint.save_final=false",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "logging.plots=false",
+        "router.balance_scope=global_batch",
+        f"parallel.ep={ep}",
+        f"parallel.ep_dedup={str(dedup).lower()}",
+    ]
 
 
 def _measure(config_path: str, overrides: list[str], run_dir: str, steps: int, warmup: int) -> dict[str, Any]:
@@ -87,13 +94,20 @@ def _case(config: Path, ep: int, dedup: bool, steps: int, warmup: int, single_tp
     share = statistics.mean(sum(r["comm_s"]) / sum(r["step_s"]) for r in ranks)
     tps = ranks[0]["tokens_per_step"] / statistics.median(step_s)
     return {
-        "layout": f"ep={ep}", "ep": ep, "world_size": ep, "dedup": dedup, "backend": "gloo",
-        "bytes_sent_per_step": int(sent), "bytes_min_per_step": int(least),
+        "layout": f"ep={ep}",
+        "ep": ep,
+        "world_size": ep,
+        "dedup": dedup,
+        "backend": "gloo",
+        "bytes_sent_per_step": int(sent),
+        "bytes_min_per_step": int(least),
         "bytes_ratio_vs_min": round(sent / least, 4) if least else None,
-        "all_to_all_share": round(share, 4), "tokens_per_s": round(tps, 1),
-        "single_process_tokens_per_s": round(single_tps, 1), "speedup_vs_single_process": round(tps / single_tps, 3),
+        "all_to_all_share": round(share, 4),
+        "tokens_per_s": round(tps, 1),
+        "single_process_tokens_per_s": round(single_tps, 1),
+        "speedup_vs_single_process": round(tps / single_tps, 3),
         "steps_timed": n,
-    }  # fmt: skip
+    }
 
 
 def run(

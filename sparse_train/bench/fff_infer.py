@@ -108,8 +108,13 @@ def theoretical_flop_ratio(depth: int) -> float:
 def bench_case(depth: int, batch: int, *, repeats: int, warmup: int, seed: int, peers: set[str]) -> dict[str, Any]:
     layer, dense = build(depth, seed)
     x = torch.randn(batch, D_MODEL, generator=torch.Generator().manual_seed(seed + 1))
-    result: dict[str, Any] = {"depth": depth, "batch": batch, "d_model": D_MODEL, "leaf_width": layer.cfg.leaf_width,
-                              "total_width": TOTAL_WIDTH}  # fmt: skip
+    result: dict[str, Any] = {
+        "depth": depth,
+        "batch": batch,
+        "d_model": D_MODEL,
+        "leaf_width": layer.cfg.leaf_width,
+        "total_width": TOTAL_WIDTH,
+    }
 
     def ours(backend: str):
         def run() -> torch.Tensor:
@@ -138,8 +143,11 @@ def bench_case(depth: int, batch: int, *, repeats: int, warmup: int, seed: int, 
         fast = {k: v for k, v in candidates.items() if k != "fastfeedforward"}
         times = interleaved_median_ms(fast, repeats=repeats, warmup=warmup, device=x.device, min_round_ms=20)
         if "fastfeedforward" in candidates:
-            times.update(interleaved_median_ms({"fastfeedforward": candidates["fastfeedforward"]},
-                                               repeats=slow_repeats, warmup=1, device=x.device))  # fmt: skip
+            times.update(
+                interleaved_median_ms(
+                    {"fastfeedforward": candidates["fastfeedforward"]}, repeats=slow_repeats, warmup=1, device=x.device
+                )
+            )
     for name, ms in times.items():
         result[f"{name}_ms"] = round(ms, 4)
     result["speedup_vs_dense"] = round(times["dense"] / times["fff"], 3)
@@ -151,8 +159,9 @@ def bench_case(depth: int, batch: int, *, repeats: int, warmup: int, seed: int, 
     return result
 
 
-def run(depths: list[int], batches: list[int], *, repeats: int, warmup: int, seed: int, peers: set[str],
-        as_json: bool) -> list[dict[str, Any]]:  # fmt: skip
+def run(
+    depths: list[int], batches: list[int], *, repeats: int, warmup: int, seed: int, peers: set[str], as_json: bool
+) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     results = []
@@ -162,8 +171,17 @@ def run(depths: list[int], batches: list[int], *, repeats: int, warmup: int, see
         results.append(result)
         print(json.dumps(result), flush=True)
     if not as_json:
-        cols = ["depth", "batch", "fff_ms", "fff_torch_ms", "dense_ms", "speedup_vs_dense", "theoretical_flop_ratio",
-                "fastfeedforward_ms", "speedup_vs_fastfeedforward"]  # fmt: skip
+        cols = [
+            "depth",
+            "batch",
+            "fff_ms",
+            "fff_torch_ms",
+            "dense_ms",
+            "speedup_vs_dense",
+            "theoretical_flop_ratio",
+            "fastfeedforward_ms",
+            "speedup_vs_fastfeedforward",
+        ]
         lines = [" | ".join(cols)] + [" | ".join(str(r.get(c)) for c in cols) for r in results]
         print("\n".join(lines), file=sys.stderr)
     return results

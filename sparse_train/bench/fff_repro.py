@@ -76,10 +76,16 @@ def build(variant: str, depth: int, recipe: Recipe, d_in: int, d_out: int) -> nn
     if variant == "dense":
         return GELU(d_in, dense_width(depth, recipe.leaf_width, d_in, d_out), d_out)
     cfg = FFFConfig(
-        depth=depth, leaf_width=recipe.leaf_width, leaf_activation="gelu", mode="soft",
-        hardening_coef=recipe.hardening_coef, balance_coef=recipe.balance_coef if "lb" in variant else 0.0,
-        master_leaf=variant.endswith("master"), kernel_backend="torch", inference_backend="torch",
-    )  # fmt: skip
+        depth=depth,
+        leaf_width=recipe.leaf_width,
+        leaf_activation="gelu",
+        mode="soft",
+        hardening_coef=recipe.hardening_coef,
+        balance_coef=recipe.balance_coef if "lb" in variant else 0.0,
+        master_leaf=variant.endswith("master"),
+        kernel_backend="torch",
+        inference_backend="torch",
+    )
     return FFFLayer(d_in, cfg, d_out)
 
 
@@ -156,8 +162,12 @@ def run(depths: list[int], seeds: int, *, recipe: Recipe, as_json: bool) -> list
         runs.setdefault((depth, variant), []).append(train_and_evaluate(variant, depth, seed, recipe, data))
     results = []
     for (depth, variant), per_seed in runs.items():
-        row: dict[str, Any] = {"depth": depth, "variant": variant, "seeds": len(per_seed),
-                               "leaf_width": recipe.leaf_width}  # fmt: skip
+        row: dict[str, Any] = {
+            "depth": depth,
+            "variant": variant,
+            "seeds": len(per_seed),
+            "leaf_width": recipe.leaf_width,
+        }
         if variant == "dense":
             row["dense_width"] = dense_width(depth, recipe.leaf_width, data[0].shape[1], 10)
         for key in per_seed[0]:

@@ -105,9 +105,13 @@ def hf_mixtral_block(layer: MoELayer, shape: Shape) -> torch.nn.Module:
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     config = MixtralConfig(
-        hidden_size=shape.d_model, intermediate_size=shape.expert_hidden, num_local_experts=shape.num_experts,
-        num_experts_per_tok=shape.top_k, router_jitter_noise=0.0, hidden_act="silu",
-    )  # fmt: skip
+        hidden_size=shape.d_model,
+        intermediate_size=shape.expert_hidden,
+        num_local_experts=shape.num_experts,
+        num_experts_per_tok=shape.top_k,
+        router_jitter_noise=0.0,
+        hidden_act="silu",
+    )
     config._experts_implementation = "eager"
     block = MixtralSparseMoeBlock(config).to(layer.router.weight.device)
     with torch.no_grad():
@@ -130,9 +134,15 @@ def deepspeed_moe(layer: MoELayer, shape: Shape) -> torch.nn.Module:
     from deepspeed.moe.layer import MoE
 
     moe = MoE(
-        hidden_size=shape.d_model, expert=SwiGLU(shape.d_model, shape.expert_hidden), num_experts=shape.num_experts,
-        ep_size=1, k=shape.top_k, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False,
-    ).to(layer.router.weight.device)  # fmt: skip
+        hidden_size=shape.d_model,
+        expert=SwiGLU(shape.d_model, shape.expert_hidden),
+        num_experts=shape.num_experts,
+        ep_size=1,
+        k=shape.top_k,
+        drop_tokens=False,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    ).to(layer.router.weight.device)
     with torch.no_grad():
         moe.deepspeed_moe.gate.wg.weight.copy_(layer.router.weight)
         w = layer.experts
@@ -239,15 +249,17 @@ def _matmul_tflops(flops: int, device: torch.device) -> float:
     return round(2 * n**3 / ms / 1e9, 2)
 
 
-def run(argv_shapes: list[str], *, tokens: int | None, repeats: int, warmup: int, seed: int, peers: set[str],
-        as_json: bool) -> list[dict[str, Any]]:  # fmt: skip
+def run(
+    argv_shapes: list[str], *, tokens: int | None, repeats: int, warmup: int, seed: int, peers: set[str], as_json: bool
+) -> list[dict[str, Any]]:
     results = []
     for name in argv_shapes:
         shape = SHAPES[name]
         if tokens is not None:
             shape = Shape(**{**asdict(shape), "tokens": tokens})
-        result = bench_shape(shape, repeats=repeats, warmup=warmup, seed=seed, peers=peers,
-                             log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+        result = bench_shape(
+            shape, repeats=repeats, warmup=warmup, seed=seed, peers=peers, log=lambda m: print(m, file=sys.stderr)
+        )
         results.append(result)
         print(json.dumps(result), flush=True)
     if not as_json:
@@ -256,8 +268,19 @@ def run(argv_shapes: list[str], *, tokens: int | None, repeats: int, warmup: int
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    cols = ["shape", "ours_ms", "dense_ms", "ratio_vs_dense", "hf_mixtral_ms", "speedup_vs_hf", "deepspeed_ms",
-            "speedup_vs_deepspeed", "max_abs_diff_vs_hf", "peak_mem_mb_ours", "peak_mem_mb_dense"]  # fmt: skip
+    cols = [
+        "shape",
+        "ours_ms",
+        "dense_ms",
+        "ratio_vs_dense",
+        "hf_mixtral_ms",
+        "speedup_vs_hf",
+        "deepspeed_ms",
+        "speedup_vs_deepspeed",
+        "max_abs_diff_vs_hf",
+        "peak_mem_mb_ours",
+        "peak_mem_mb_dense",
+    ]
     lines = [" | ".join(cols)]
     for r in results:
         lines.append(" | ".join(str(r.get(c)) for c in cols))

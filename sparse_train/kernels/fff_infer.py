@@ -110,9 +110,14 @@ def fff_hard_forward(
             else:
                 with torch.no_grad():  # inference only: the kernel has no backward
                     return ext.fff_hard_forward(
-                        x_TD.contiguous(), tree.node_weight_ND.contiguous(), tree.node_bias_N.contiguous(),
-                        w_in.contiguous(), w_out.contiguous(), tree.depth, swiglu,
-                    )  # fmt: skip
+                        x_TD.contiguous(),
+                        tree.node_weight_ND.contiguous(),
+                        tree.node_bias_N.contiguous(),
+                        w_in.contiguous(),
+                        w_out.contiguous(),
+                        tree.depth,
+                        swiglu,
+                    )
         elif backend == "cpp":
             raise ValueError(f"FFF inference backend 'cpp' does not apply: {reason}")
     return _torch_hard_forward(x_TD, tree, experts)

@@ -45,13 +45,31 @@ def _flags(*tensors: torch.Tensor) -> dict[str, bool]:
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _gmm_kernel(
-    a_ptr, b_ptr, c_ptr, a_rows_ptr, c_rows_ptr,
-    tile_group_ptr, tile_row_ptr, group_end_ptr,
-    N, K,
-    stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn,
-    GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    a_rows_ptr,
+    c_rows_ptr,
+    tile_group_ptr,
+    tile_row_ptr,
+    group_end_ptr,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bg,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    GATHER_A: tl.constexpr,
+    SCATTER_C: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.load(tile_group_ptr + pid_m)
@@ -153,11 +171,24 @@ def grouped_gemm_triton(
     tile_group, tile_row, group_end = tile_schedule(counts, num_rows, block_m)
     dummy = tile_row  # an int64 tensor for the pointer arguments a disabled feature ignores
     args = (
-        x, w, out,
-        x_index if x_index is not None else dummy, out_index if out_index is not None else dummy,
-        tile_group, tile_row, group_end, N, K,
-        x.stride(0), x.stride(1), w.stride(0), stride_bk, stride_bn, out.stride(0), out.stride(1),
-    )  # fmt: skip
+        x,
+        w,
+        out,
+        x_index if x_index is not None else dummy,
+        out_index if out_index is not None else dummy,
+        tile_group,
+        tile_row,
+        group_end,
+        N,
+        K,
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        stride_bk,
+        stride_bn,
+        out.stride(0),
+        out.stride(1),
+    )
     flags = {"GATHER_A": x_index is not None, "SCATTER_C": out_index is not None, **_flags(x, w)}
     if block_sizes is not None or interpreting():
         sizes = {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32, **(block_sizes or {})}
@@ -174,12 +205,30 @@ def grouped_gemm_triton(
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _gmm_dw_kernel(
-    a_ptr, b_ptr, c_ptr, a_rows_ptr, b_rows_ptr, group_end_ptr, counts_ptr,
-    K, N,
-    stride_am, stride_ak, stride_bm, stride_bn, stride_cg, stride_ck, stride_cn,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    a_rows_ptr,
+    b_rows_ptr,
+    group_end_ptr,
+    counts_ptr,
+    K,
+    N,
+    stride_am,
+    stride_ak,
+    stride_bm,
+    stride_bn,
+    stride_cg,
+    stride_ck,
+    stride_cn,
+    GATHER_A: tl.constexpr,
+    GATHER_B: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     g = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -246,12 +295,27 @@ def grouped_gemm_dw_triton(
     dummy = group_end
     grid = (G, triton.cdiv(K, sizes["BLOCK_K"]), triton.cdiv(N, sizes["BLOCK_N"]))
     _gmm_dw_kernel[grid](
-        x, dy, out,
-        x_index if x_index is not None else dummy, dy_index if dy_index is not None else dummy,
-        group_end, counts, K, N,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        GATHER_A=x_index is not None, GATHER_B=dy_index is not None, **_flags(x, dy), **sizes,
-    )  # fmt: skip
+        x,
+        dy,
+        out,
+        x_index if x_index is not None else dummy,
+        dy_index if dy_index is not None else dummy,
+        group_end,
+        counts,
+        K,
+        N,
+        x.stride(0),
+        x.stride(1),
+        dy.stride(0),
+        dy.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        GATHER_A=x_index is not None,
+        GATHER_B=dy_index is not None,
+        **_flags(x, dy),
+        **sizes,
+    )
     return out.to(x.dtype)
 
 
@@ -260,9 +324,18 @@ def grouped_gemm_dw_triton(
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _gather_rows_kernel(
-    src_ptr, out_ptr, index_ptr, scale_ptr, M, D, stride_s, stride_o,
-    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    src_ptr,
+    out_ptr,
+    index_ptr,
+    scale_ptr,
+    M,
+    D,
+    stride_s,
+    stride_o,
+    SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
@@ -277,9 +350,18 @@ def _gather_rows_kernel(
 
 @triton.jit
 def _scatter_add_rows_kernel(
-    src_ptr, out_ptr, index_ptr, weight_ptr, M, D, stride_s, stride_o,
-    WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    src_ptr,
+    out_ptr,
+    index_ptr,
+    weight_ptr,
+    M,
+    D,
+    stride_s,
+    stride_o,
+    WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
@@ -301,9 +383,17 @@ def gather_rows_triton(src: torch.Tensor, index: torch.Tensor, scale: torch.Tens
     if out.numel():
         grid = (triton.cdiv(index.numel(), _ROW_BLOCKS["BLOCK_M"]), triton.cdiv(src.shape[1], _ROW_BLOCKS["BLOCK_D"]))
         _gather_rows_kernel[grid](
-            src, out, index, scale if scale is not None else index, index.numel(), src.shape[1],
-            src.stride(0), out.stride(0), SCALE=scale is not None, **_ROW_BLOCKS,
-        )  # fmt: skip
+            src,
+            out,
+            index,
+            scale if scale is not None else index,
+            index.numel(),
+            src.shape[1],
+            src.stride(0),
+            out.stride(0),
+            SCALE=scale is not None,
+            **_ROW_BLOCKS,
+        )
     return out.to(src.dtype)
 
 
@@ -320,7 +410,15 @@ def scatter_add_rows_triton(
     if src.numel():
         grid = (triton.cdiv(index.numel(), _ROW_BLOCKS["BLOCK_M"]), triton.cdiv(src.shape[1], _ROW_BLOCKS["BLOCK_D"]))
         _scatter_add_rows_kernel[grid](
-            src, out, index, weight if weight is not None else index, index.numel(), src.shape[1],
-            src.stride(0), out.stride(0), WEIGHT=weight is not None, **_ROW_BLOCKS,
-        )  # fmt: skip
+            src,
+            out,
+            index,
+            weight if weight is not None else index,
+            index.numel(),
+            src.shape[1],
+            src.stride(0),
+            out.stride(0),
+            WEIGHT=weight is not None,
+            **_ROW_BLOCKS,
+        )
     return out.to(out_dtype or src.dtype)

@@ -26,11 +26,18 @@ def free_port() -> int:
 
 
 def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, queue, args: tuple) -> None:
-    os.environ.update({
-        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-        "SPARSE_TRAIN_DIST_TIMEOUT": "60",
-    })  # fmt: skip
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "SPARSE_TRAIN_DIST_TIMEOUT": "60",
+        }
+    )
     try:
         import torch
 

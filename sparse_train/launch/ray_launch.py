@@ -129,8 +129,10 @@ def _worker(config: dict[str, Any]) -> None:
     logs = Path(config["run_dir"]) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with (logs / f"rank{rank}.log").open("a", encoding="utf-8") as fh:  # which node holds which rank
-        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank}: Ray node {ray.get_runtime_context().get_node_id()}"
-                 f" ({socket.gethostname()})\n")  # fmt: skip
+        fh.write(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank}: Ray node {ray.get_runtime_context().get_node_id()}"
+            f" ({socket.gethostname()})\n"
+        )
     status = main(config["argv"])
     if status != 0:
         raise RuntimeError(
@@ -203,10 +205,12 @@ def run(job: RayJob, argv: list[str], run_dir: Path, total_steps: int) -> int:
         check_resources(ray, job)
         resources = {"CPU": job.cpus_per_worker, **({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})}
         config = {
-            "argv": argv, "cwd": os.getcwd(), "run_dir": str(run_dir),
+            "argv": argv,
+            "cwd": os.getcwd(),
+            "run_dir": str(run_dir),
             "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
             "threads": max(1, int(job.cpus_per_worker)),
-        }  # fmt: skip
+        }
         trainer = TorchTrainer(
             _worker,
             train_loop_config=config,
@@ -216,12 +220,12 @@ def run(job: RayJob, argv: list[str], run_dir: Path, total_steps: int) -> int:
                 use_gpu=bool(job.gpus_per_worker),
                 resources_per_worker=resources,
                 placement_strategy=job.placement,
-            ),  # fmt: skip
+            ),
             run_config=RunConfig(
                 name=f"sparse-train-{int(time.time())}",
                 storage_path=str(run_dir / "ray"),
                 failure_config=FailureConfig(max_failures=job.max_failures),
-            ),  # fmt: skip
+            ),
         )
         with _Progress(run_dir, total_steps):
             result = trainer.fit()

@@ -30,9 +30,11 @@ def torchrun_argv(args: argparse.Namespace, command: list[str]) -> list[str]:
         argv.append("--standalone")
     else:
         argv += [
-            f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
-            f"--master-addr={args.master_addr or '127.0.0.1'}", f"--master-port={args.master_port}",
-        ]  # fmt: skip
+            f"--nnodes={args.nnodes}",
+            f"--node-rank={args.node_rank}",
+            f"--master-addr={args.master_addr or '127.0.0.1'}",
+            f"--master-port={args.master_port}",
+        ]
     if args.max_restarts:
         argv.append(f"--max-restarts={args.max_restarts}")
     return [*argv, "-m", "sparse_train", *command]

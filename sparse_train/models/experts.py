@@ -56,9 +56,14 @@ class SwiGLUExperts(nn.Module):
         """y[r] = sum of weight_a * expert_e(a)(x[r]) over the assignments a that read row r."""
         w_gate_up = local_shard(self.w_gate_up_ED2F).flatten(2)
         return swiglu_experts(
-            inp.x, w_gate_up, local_shard(self.w_down_EFD), inp.rows_A, inp.counts_E, inp.weight_A,
+            inp.x,
+            w_gate_up,
+            local_shard(self.w_down_EFD),
+            inp.rows_A,
+            inp.counts_E,
+            inp.weight_A,
             backend=self.backend,
-        )  # fmt: skip
+        )
 
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         """One expert on its own rows, with plain matmuls: the per-expert reference."""

@@ -61,17 +61,31 @@ def _moe(p, x):
 EXPONENT = (0.05, 2.0)
 LAWS = {
     "chinchilla": Law(
-        "chinchilla", ("e", "a", "alpha", "b", "beta"), ("e", "a", "b"), _chinchilla,
+        "chinchilla",
+        ("e", "a", "alpha", "b", "beta"),
+        ("e", "a", "b"),
+        _chinchilla,
         {"e": (-1.0, 0.5), "a": (0.0, 4.0, 8.0), "alpha": (0.2, 0.6), "b": (0.0, 4.0, 8.0), "beta": (0.2, 0.6)},
         {"alpha": EXPONENT, "beta": EXPONENT},
     ),
     "moe": Law(
-        "moe", ("c", "a", "g", "gamma", "delta", "alpha", "b", "beta"), ("c", "a", "g", "b"), _moe,
-        {"c": (-1.0, 0.5), "a": (0.0, 5.0), "g": (-2.0, 3.0), "gamma": (0.5,), "delta": (0.1,),
-         "alpha": (0.2, 0.6), "b": (0.0, 5.0), "beta": (0.2, 0.6)},
+        "moe",
+        ("c", "a", "g", "gamma", "delta", "alpha", "b", "beta"),
+        ("c", "a", "g", "b"),
+        _moe,
+        {
+            "c": (-1.0, 0.5),
+            "a": (0.0, 5.0),
+            "g": (-2.0, 3.0),
+            "gamma": (0.5,),
+            "delta": (0.1,),
+            "alpha": (0.2, 0.6),
+            "b": (0.0, 5.0),
+            "beta": (0.2, 0.6),
+        },
         {"alpha": EXPONENT, "beta": EXPONENT, "gamma": (0.0, 3.0), "delta": (0.0, 1.0)},
     ),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -103,19 +117,25 @@ def read_results(directory: Path, metric: str = "final_val_loss") -> Data:
     if not path.is_file():
         raise SweepError(f"{path} does not exist (run `sparse-train sweep run SPEC --out {directory}` first)")
     reader = csv.DictReader(path.open())
-    missing = [c for c in ("status", "ffn", "params_active", "tokens", "num_experts", "granularity", "flops", metric)
-               if c not in (reader.fieldnames or [])]  # fmt: skip
+    missing = [
+        c
+        for c in ("status", "ffn", "params_active", "tokens", "num_experts", "granularity", "flops", metric)
+        if c not in (reader.fieldnames or [])
+    ]
     if missing:
         raise SweepError(f"{path} lacks the columns {missing}: not a sweep results table")
     rows = [r for r in reader if r["status"] == "done"]
     rows = [r for r in rows if r.get(metric) not in ("", None) and math.isfinite(float(r[metric]))]
     x = {
-        "N": np.array([float(r["params_active"]) for r in rows]), "D": np.array([float(r["tokens"]) for r in rows]),
-        "E": np.array([float(r["num_experts"]) for r in rows]), "G": np.array([float(r["granularity"]) for r in rows]),
+        "N": np.array([float(r["params_active"]) for r in rows]),
+        "D": np.array([float(r["tokens"]) for r in rows]),
+        "E": np.array([float(r["num_experts"]) for r in rows]),
+        "G": np.array([float(r["granularity"]) for r in rows]),
         "flops": np.array([float(r["flops"]) for r in rows]),
-    }  # fmt: skip
-    return Data(x, np.array([float(r[metric]) for r in rows]), [r["trial_id"] for r in rows],
-                [family_of(r) for r in rows])  # fmt: skip
+    }
+    return Data(
+        x, np.array([float(r[metric]) for r in rows]), [r["trial_id"] for r in rows], [family_of(r) for r in rows]
+    )
 
 
 def _unpack(law: Law, theta: np.ndarray) -> dict[str, float]:
@@ -155,8 +175,13 @@ def _minimise(law: Law, data: Data, starts: list[np.ndarray]) -> tuple[np.ndarra
     if len(starts) > SCREENED_STARTS:  # descend only from the most promising initialisations
         starts = sorted(starts, key=f)[:SCREENED_STARTS]
     for start in starts:
-        res = minimize(f, start, method="L-BFGS-B", bounds=bounds,
-                       options={"maxiter": 20000, "maxfun": 200000, "ftol": 1e-15, "gtol": 1e-9})  # fmt: skip
+        res = minimize(
+            f,
+            start,
+            method="L-BFGS-B",
+            bounds=bounds,
+            options={"maxiter": 20000, "maxfun": 200000, "ftol": 1e-15, "gtol": 1e-9},
+        )
         if res.fun < best:
             best_theta, best = res.x, float(res.fun)
     return best_theta, best
@@ -186,21 +211,35 @@ def fit(data: Data, law_name: str, *, bootstrap: int = 100, seed: int = 0) -> di
         t, _ = _minimise(law, data.subset(idx), [theta])
         samples.append([_unpack(law, t)[n] for n in law.params])
     samples_arr = np.array(samples) if samples else np.empty((0, len(law.params)))
-    ci = {n: [float(np.percentile(samples_arr[:, i], 2.5)), float(np.percentile(samples_arr[:, i], 97.5))]
-          for i, n in enumerate(law.params)} if bootstrap else {}  # fmt: skip
+    ci = (
+        {
+            n: [float(np.percentile(samples_arr[:, i], 2.5)), float(np.percentile(samples_arr[:, i], 97.5))]
+            for i, n in enumerate(law.params)
+        }
+        if bootstrap
+        else {}
+    )
     pred = law.predict(params, data.x)
     bounds = [law.bounds.get(n, DEFAULT_BOUNDS) for n in law.params]
     # a parameter pinned at a bound is not identified by the data (its interval collapses there)
     # (a log-coefficient below 1e-6 is zero to the optimiser: its gradient vanishes before -20)
-    at_bound = [n for n, v, (lo, hi) in zip(law.params, theta, bounds, strict=True)
-                if min(v - lo, hi - v) < 1e-4 or (n in law.log_params and v < math.log(1e-6))]  # fmt: skip
+    at_bound = [
+        n
+        for n, v, (lo, hi) in zip(law.params, theta, bounds, strict=True)
+        if min(v - lo, hi - v) < 1e-4 or (n in law.log_params and v < math.log(1e-6))
+    ]
     return {
-        "law": law.name, "params": params, "ci95": ci, "at_bound": at_bound, "bootstrap": bootstrap,
+        "law": law.name,
+        "params": params,
+        "ci95": ci,
+        "at_bound": at_bound,
+        "bootstrap": bootstrap,
         "points": len(data),
-        "huber_delta": HUBER_DELTA, "objective": objective,
+        "huber_delta": HUBER_DELTA,
+        "objective": objective,
         "rms_log_residual": float(np.sqrt(np.mean((np.log(pred) - np.log(data.loss)) ** 2))),
         "holdout": holdout(data, law),
-    }  # fmt: skip
+    }
 
 
 def fit_families(data: Data, law_name: str, *, bootstrap: int = 100, base: str = "dense") -> dict[str, Any]:
@@ -224,13 +263,16 @@ def fit_families(data: Data, law_name: str, *, bootstrap: int = 100, base: str =
             continue
         idx = np.array([i for i, f in enumerate(data.families) if f == fam])
         span = (float(data.x["D"][idx].min()), float(data.x["D"][idx].max()))
-        cross[fam] = [crossover(fits[fam], fits[base], n, data.x["E"][idx[0]], data.x["G"][idx[0]], span)
-                      for n in sorted({float(data.x["N"][i]) for i in idx})]  # fmt: skip
+        cross[fam] = [
+            crossover(fits[fam], fits[base], n, data.x["E"][idx[0]], data.x["G"][idx[0]], span)
+            for n in sorted({float(data.x["N"][i]) for i in idx})
+        ]
     return {"law": law_name, "base": base, "families": fits, "crossover": cross}
 
 
-def crossover(fam: dict[str, Any], base: dict[str, Any], n: float, e: float, g: float,
-              tokens: tuple[float, float]) -> dict[str, Any]:  # fmt: skip
+def crossover(
+    fam: dict[str, Any], base: dict[str, Any], n: float, e: float, g: float, tokens: tuple[float, float]
+) -> dict[str, Any]:
     """At N active parameters, within the sweep's token range (no extrapolation): where `fam`'s
     fitted loss crosses the base's (None if it does not) and the gaps (fam - base, nats) at
     both ends of the range."""
@@ -244,9 +286,14 @@ def crossover(fam: dict[str, Any], base: dict[str, Any], n: float, e: float, g: 
     gaps = np.array([gap(v) for v in grid])
     changes = np.nonzero(np.sign(gaps[:-1]) != np.sign(gaps[1:]))[0]
     cross = math.exp(brentq(gap, grid[changes[0]], grid[changes[0] + 1])) if len(changes) else None
-    return {"params_active": n, "crossing_tokens": cross, "crossing_tokens_per_param": cross and cross / n,
-            "tokens": list(tokens), "gap_at_fewest_tokens": float(gaps[0]),
-            "gap_at_most_tokens": float(gaps[-1])}  # fmt: skip
+    return {
+        "params_active": n,
+        "crossing_tokens": cross,
+        "crossing_tokens_per_param": cross and cross / n,
+        "tokens": list(tokens),
+        "gap_at_fewest_tokens": float(gaps[0]),
+        "gap_at_most_tokens": float(gaps[-1]),
+    }
 
 
 def holdout(data: Data, law: Law) -> dict[str, Any]:
@@ -261,11 +308,15 @@ def holdout(data: Data, law: Law) -> dict[str, Any]:
     params = _unpack(law, theta)
     held = data.subset(out_idx)
     pred = law.predict(params, held.x)
-    rows = [{"trial_id": t, "flops": float(c), "observed": float(o), "predicted": float(p),
-             "rel_error": float((p - o) / o)} for t, c, o, p in zip(held.ids, held.x["flops"], held.loss, pred,
-                                                                     strict=True)]  # fmt: skip
-    return {"fit_on": len(fit_idx), "held_out": rows,
-            "mean_abs_rel_error": float(np.mean([abs(r["rel_error"]) for r in rows]))}  # fmt: skip
+    rows = [
+        {"trial_id": t, "flops": float(c), "observed": float(o), "predicted": float(p), "rel_error": float((p - o) / o)}
+        for t, c, o, p in zip(held.ids, held.x["flops"], held.loss, pred, strict=True)
+    ]
+    return {
+        "fit_on": len(fit_idx),
+        "held_out": rows,
+        "mean_abs_rel_error": float(np.mean([abs(r["rel_error"]) for r in rows])),
+    }
 
 
 def predict(result: dict[str, Any], **x: np.ndarray | float) -> np.ndarray:
@@ -274,8 +325,9 @@ def predict(result: dict[str, Any], **x: np.ndarray | float) -> np.ndarray:
     return law.predict(result["params"], full)
 
 
-def optimal(result: dict[str, Any], flops: float, *, experts: list[int] | None = None,
-            granularities: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
+def optimal(
+    result: dict[str, Any], flops: float, *, experts: list[int] | None = None, granularities: list[float] | None = None
+) -> dict[str, Any]:
     """The allocation minimising the fitted loss at a compute budget C = 6 N D (N active), over
     the given expert counts and granularities (dense, E = 1, only at G = 1: there is no finer
     dense model); `alternatives` holds the best allocation of every (E, G)."""
@@ -295,7 +347,16 @@ def optimal(result: dict[str, Any], flops: float, *, experts: list[int] | None =
         res = minimize_scalar(loss_at, bounds=(math.log(1e3), math.log(flops / 6 / 1e3)), method="bounded")
         n = math.exp(res.x)
         tokens = flops / (6 * n)
-        candidates.append({"flops": flops, "params_active": n, "tokens": tokens, "num_experts": e, "granularity": g,
-                           "predicted_loss": float(res.fun), "tokens_per_param": tokens / n})  # fmt: skip
+        candidates.append(
+            {
+                "flops": flops,
+                "params_active": n,
+                "tokens": tokens,
+                "num_experts": e,
+                "granularity": g,
+                "predicted_loss": float(res.fun),
+                "tokens_per_param": tokens / n,
+            }
+        )
     candidates.sort(key=lambda c: c["predicted_loss"])
     return {**candidates[0], "alternatives": candidates[1:]}

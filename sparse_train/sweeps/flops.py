@@ -33,8 +33,12 @@ class Compute:
     flops: float
 
     def as_dict(self) -> dict[str, float]:
-        return {"params_total": self.params_total, "params_active": self.params_active, "tokens": self.tokens,
-                "flops": self.flops}  # fmt: skip
+        return {
+            "params_total": self.params_total,
+            "params_active": self.params_active,
+            "tokens": self.tokens,
+            "flops": self.flops,
+        }
 
 
 def compute_of(cfg: Config) -> Compute:

@@ -144,8 +144,9 @@ def _gap_panel(ax, rows, fam: str, metric: str, colour, families_fit: dict[str, 
         if not pairs:
             continue
         pairs.sort()
-        ax.scatter(*zip(*pairs, strict=True), color=colour, marker=markers[i % len(markers)], s=24,
-                   label=f"{fam}, N={n:.3g}")  # fmt: skip
+        ax.scatter(
+            *zip(*pairs, strict=True), color=colour, marker=markers[i % len(markers)], s=24, label=f"{fam}, N={n:.3g}"
+        )
         if families_fit and fam in families_fit["families"] and "dense" in families_fit["families"]:
             mine, base = families_fit["families"][fam], families_fit["families"]["dense"]
             e = float(next(r["num_experts"] for r in rows if _family(r) == fam))

@@ -91,8 +91,18 @@ def _write_marker(spec: SweepSpec, out: Path) -> None:
 
 def trial_command(spec: SweepSpec, trial: Trial) -> list[str]:
     sets = [*spec.sets, *trial.point.set_args(), *TRIAL_SETS]
-    argv = [sys.executable, "-m", "sparse_train", "train", "--config", str(spec.base),
-            "--run-dir", str(trial.directory / "run"), "--resume", "auto"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "sparse_train",
+        "train",
+        "--config",
+        str(spec.base),
+        "--run-dir",
+        str(trial.directory / "run"),
+        "--resume",
+        "auto",
+    ]
     return [*argv, *(arg for s in sets for arg in ("--set", s))]
 
 
@@ -112,15 +122,23 @@ def run_trial(argv: list[str], directory: str, threads: int) -> dict[str, Any]:
     train = [r["lm_loss"] for r in records if "lm_loss" in r]
     val = [r["val_loss"] for r in records if "val_loss" in r]
     return {
-        "status": "done", "wall_time_s": wall, "error": "",
+        "status": "done",
+        "wall_time_s": wall,
+        "error": "",
         "final_train_loss": sum(train[-FINAL_WINDOW:]) / len(train[-FINAL_WINDOW:]) if train else None,
         "final_val_loss": val[-1] if val else None,
-    }  # fmt: skip
+    }
 
 
 def _save_record(trial: Trial, outcome: dict[str, Any]) -> None:
-    record = {"trial_id": trial.point.trial_id, "seed": trial.point.seed, "values": trial.point.values,
-              "overrides": trial.point.overrides, **trial.compute, **outcome}  # fmt: skip
+    record = {
+        "trial_id": trial.point.trial_id,
+        "seed": trial.point.seed,
+        "values": trial.point.values,
+        "overrides": trial.point.overrides,
+        **trial.compute,
+        **outcome,
+    }
     trial.directory.mkdir(parents=True, exist_ok=True)
     tmp = trial.record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
@@ -143,15 +161,28 @@ def sparsity_of(cfg: Config) -> dict[str, Any]:
 def write_results(spec: SweepSpec, trials: list[Trial], out: Path) -> Path:
     """results.csv: one row per trial (not yet run: status pending)."""
     axes = list(spec.axes)
-    columns = ["trial_id", "status", "seed", *(f"axis:{a}" for a in axes), "ffn", "num_experts", "granularity",
-               "params_total", "params_active", "tokens", "flops", "final_train_loss", "final_val_loss",
-               "wall_time_s", "error"]  # fmt: skip
+    columns = [
+        "trial_id",
+        "status",
+        "seed",
+        *(f"axis:{a}" for a in axes),
+        "ffn",
+        "num_experts",
+        "granularity",
+        "params_total",
+        "params_active",
+        "tokens",
+        "flops",
+        "final_train_loss",
+        "final_val_loss",
+        "wall_time_s",
+        "error",
+    ]
     rows = []
     for trial in trials:
         rec = trial.record() or {"status": "pending"}
         cfg = spec.base_config(trial.point.set_args())
-        row = {"trial_id": trial.point.trial_id, "seed": trial.point.seed, **trial.compute, **rec,
-               **sparsity_of(cfg)}  # fmt: skip
+        row = {"trial_id": trial.point.trial_id, "seed": trial.point.seed, **trial.compute, **rec, **sparsity_of(cfg)}
         for axis in axes:
             value = trial.point.values[axis]
             row[f"axis:{axis}"] = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
@@ -166,9 +197,16 @@ def write_results(spec: SweepSpec, trials: list[Trial], out: Path) -> Path:
     return path
 
 
-def run_sweep(spec: SweepSpec, out: Path, *, executor: str = "ray", address: str | None = None,
-              max_parallel: int | None = None, cpus_per_trial: float = 1.0,
-              gpus_per_trial: float = 0.0) -> dict[str, int]:  # fmt: skip
+def run_sweep(
+    spec: SweepSpec,
+    out: Path,
+    *,
+    executor: str = "ray",
+    address: str | None = None,
+    max_parallel: int | None = None,
+    cpus_per_trial: float = 1.0,
+    gpus_per_trial: float = 0.0,
+) -> dict[str, int]:
     """Run every trial not yet done; returns counts by status."""
     if gpus_per_trial and executor != "ray":
         raise SweepError("--gpus-per-trial needs the ray executor (Ray assigns each trial its GPUs)")

@@ -68,8 +68,10 @@ class Point:
         return hashlib.sha1(key.encode()).hexdigest()[:10]
 
     def set_args(self) -> list[str]:
-        return [f"{k}={json.dumps(v) if v is None or isinstance(v, (list, dict, bool)) else v}"
-                for k, v in self.overrides.items()]  # fmt: skip
+        return [
+            f"{k}={json.dumps(v) if v is None or isinstance(v, (list, dict, bool)) else v}"
+            for k, v in self.overrides.items()
+        ]
 
 
 @dataclass
@@ -113,10 +115,16 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not isinstance(axes, dict) or not axes or not all(isinstance(v, list) and v for v in axes.values()):
         raise SweepError(f"{path}: axes must map each axis to a non-empty list of values")
     spec = SweepSpec(
-        name=str(raw.get("name", path.stem)), path=path, base=base, sets=[str(s) for s in raw.get("set") or []],
-        axes=axes, points=raw.get("points", "grid"), seeds=[int(s) for s in raw.get("seeds") or [0]],
-        budget_flops=float(raw["budget_flops"]) if raw.get("budget_flops") is not None else None, raw=raw,
-    )  # fmt: skip
+        name=str(raw.get("name", path.stem)),
+        path=path,
+        base=base,
+        sets=[str(s) for s in raw.get("set") or []],
+        axes=axes,
+        points=raw.get("points", "grid"),
+        seeds=[int(s) for s in raw.get("seeds") or [0]],
+        budget_flops=float(raw["budget_flops"]) if raw.get("budget_flops") is not None else None,
+        raw=raw,
+    )
     if not base.is_file():
         raise SweepError(f"{path}: base recipe {raw['base']} not found (looked for {base})")
     _check_axes(spec)

@@ -336,8 +336,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return read_trainer_state(path)
 
 
-def load_sharded(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None, *, distributed: bool,
-                 partial: bool = False) -> None:  # fmt: skip
+def load_sharded(
+    path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None, *, distributed: bool, partial: bool = False
+) -> None:
     """A format-2 checkpoint's weights (and optimizer state) into this rank's part of the model."""
     try:
         sharded.load_model(path, module, distributed, partial=partial)
@@ -379,8 +380,13 @@ def describe(path: Path) -> dict[str, Any]:
         from safetensors import safe_open
 
         with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
-            tensors = {k: (tuple(fh.get_slice(k).get_shape()), _SAFETENSORS_DTYPES.get(fh.get_slice(k).get_dtype(),
-                       fh.get_slice(k).get_dtype())) for k in fh.keys()}  # fmt: skip
+            tensors = {
+                k: (
+                    tuple(fh.get_slice(k).get_shape()),
+                    _SAFETENSORS_DTYPES.get(fh.get_slice(k).get_dtype(), fh.get_slice(k).get_dtype()),
+                )
+                for k in fh.keys()
+            }
         layout: dict[str, Any] = {"world_size": 1, "note": "format 1: whole tensors written by the main rank"}
     else:
         tensors = {
@@ -390,13 +396,16 @@ def describe(path: Path) -> dict[str, Any]:
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     model = config.get("model", {})
     return {
-        "path": str(path), "format": fmt, "step": manifest["step"], "created": manifest.get("created"),
+        "path": str(path),
+        "format": fmt,
+        "step": manifest["step"],
+        "created": manifest.get("created"),
         "layout": layout,
         "model": {k: model.get(k) for k in ("ffn", "d_model", "n_layers", "vocab_size")},
         "parameters": sum(math.prod(shape) for shape, _ in tensors.values()),
         "bytes_on_disk": sum(meta["bytes"] for meta in manifest["files"].values()),
         "tensors": {k: f"{dtype}{list(shape)}" for k, (shape, dtype) in sorted(tensors.items())},
-    }  # fmt: skip
+    }
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}

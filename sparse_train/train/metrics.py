@@ -90,10 +90,16 @@ class MetricsLogger:
     def _add_leaf_histogram(self, tag: str, load: np.ndarray, step: int) -> None:
         leaves = np.arange(load.size, dtype=np.float64)
         self._tb.add_histogram_raw(
-            tag, min=0.0, max=float(load.size - 1), num=float(load.sum()), sum=float((leaves * load).sum()),
-            sum_squares=float((leaves**2 * load).sum()), bucket_limits=(leaves + 0.5).tolist(),
-            bucket_counts=load.astype(np.float64).tolist(), global_step=step,
-        )  # fmt: skip
+            tag,
+            min=0.0,
+            max=float(load.size - 1),
+            num=float(load.sum()),
+            sum=float((leaves * load).sum()),
+            sum_squares=float((leaves**2 * load).sum()),
+            bucket_limits=(leaves + 0.5).tolist(),
+            bucket_counts=load.astype(np.float64).tolist(),
+            global_step=step,
+        )
 
     def records(self) -> list[dict[str, Any]]:
         if not self.enabled:

@@ -177,8 +177,9 @@ class Trainer:
         assert self.runtime is not None
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._log_file = (run_dir / "logs" / f"rank{self.runtime.rank}.log").open("a", encoding="utf-8")
-        self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank {self.runtime.rank}: "
-                             f"{self.runtime.dims.describe()}\n")  # fmt: skip
+        self._log_file.write(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank {self.runtime.rank}: {self.runtime.dims.describe()}\n"
+        )
         self._log_file.flush()
 
         def log(msg: str) -> None:
@@ -263,14 +264,27 @@ class Trainer:
         layout = {"world_size": 1}
         if self.runtime is not None:
             d = self.runtime.dims
-            layout = {"world_size": d.world_size, "dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard,
-                      "ep": d.ep, "tp": d.tp, "pp": d.pp}  # fmt: skip
+            layout = {
+                "world_size": d.world_size,
+                "dp_replicate": d.dp_replicate,
+                "dp_shard": d.dp_shard,
+                "ep": d.ep,
+                "tp": d.tp,
+                "pp": d.pp,
+            }
         path = ckpt.save_checkpoint(
-            self.checkpoints_dir, self.step, sharded.model_state(self.model),
-            sharded.optimizer_state(self.model, self.optimizer), self._state(), self.cfg.to_yaml(),
-            keep=self.cfg.checkpoint.keep, layout=layout, distributed=self.runtime is not None, is_main=self.is_main,
+            self.checkpoints_dir,
+            self.step,
+            sharded.model_state(self.model),
+            sharded.optimizer_state(self.model, self.optimizer),
+            self._state(),
+            self.cfg.to_yaml(),
+            keep=self.cfg.checkpoint.keep,
+            layout=layout,
+            distributed=self.runtime is not None,
+            is_main=self.is_main,
             after_shards=lambda: self._maybe_fail("save"),
-        )  # fmt: skip
+        )
         if self.runtime is not None:
             torch.distributed.barrier()  # no rank runs ahead of a checkpoint that is not yet published
         return path
@@ -310,8 +324,13 @@ class Trainer:
                     "by any of them and the last checkpoint is intact. Lower optimizer.lr or check the data."
                 )
             return {"step": self.step, "skipped": True, "lr": lr, "nonfinite_steps": self.nonfinite_total}
-        record = {"step": self.step, **result.losses, "lr": lr, "grad_norm": grad_norm,
-                  "nonfinite_steps": self.nonfinite_total}  # fmt: skip
+        record = {
+            "step": self.step,
+            **result.losses,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "nonfinite_steps": self.nonfinite_total,
+        }
         for name, stats in zip(result.layer_names, result.layer_stats, strict=True):
             kind, load = stats["kind"], stats["load"]
             record[f"{kind}/{name}/{LOAD_NAMES[kind]}"] = [round(float(v), 5) for v in load]

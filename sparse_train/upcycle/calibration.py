@@ -102,8 +102,14 @@ def calibration_tokens(
 
 
 @torch.no_grad()
-def ffn_inputs(cfg: Config, state: dict[str, torch.Tensor], tokens: np.ndarray, layers: list[int],
-               seq_len: int = 128, source: str = "") -> Calibration:  # fmt: skip
+def ffn_inputs(
+    cfg: Config,
+    state: dict[str, torch.Tensor],
+    tokens: np.ndarray,
+    layers: list[int],
+    seq_len: int = 128,
+    source: str = "",
+) -> Calibration:
     """Run the dense model over `tokens` cut into sequences, recording every block in `layers`'
     FFN input; the last HELD_OUT_FRACTION of the sequences are held out."""
     seq_len = min(seq_len, cfg.model.max_seq_len)

@@ -124,13 +124,19 @@ def native_config(ckpt: HFCheckpoint, base: Config | None = None) -> Config:
         max_seq = min(max_seq, int(c["sliding_window"]))
     data = base.to_dict() if base is not None else {}
     model = {
-        "vocab_size": int(c["vocab_size"]), "d_model": int(c["hidden_size"]), "n_layers": int(c["num_hidden_layers"]),
-        "n_heads": heads, "n_kv_heads": int(c.get("num_key_value_heads") or heads),
-        "ffn_hidden": int(c.get("intermediate_size", 4 * c["hidden_size"])), "max_seq_len": max_seq,
-        "rope_theta": _rope_theta(c), "norm_eps": float(c.get("rms_norm_eps", 1e-6)),
-        "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "qkv_bias": arch.startswith("Qwen2"),
+        "vocab_size": int(c["vocab_size"]),
+        "d_model": int(c["hidden_size"]),
+        "n_layers": int(c["num_hidden_layers"]),
+        "n_heads": heads,
+        "n_kv_heads": int(c.get("num_key_value_heads") or heads),
+        "ffn_hidden": int(c.get("intermediate_size", 4 * c["hidden_size"])),
+        "max_seq_len": max_seq,
+        "rope_theta": _rope_theta(c),
+        "norm_eps": float(c.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+        "qkv_bias": arch.startswith("Qwen2"),
         "ffn": "dense",
-    }  # fmt: skip
+    }
     data["model"] = {**data.get("model", {}), **model}
     if arch in MOE_ARCHS:
         data["model"]["ffn"] = "moe"
@@ -142,8 +148,13 @@ def native_config(ckpt: HFCheckpoint, base: Config | None = None) -> Config:
 def _moe_sections(c: dict[str, Any], arch: str, data: dict[str, Any]) -> tuple[dict, dict]:
     moe, router = dict(data.get("moe", {})), dict(data.get("router", {}))
     if arch == "MixtralForCausalLM":
-        moe.update(num_experts=int(c["num_local_experts"]), expert_hidden=int(c["intermediate_size"]),
-                   num_shared_experts=0, layers=None, every_n=1)  # fmt: skip
+        moe.update(
+            num_experts=int(c["num_local_experts"]),
+            expert_hidden=int(c["intermediate_size"]),
+            num_shared_experts=0,
+            layers=None,
+            every_n=1,
+        )
         router.update(top_k=int(c["num_experts_per_tok"]), renormalize=True)
         return moe, router
     n_layers = int(c["num_hidden_layers"])
@@ -151,9 +162,14 @@ def _moe_sections(c: dict[str, Any], arch: str, data: dict[str, Any]) -> tuple[d
     step = int(c.get("decoder_sparse_step", 1))
     sparse = [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
     shared = int(c.get("shared_expert_intermediate_size") or 0)
-    moe.update(num_experts=int(c["num_experts"]), expert_hidden=int(c["moe_intermediate_size"]),
-               num_shared_experts=1 if shared else 0, shared_expert_hidden=shared or None,
-               shared_expert_gate=bool(shared), layers=sparse)  # fmt: skip
+    moe.update(
+        num_experts=int(c["num_experts"]),
+        expert_hidden=int(c["moe_intermediate_size"]),
+        num_shared_experts=1 if shared else 0,
+        shared_expert_hidden=shared or None,
+        shared_expert_gate=bool(shared),
+        layers=sparse,
+    )
     router.update(top_k=int(c["num_experts_per_tok"]), renormalize=bool(c.get("norm_topk_prob", False)))
     return moe, router
 
@@ -161,8 +177,10 @@ def _moe_sections(c: dict[str, Any], arch: str, data: dict[str, Any]) -> tuple[d
 # ---- tensor names -----------------------------------------------------------------------------
 def _attn_pairs(i: int, qkv_bias: bool) -> list[tuple[str, str]]:
     hf, nat = f"model.layers.{i}", f"blocks.{i}"
-    pairs = [(f"{nat}.attn_norm.weight", f"{hf}.input_layernorm.weight"),
-             (f"{nat}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight")]  # fmt: skip
+    pairs = [
+        (f"{nat}.attn_norm.weight", f"{hf}.input_layernorm.weight"),
+        (f"{nat}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight"),
+    ]
     for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
         pairs.append((f"{nat}.attn.{ours}.weight", f"{hf}.self_attn.{theirs}.weight"))
         if qkv_bias and ours != "wo":
@@ -172,8 +190,11 @@ def _attn_pairs(i: int, qkv_bias: bool) -> list[tuple[str, str]]:
 
 def _swiglu_pairs(nat: str, hf: str, names: tuple[str, str, str]) -> list[tuple[str, str]]:
     gate, up, down = names
-    return [(f"{nat}.w_gate.weight", f"{hf}.{gate}.weight"), (f"{nat}.w_up.weight", f"{hf}.{up}.weight"),
-            (f"{nat}.w_down.weight", f"{hf}.{down}.weight")]  # fmt: skip
+    return [
+        (f"{nat}.w_gate.weight", f"{hf}.{gate}.weight"),
+        (f"{nat}.w_up.weight", f"{hf}.{up}.weight"),
+        (f"{nat}.w_down.weight", f"{hf}.{down}.weight"),
+    ]
 
 
 def _moe_prefix(arch: str, i: int) -> str:
@@ -205,8 +226,9 @@ def to_native(ckpt: HFCheckpoint, cfg: Config) -> dict[str, torch.Tensor]:
         if m.ffn == "moe" and cfg.moe.is_moe_layer(i, m.n_layers):
             state.update(_experts_to_native(ckpt.arch, i, cfg, take))
         else:
-            for ours, theirs in _swiglu_pairs(f"blocks.{i}.ffn", f"model.layers.{i}.mlp",
-                                              ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
+            for ours, theirs in _swiglu_pairs(
+                f"blocks.{i}.ffn", f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj")
+            ):
                 state[ours] = take(theirs)
     unused = sorted(set(t) - used)
     if unused:
@@ -228,8 +250,9 @@ def _experts_to_native(arch: str, i: int, cfg: Config, take) -> dict[str, torch.
         f"{nat}.experts.w_down_EFD": down_EDF.transpose(1, 2).contiguous(),
     }
     if cfg.moe.num_shared_experts:
-        for ours, theirs in _swiglu_pairs(f"{nat}.shared_experts", f"{prefix}.shared_expert",
-                                          ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
+        for ours, theirs in _swiglu_pairs(
+            f"{nat}.shared_experts", f"{prefix}.shared_expert", ("gate_proj", "up_proj", "down_proj")
+        ):
             state[ours] = take(theirs)
         state[f"{nat}.shared_gate.weight"] = take(f"{prefix}.shared_expert_gate.weight")
     elif arch == "Qwen2MoeForCausalLM":  # a zero-width shared expert (our own exports write one)
@@ -260,12 +283,17 @@ def export_arch(cfg: Config) -> str:
 def hf_config_dict(cfg: Config, arch: str) -> dict[str, Any]:
     m, moe = cfg.model, cfg.moe
     common = {
-        "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
-        "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads or m.n_heads,
-        "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.d_model,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_kv_heads or m.n_heads,
+        "max_position_embeddings": m.max_seq_len,
+        "rms_norm_eps": m.norm_eps,
+        "hidden_act": "silu",
         "tie_word_embeddings": m.tie_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-    }  # fmt: skip
+    }
     if arch in DENSE_ARCHS:
         return {**common, "intermediate_size": m.ffn_hidden}
     experts = {"num_experts_per_tok": cfg.router.top_k, "router_aux_loss_coef": cfg.router.aux_loss_coef}
@@ -274,10 +302,17 @@ def hf_config_dict(cfg: Config, arch: str) -> dict[str, Any]:
     dense_layers = [i for i in range(m.n_layers) if not moe.is_moe_layer(i, m.n_layers)]
     shared = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
     return {
-        **common, **experts, "intermediate_size": m.ffn_hidden, "moe_intermediate_size": moe.expert_hidden,
-        "num_experts": moe.num_experts, "norm_topk_prob": cfg.router.renormalize, "decoder_sparse_step": 1,
-        "mlp_only_layers": dense_layers, "shared_expert_intermediate_size": shared, "use_sliding_window": False,
-    }  # fmt: skip
+        **common,
+        **experts,
+        "intermediate_size": m.ffn_hidden,
+        "moe_intermediate_size": moe.expert_hidden,
+        "num_experts": moe.num_experts,
+        "norm_topk_prob": cfg.router.renormalize,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": dense_layers,
+        "shared_expert_intermediate_size": shared,
+        "use_sliding_window": False,
+    }
 
 
 def from_native(state: dict[str, torch.Tensor], cfg: Config, arch: str) -> dict[str, torch.Tensor]:
@@ -296,8 +331,9 @@ def from_native(state: dict[str, torch.Tensor], cfg: Config, arch: str) -> dict[
         if m.ffn == "moe" and cfg.moe.is_moe_layer(i, m.n_layers):
             out.update(_experts_from_native(arch, i, cfg, state))
         else:
-            for ours, theirs in _swiglu_pairs(f"blocks.{i}.ffn", f"model.layers.{i}.mlp",
-                                              ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
+            for ours, theirs in _swiglu_pairs(
+                f"blocks.{i}.ffn", f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj")
+            ):
                 out[theirs] = state[ours]
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
@@ -312,8 +348,9 @@ def _experts_from_native(arch: str, i: int, cfg: Config, state: dict[str, torch.
         out[f"{prefix}.experts.{e}.{w_up}.weight"] = w_ED2F[e, :, 1].t()
         out[f"{prefix}.experts.{e}.{w_down}.weight"] = down_EFD[e].t()
     if cfg.moe.num_shared_experts:
-        for ours, theirs in _swiglu_pairs(f"{nat}.shared_experts", f"{prefix}.shared_expert",
-                                          ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
+        for ours, theirs in _swiglu_pairs(
+            f"{nat}.shared_experts", f"{prefix}.shared_expert", ("gate_proj", "up_proj", "down_proj")
+        ):
             out[theirs] = state[ours]
         if cfg.moe.shared_expert_gate:
             out[f"{prefix}.shared_expert_gate.weight"] = state[f"{nat}.shared_gate.weight"]
@@ -344,8 +381,12 @@ def write_hf(target: Path, state: dict[str, torch.Tensor], cfg: Config, tokenize
             "--format", "writing Hugging Face directories needs transformers: pip install 'sparse_train[hf]'"
         ) from None
     arch = export_arch(cfg)
-    config_cls = {"LlamaForCausalLM": "LlamaConfig", "Qwen2ForCausalLM": "Qwen2Config",
-                  "MixtralForCausalLM": "MixtralConfig", "Qwen2MoeForCausalLM": "Qwen2MoeConfig"}[arch]  # fmt: skip
+    config_cls = {
+        "LlamaForCausalLM": "LlamaConfig",
+        "Qwen2ForCausalLM": "Qwen2Config",
+        "MixtralForCausalLM": "MixtralConfig",
+        "Qwen2MoeForCausalLM": "Qwen2MoeConfig",
+    }[arch]
     hf_config = getattr(transformers, config_cls)(**hf_config_dict(cfg, arch))
     hf_config.architectures = [arch]
     target.mkdir(parents=True)
@@ -364,5 +405,10 @@ def copy_tokenizer(source: Path, target: Path) -> None:
             (target / name).write_bytes((source / name).read_bytes())
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)

@@ -93,8 +93,16 @@ def publish(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def write_model(target: Path, cfg: Config, state: dict[str, torch.Tensor], fmt: str, *, overwrite: bool,
-                tokenizer_dir: Path | None = None, extra_files: dict[str, str] | None = None) -> str:  # fmt: skip
+def write_model(
+    target: Path,
+    cfg: Config,
+    state: dict[str, torch.Tensor],
+    fmt: str,
+    *,
+    overwrite: bool,
+    tokenizer_dir: Path | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> str:
     """Write the model as an HF directory or a native run directory, with `extra_files` (name ->
     text) beside it; returns what was written."""
     tmp = prepare_target(target, overwrite)

@@ -68,19 +68,28 @@ def _sparse_config(dense: Config, spec: UpcycleSpec, sections: dict[str, dict]) 
     if bad:
         raise ConfigError("--layers", f"block indices must be in [0, {dense.model.n_layers}), got {bad}")
     data = dense.to_dict()
-    data["moe"] = {**data["moe"], "layers": layers, "num_shared_experts": 0, "shared_expert_gate": False,
-                   "capacity_factor": None}  # fmt: skip
+    data["moe"] = {
+        **data["moe"],
+        "layers": layers,
+        "num_shared_experts": 0,
+        "shared_expert_gate": False,
+        "capacity_factor": None,
+    }
     for section, values in sections.items():
         data[section] = {**data[section], **values}
     return config_from_dict(data)
 
 
 def _moe_config(dense: Config, spec: UpcycleSpec, expert_hidden: int, combine: str, **moe) -> Config:
-    return _sparse_config(dense, spec, {
-        "model": {"ffn": "moe"},
-        "moe": {"num_experts": spec.num_experts, "expert_hidden": expert_hidden, **moe},
-        "router": {"top_k": spec.top_k, "renormalize": True, "combine": combine},
-    })  # fmt: skip
+    return _sparse_config(
+        dense,
+        spec,
+        {
+            "model": {"ffn": "moe"},
+            "moe": {"num_experts": spec.num_experts, "expert_hidden": expert_hidden, **moe},
+            "router": {"top_k": spec.top_k, "renormalize": True, "combine": combine},
+        },
+    )
 
 
 def _divides(width: int, parts: int, what: str = "") -> int:
@@ -115,16 +124,32 @@ def upcycled_config(dense_cfg: Config, spec: UpcycleSpec) -> Config:
             raise ConfigError("--num-experts", f"fff: the number of leaves must be a power of two >= 2, got {E}")
         leaf_width = _divides(F, E)
         mode = "hard" if spec.top_k == 1 else "topk_paths"
-        return _sparse_config(dense_cfg, spec, {
-            "model": {"ffn": "fff"},
-            "fff": {"depth": E.bit_length() - 1, "leaf_width": leaf_width, "leaf_activation": "swiglu",
-                    "mode": mode, "top_k": spec.top_k, "combine": "unit", "master_leaf": False},
-        })  # fmt: skip
+        return _sparse_config(
+            dense_cfg,
+            spec,
+            {
+                "model": {"ffn": "fff"},
+                "fff": {
+                    "depth": E.bit_length() - 1,
+                    "leaf_width": leaf_width,
+                    "leaf_activation": "swiglu",
+                    "mode": mode,
+                    "top_k": spec.top_k,
+                    "combine": "unit",
+                    "master_leaf": False,
+                },
+            },
+        )
     raise ConfigError("--method", f"unknown method {spec.method!r}; allowed: {', '.join(METHODS)}")
 
 
-def upcycle(dense_cfg: Config, state: dict[str, torch.Tensor], spec: UpcycleSpec, progress=None,
-            calib: Calibration | None = None):  # fmt: skip
+def upcycle(
+    dense_cfg: Config,
+    state: dict[str, torch.Tensor],
+    spec: UpcycleSpec,
+    progress=None,
+    calib: Calibration | None = None,
+):
     """(sparse config, state dict) of a dense model; `progress(i)` is called per converted block.
     moefication, cmoe and fff need `calib` (the FFN inputs of the converted blocks)."""
     cfg = upcycled_config(dense_cfg, spec)
@@ -226,9 +251,17 @@ def _cmoe_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x) -> dic
 
 def _fff_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x) -> dict[str, torch.Tensor]:
     leaves_LG, node_weight_ND, node_bias_N = carve.fff_tree(gate, up, down, x, spec.num_experts.bit_length() - 1, g)
-    return {**_experts_of(gate, up, down, leaves_LG), "tree.node_weight_ND": node_weight_ND,
-            "tree.node_bias_N": node_bias_N}  # fmt: skip
+    return {
+        **_experts_of(gate, up, down, leaves_LG),
+        "tree.node_weight_ND": node_weight_ND,
+        "tree.node_bias_N": node_bias_N,
+    }
 
 
-_CONVERT = {"copy": _granular_block, "split": _split_block, "moefication": _moefication_block,
-            "cmoe": _cmoe_block, "fff": _fff_block}  # fmt: skip
+_CONVERT = {
+    "copy": _granular_block,
+    "split": _split_block,
+    "moefication": _moefication_block,
+    "cmoe": _cmoe_block,
+    "fff": _fff_block,
+}

@@ -93,15 +93,24 @@ def conversion_report(dense_cfg: Config, dense_state, cfg: Config, state, calib:
                 y, _ = layer(x[None])  # one "sequence" of all held-out tokens
                 layer.load_state_dict(_random_routing(_block_state(state, i), i))
                 y_random, _ = layer(x[None])
-                rows.append({
-                    "selected": label, "top_k": k, "rel_error": _rel_error(y[0], y_dense),
-                    "rel_error_random_router": _rel_error(y_random[0], y_dense),
-                    "active_fraction": _active_params(layer, k, label) / dense_params,
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "selected": label,
+                        "top_k": k,
+                        "rel_error": _rel_error(y[0], y_dense),
+                        "rel_error_random_router": _rel_error(y_random[0], y_dense),
+                        "active_fraction": _active_params(layer, k, label) / dense_params,
+                    }
+                )
         blocks[str(i)] = rows
-    return {"calibration": {"source": calib.source, "tokens": calib.num_tokens,
-                            "held_out_tokens": int(next(iter(calib.held_out.values())).shape[0])},
-            "blocks": blocks}  # fmt: skip
+    return {
+        "calibration": {
+            "source": calib.source,
+            "tokens": calib.num_tokens,
+            "held_out_tokens": int(next(iter(calib.held_out.values())).shape[0]),
+        },
+        "blocks": blocks,
+    }
 
 
 def write_report(report: dict[str, Any], directory: Path) -> Path:

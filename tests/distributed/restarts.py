@@ -15,8 +15,11 @@ from tests.conftest import tiny_overrides
 
 BIN = Path(sys.executable).parent
 STEPS = 8
-SETS = [arg for o in tiny_overrides(f"train.steps={STEPS}", "checkpoint.every=3", "train.eval_every=0",
-                                    "parallel.ep=2") for arg in ("--set", o)]  # fmt: skip
+SETS = [
+    arg
+    for o in tiny_overrides(f"train.steps={STEPS}", "checkpoint.every=3", "train.eval_every=0", "parallel.ep=2")
+    for arg in ("--set", o)
+]
 
 
 def launch(run: Path, fail_at: str | None, max_restarts: int = 2) -> subprocess.CompletedProcess:
@@ -24,8 +27,20 @@ def launch(run: Path, fail_at: str | None, max_restarts: int = 2) -> subprocess.
     env.pop("SPARSE_TRAIN_FAIL_AT", None)
     if fail_at:
         env["SPARSE_TRAIN_FAIL_AT"] = fail_at
-    argv = [str(BIN / "sparse-train"), "launch", "--nproc-per-node", "2", "--max-restarts", str(max_restarts),
-            "train", "--run-dir", str(run), "--resume", "auto", *SETS]  # fmt: skip
+    argv = [
+        str(BIN / "sparse-train"),
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        str(max_restarts),
+        "train",
+        "--run-dir",
+        str(run),
+        "--resume",
+        "auto",
+        *SETS,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
 
 

@@ -43,8 +43,16 @@ def _layer_cases(cases: list[tuple]) -> dict[str, dict[str, float]]:
     out = {}
     for name, mode, act, dispatcher, to_leaf_0 in cases:
         torch.manual_seed(0)
-        cfg = FFFConfig(depth=3, leaf_width=8, mode=mode, top_k=3, leaf_activation=act, master_leaf=True,
-                        kernel_backend="torch", hardening_coef=0.1)  # fmt: skip
+        cfg = FFFConfig(
+            depth=3,
+            leaf_width=8,
+            mode=mode,
+            top_k=3,
+            leaf_activation=act,
+            master_leaf=True,
+            kernel_backend="torch",
+            hardening_coef=0.1,
+        )
         layer = FFFLayer(16, cfg)
         with torch.no_grad():
             for p in layer.parameters():

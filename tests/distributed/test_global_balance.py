@@ -12,8 +12,9 @@ from sparse_train.models.moe import MoELayer
 
 def _layer(scope: str) -> MoELayer:
     torch.manual_seed(0)
-    layer = MoELayer(8, MoEConfig(num_experts=6, expert_hidden=8, kernel_backend="torch"),
-                     RouterConfig(top_k=2, balance_scope=scope))  # fmt: skip
+    layer = MoELayer(
+        8, MoEConfig(num_experts=6, expert_hidden=8, kernel_backend="torch"), RouterConfig(top_k=2, balance_scope=scope)
+    )
     with torch.no_grad():
         layer.router.weight.normal_(0, 1.0)
     return layer

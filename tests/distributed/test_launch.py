@@ -29,8 +29,19 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 def test_torchrun_and_launch_train_and_resume_in_another_layout(tmp_path):
     run = tmp_path / "run"
     # 1. plain torchrun, expert parallel over 2 processes
-    first = _run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "sparse_train", "train",
-                  "--run-dir", str(run), *_sets("train.steps=10", "parallel.ep=2")])  # fmt: skip
+    first = _run(
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "sparse_train",
+            "train",
+            "--run-dir",
+            str(run),
+            *_sets("train.steps=10", "parallel.ep=2"),
+        ]
+    )
     assert first.stdout.count("trained 10 steps") == 1, "only rank 0 prints the summary"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 11)), "rank 0 alone writes metrics"
@@ -40,8 +51,20 @@ def test_torchrun_and_launch_train_and_resume_in_another_layout(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
 
     # 2. resume the same run with tensor parallelism instead, through `sparse-train launch`
-    second = _run([str(BIN / "sparse-train"), "launch", "--nproc-per-node", "2", "train", "--run-dir", str(run),
-                   "--resume", "auto", *_sets("train.steps=15", "parallel.tp=2", "parallel.dp_shard=1")])  # fmt: skip
+    second = _run(
+        [
+            str(BIN / "sparse-train"),
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "train",
+            "--run-dir",
+            str(run),
+            "--resume",
+            "auto",
+            *_sets("train.steps=15", "parallel.tp=2", "parallel.dp_shard=1"),
+        ]
+    )
     assert "resumed from" in second.stderr and "trained 15 steps" in second.stdout
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 16))

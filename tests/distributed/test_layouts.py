@@ -34,14 +34,32 @@ from tests.conftest import tiny_config
 
 STEPS = 5
 BASE = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=64",
-    "moe.num_experts=4", "moe.expert_hidden=32", "moe.kernel_backend=torch", "router.top_k=2",
-    "router.balance_scope=global_batch", "train.batch_size=4", "train.grad_accum=2", f"train.steps={STEPS}",
-    "optimizer.warmup_steps=1", "optimizer.eps=1e-6", "checkpoint.every=0", "checkpoint.save_final=false",
-]  # fmt: skip
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.ffn_hidden=64",
+    "moe.num_experts=4",
+    "moe.expert_hidden=32",
+    "moe.kernel_backend=torch",
+    "router.top_k=2",
+    "router.balance_scope=global_batch",
+    "train.batch_size=4",
+    "train.grad_accum=2",
+    f"train.steps={STEPS}",
+    "optimizer.warmup_steps=1",
+    "optimizer.eps=1e-6",
+    "checkpoint.every=0",
+    "checkpoint.save_final=false",
+]
 
-FFF = ["model.ffn=fff", "fff.depth=2", "fff.leaf_width=16", "fff.balance_scope=global_batch",
-       "fff.hardening_coef=0.01", "fff.kernel_backend=torch"]  # fmt: skip
+FFF = [
+    "model.ffn=fff",
+    "fff.depth=2",
+    "fff.leaf_width=16",
+    "fff.balance_scope=global_batch",
+    "fff.hardening_coef=0.01",
+    "fff.kernel_backend=torch",
+]
 
 LAYOUTS = {
     # name: (processes, parallel overrides, extra model overrides)
@@ -67,8 +85,9 @@ FAST = {"ep2-dp_shard2", "tp2", "pp2", "fff-hard-ep2"}
 def _data() -> TokenData:
     rng = np.random.default_rng(0)
     # 32 of the 256 byte values: a unigram the first steps visibly learn (loss falls from ln 256 toward ln 32)
-    return TokenData(rng.integers(0, 32, 30_000).astype(np.uint16), rng.integers(0, 32, 4_000).astype(np.uint16),
-                     "random tokens")  # fmt: skip
+    return TokenData(
+        rng.integers(0, 32, 30_000).astype(np.uint16), rng.integers(0, 32, 4_000).astype(np.uint16), "random tokens"
+    )
 
 
 def _train(cfg: Config, run_dir: str, data: TokenData):
@@ -100,9 +119,7 @@ def _config(model_extra: list[str], parallel: list[str]) -> Config:
     return tiny_config(*BASE, *model_extra, *parallel)
 
 
-@pytest.mark.parametrize(
-    "layout", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow]) for n in LAYOUTS]
-)  # fmt: skip
+@pytest.mark.parametrize("layout", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow]) for n in LAYOUTS])
 def test_layout_reproduces_single_process_losses_and_parameters(layout, tmp_path):
     world, parallel, model_extra = LAYOUTS[layout]
     data = _data()

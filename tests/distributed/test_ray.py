@@ -29,8 +29,20 @@ def _ray_launch(run: Path, *launch_args: str, fail_at: str | None = None) -> sub
     env.pop("SPARSE_TRAIN_FAIL_AT", None)
     if fail_at:
         env["SPARSE_TRAIN_FAIL_AT"] = fail_at
-    argv = [str(BIN / "sparse-train"), "launch", "--ray", "--num-workers", "2", *launch_args,
-            "train", "--run-dir", str(run), "--resume", "auto", *SETS]  # fmt: skip
+    argv = [
+        str(BIN / "sparse-train"),
+        "launch",
+        "--ray",
+        "--num-workers",
+        "2",
+        *launch_args,
+        "train",
+        "--run-dir",
+        str(run),
+        "--resume",
+        "auto",
+        *SETS,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -68,9 +80,24 @@ def test_a_two_node_ray_cluster_on_this_host_trains_across_both_nodes(tmp_path, 
     short = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must fit AF_UNIX's 107 bytes
     try:
         for i, extra in enumerate([["--head", "--port", str(port)], ["--address", f"127.0.0.1:{port}"]]):
-            done = subprocess.run([ray, "start", *extra, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                                   "--temp-dir", str(short / f"n{i}"), "--disable-usage-stats"],
-                                  capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
+            done = subprocess.run(
+                [
+                    ray,
+                    "start",
+                    *extra,
+                    "--node-ip-address",
+                    "127.0.0.1",
+                    "--num-cpus",
+                    "1",
+                    "--temp-dir",
+                    str(short / f"n{i}"),
+                    "--disable-usage-stats",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=180,
+                env=env,
+            )
             assert done.returncode == 0, done.stderr[-2000:]
         run = tmp_path / "run"
         done = _ray_launch(run, "--address", f"127.0.0.1:{port}", "--placement", "STRICT_SPREAD")
@@ -121,8 +148,10 @@ def test_a_cluster_too_small_for_the_job_is_refused_by_name():
 
     from sparse_train.launch.ray_launch import RayJob, RayLaunchError, check_resources
 
-    cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0, "GPU": 2.0},
-                              nodes=lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])  # fmt: skip
+    cluster = SimpleNamespace(
+        cluster_resources=lambda: {"CPU": 8.0, "GPU": 2.0},
+        nodes=lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}],
+    )
     check_resources(cluster, RayJob(2, cpus_per_worker=4, gpus_per_worker=1, placement="STRICT_SPREAD"))  # fits
     for job, message in [
         (RayJob(3, cpus_per_worker=4), "3 workers x 4 CPUs need 12 CPUs; the cluster has 8"),

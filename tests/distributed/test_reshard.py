@@ -16,8 +16,13 @@ from sparse_train.train import checkpoint as ckpt
 from tests.distributed.test_layouts import FFF, _assert_same_tensors, _config, _data
 
 TOTAL, SAVED = 6, 3
-RUN = [f"train.steps={TOTAL}", f"checkpoint.every={SAVED}", "checkpoint.save_final=true", "train.log_every=1",
-       "train.eval_every=0"]  # fmt: skip
+RUN = [
+    f"train.steps={TOTAL}",
+    f"checkpoint.every={SAVED}",
+    "checkpoint.save_final=true",
+    "train.log_every=1",
+    "train.eval_every=0",
+]
 
 
 def _fit(cfg, run_dir: str, data, resume: str | None, stop_at: int | None = None):
@@ -52,12 +57,12 @@ CASES = {
         ["moe.num_shared_experts=1"],
         (4, ["parallel.tp=2", "parallel.ep=2"]),
         (2, ["parallel.pp=2"]),
-    ),  # fmt: skip
+    ),
     "fff-ep2-to-dp2": (
         [*FFF, "fff.mode=hard", "fff.master_leaf=true"],
         (2, ["parallel.ep=2"]),
         (2, ["parallel.dp_shard=2"]),
-    ),  # fmt: skip
+    ),
 }
 FAST = {"moe-ep2-to-ep4", "fff-one-process-to-ep2"}
 

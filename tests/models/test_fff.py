@@ -181,11 +181,12 @@ def test_torch_inference_is_bit_for_bit_the_hard_training_path(act, trained_mode
         "blocks-and-few-token-streams",
         "width-not-a-multiple-of-16",
         "wide-rows-streamed",
-    ],  # fmt: skip
+    ],
 )
 def test_cpp_inference_takes_the_same_leaves_and_matches_the_torch_path(act, depth, width):
-    layer = _layer(depth=depth, leaf_width=width, leaf_activation=act, master_leaf=act == "gelu",
-                   inference_backend="cpp")  # fmt: skip
+    layer = _layer(
+        depth=depth, leaf_width=width, leaf_activation=act, master_leaf=act == "gelu", inference_backend="cpp"
+    )
     layer.eval()
     x = torch.randn(257, D)
     from sparse_train.kernels.fff_infer import fff_hard_forward

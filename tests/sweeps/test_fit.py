@@ -39,8 +39,13 @@ def test_chinchilla_parameters_are_recovered_inside_their_intervals():
 
 @pytest.mark.slow
 def test_moe_law_parameters_are_recovered_inside_their_intervals():
-    rows = [(n, d, e, g) for e in (1, 4, 16) for g in ((1,) if e == 1 else (1, 2, 4, 8))
-            for n in np.logspace(5, 7.5, 3) for d in np.logspace(7, 9.5, 3)]  # fmt: skip
+    rows = [
+        (n, d, e, g)
+        for e in (1, 4, 16)
+        for g in ((1,) if e == 1 else (1, 2, 4, 8))
+        for n in np.logspace(5, 7.5, 3)
+        for d in np.logspace(7, 9.5, 3)
+    ]
     result = fit(_synthetic("moe", MOE, rows), "moe", bootstrap=100)
     for name, true in MOE.items():
         lo, hi = result["ci95"][name]
@@ -50,8 +55,9 @@ def test_moe_law_parameters_are_recovered_inside_their_intervals():
 
 def test_too_few_points_are_refused_and_say_how_many_are_needed():
     rows = [(n, 1e9, 1, 1) for n in np.logspace(5, 8, 4)]
-    with pytest.raises(SweepError, match="the chinchilla law has 5 parameters: it needs at least 5 finished trials, "
-                                         "the results hold 4"):  # fmt: skip
+    with pytest.raises(
+        SweepError, match="the chinchilla law has 5 parameters: it needs at least 5 finished trials, the results hold 4"
+    ):
         fit(_synthetic("chinchilla", CHINCHILLA, rows), "chinchilla")
     with pytest.raises(SweepError, match="unknown law 'kaplan'"):
         fit(_synthetic("chinchilla", CHINCHILLA, rows), "kaplan")
@@ -87,8 +93,12 @@ def test_family_fits_find_where_moe_starts_beating_dense():
     dense, moe = _synthetic("chinchilla", dense_truth, rows, seed=1), _synthetic("chinchilla", moe_truth, rows, seed=2)
     moe.x["E"] = np.full(len(rows), 8.0)
     x = {k: np.concatenate([dense.x[k], moe.x[k]]) for k in dense.x}
-    data = Data(x, np.concatenate([dense.loss, moe.loss]), [str(i) for i in range(2 * len(rows))],
-                ["dense"] * len(rows) + ["moe E=8 G=1"] * len(rows))  # fmt: skip
+    data = Data(
+        x,
+        np.concatenate([dense.loss, moe.loss]),
+        [str(i) for i in range(2 * len(rows))],
+        ["dense"] * len(rows) + ["moe E=8 G=1"] * len(rows),
+    )
     result = fit_families(data, "chinchilla", bootstrap=0)
     assert set(result["families"]) == {"dense", "moe E=8 G=1"}
     for row in result["crossover"]["moe E=8 G=1"]:

@@ -17,17 +17,37 @@ from sparse_train.sweeps.spec import expand, load_spec
 
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})  # before Ray is imported
 ROOT = Path(__file__).resolve().parents[2]
-TINY_SETS = ["model.max_seq_len=32", "data.seq_len=32", "train.batch_size=4", "train.log_every=2",
-             "train.eval_every=0", "train.eval_batches=2", "checkpoint.every=0", "optimizer.warmup_steps=2",
-             "model.n_heads=2"]  # fmt: skip
-SIZES = [{"model.d_model": 32, "model.n_layers": 1, "model.ffn_hidden": 64},
-         {"model.d_model": 48, "model.n_layers": 2, "model.ffn_hidden": 96}]  # fmt: skip
+TINY_SETS = [
+    "model.max_seq_len=32",
+    "data.seq_len=32",
+    "train.batch_size=4",
+    "train.log_every=2",
+    "train.eval_every=0",
+    "train.eval_batches=2",
+    "checkpoint.every=0",
+    "optimizer.warmup_steps=2",
+    "model.n_heads=2",
+]
+SIZES = [
+    {"model.d_model": 32, "model.n_layers": 1, "model.ffn_hidden": 64},
+    {"model.d_model": 48, "model.n_layers": 2, "model.ffn_hidden": 96},
+]
 
 
 def _spec(tmp_path: Path, **changes) -> Path:
-    spec = {"name": "tiny", "base": str(ROOT / "configs" / "tiny-moe.yaml"), "set": TINY_SETS,
-            "axes": {"size": SIZES, "model.ffn": ["dense", "moe"], "moe.num_experts": [4], "granularity": [2],
-                     "train.steps": [6, 12]}, "seeds": [0]}  # fmt: skip
+    spec = {
+        "name": "tiny",
+        "base": str(ROOT / "configs" / "tiny-moe.yaml"),
+        "set": TINY_SETS,
+        "axes": {
+            "size": SIZES,
+            "model.ffn": ["dense", "moe"],
+            "moe.num_experts": [4],
+            "granularity": [2],
+            "train.steps": [6, 12],
+        },
+        "seeds": [0],
+    }
     spec.update(changes)
     path = tmp_path / f"spec-{len(list(tmp_path.glob('spec-*')))}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -35,8 +55,18 @@ def _spec(tmp_path: Path, **changes) -> Path:
 
 
 def test_the_grid_expands_with_derived_axes_and_no_duplicate_dense_points(tmp_path):
-    spec = load_spec(_spec(tmp_path, axes={"size": SIZES, "model.ffn": ["dense", "moe"], "moe.num_experts": [4, 8],
-                                            "granularity": [1, 2], "train.steps": [6]}))  # fmt: skip
+    spec = load_spec(
+        _spec(
+            tmp_path,
+            axes={
+                "size": SIZES,
+                "model.ffn": ["dense", "moe"],
+                "moe.num_experts": [4, 8],
+                "granularity": [1, 2],
+                "train.steps": [6],
+            },
+        )
+    )
     points = expand(spec)
     dense = [p for p in points if p.overrides["model.ffn"] == "dense"]
     moe = [p for p in points if p.overrides["model.ffn"] == "moe"]
@@ -54,16 +84,31 @@ def test_the_grid_expands_with_derived_axes_and_no_duplicate_dense_points(tmp_pa
 
 
 def test_fff_depth_and_token_axes_apply_only_where_they_mean_something(tmp_path):
-    spec = load_spec(_spec(tmp_path, axes={"size": SIZES[:1], "model.ffn": ["dense", "moe", "fff"], "fff.depth": [2, 3],
-                                            "granularity": [2], "tokens": [1000]}))  # fmt: skip
+    spec = load_spec(
+        _spec(
+            tmp_path,
+            axes={
+                "size": SIZES[:1],
+                "model.ffn": ["dense", "moe", "fff"],
+                "fff.depth": [2, 3],
+                "granularity": [2],
+                "tokens": [1000],
+            },
+        )
+    )
     points = expand(spec)
     by_ffn = {f: [p for p in points if p.overrides["model.ffn"] == f] for f in ("dense", "moe", "fff")}
     assert [len(by_ffn[f]) for f in ("dense", "moe", "fff")] == [1, 1, 2]
     assert all("fff.depth" not in p.overrides for p in by_ffn["dense"] + by_ffn["moe"])
     assert all("router.top_k" not in p.overrides for p in by_ffn["fff"])
     # inapplicable axes are recorded empty
-    assert by_ffn["dense"][0].values == {"size": SIZES[0], "model.ffn": "dense", "fff.depth": None,
-                                         "granularity": None, "tokens": 1000}  # fmt: skip
+    assert by_ffn["dense"][0].values == {
+        "size": SIZES[0],
+        "model.ffn": "dense",
+        "fff.depth": None,
+        "granularity": None,
+        "tokens": 1000,
+    }
     assert {p.overrides["train.steps"] for p in points} == {8}, "ceil(1000 tokens / (4 x 32) per step)"
     trials = {t.point.trial_id: t for t in plan(spec, tmp_path / "out")}
     (tmp_path / "out").mkdir()
@@ -92,8 +137,10 @@ def test_bad_specs_and_directories_are_one_line_errors_with_status_2(tmp_path, c
         assert main(["sweep", "run", str(spec), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
-    assert main(["sweep", "run", str(_spec(tmp_path)), "--out", str(out), "--executor", "local",
-                 "--gpus-per-trial", "1"]) == 2  # fmt: skip
+    assert (
+        main(["sweep", "run", str(_spec(tmp_path)), "--out", str(out), "--executor", "local", "--gpus-per-trial", "1"])
+        == 2
+    )
     assert "--gpus-per-trial needs the ray executor" in capsys.readouterr().err
     assert not out.exists(), "nothing written for a sweep that cannot run"
     # a results directory made by another spec
@@ -102,8 +149,10 @@ def test_bad_specs_and_directories_are_one_line_errors_with_status_2(tmp_path, c
     assert main(["sweep", "run", str(_spec(tmp_path)), "--out", str(out)]) == 2
     assert "holds results of another spec (other, x.yaml)" in capsys.readouterr().err
     # too few points to fit
-    (out / "results.csv").write_text("trial_id,status,ffn,params_active,tokens,num_experts,granularity,flops,"
-                                     "final_val_loss\na,done,dense,10,10,1,1,600,3.0\n")  # fmt: skip
+    (out / "results.csv").write_text(
+        "trial_id,status,ffn,params_active,tokens,num_experts,granularity,flops,"
+        "final_val_loss\na,done,dense,10,10,1,1,600,3.0\n"
+    )
     assert main(["sweep", "fit", str(out)]) == 2
     assert "needs at least 5 finished trials, the results hold 1" in capsys.readouterr().err
     (out / "results.csv").write_text("trial_id,status\na,done\n")
@@ -156,8 +205,9 @@ def test_a_tiny_sweep_runs_on_ray_resumes_fits_and_plots(tmp_path, capsys):
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("too short")
-    spec = _spec(tmp_path, axes={"size": SIZES[:1], "model.ffn": ["dense"], "train.steps": [4],
-                                 "data.path": [None, str(tiny)]})  # fmt: skip
+    spec = _spec(
+        tmp_path, axes={"size": SIZES[:1], "model.ffn": ["dense"], "train.steps": [4], "data.path": [None, str(tiny)]}
+    )
     out = tmp_path / "out"
     assert main(["sweep", "run", str(spec), "--out", str(out), "--executor", "local"]) == 1  # a trial failed
     rows = {r["axis:data.path"]: r for r in _rows(out)}

@@ -170,10 +170,18 @@ def test_copying_a_run_directory_keeps_it_resumable(tmp_path):
 @pytest.mark.parametrize("mode", ["soft", "topk_paths", "hard"])
 def test_fff_model_trains_and_logs_tree_metrics(tmp_path, mode):
     cfg = tiny_config(
-        "model.ffn=fff", "fff.depth=2", "fff.leaf_width=16", f"fff.mode={mode}", "fff.master_leaf=true",
-        "fff.hardening_coef=0.01", "fff.node_lr_scale=2.0", "train.steps=30", "optimizer.lr=1e-2",
-        "logging.tensorboard=true", "logging.plots=true",
-    )  # fmt: skip
+        "model.ffn=fff",
+        "fff.depth=2",
+        "fff.leaf_width=16",
+        f"fff.mode={mode}",
+        "fff.master_leaf=true",
+        "fff.hardening_coef=0.01",
+        "fff.node_lr_scale=2.0",
+        "train.steps=30",
+        "optimizer.lr=1e-2",
+        "logging.tensorboard=true",
+        "logging.plots=true",
+    )
     trainer = Trainer(cfg, tmp_path)
     lr = trainer.cfg.optimizer.lr
     node_groups = [g for g in trainer.optimizer.param_groups if g["initial_lr"] == pytest.approx(2 * lr)]

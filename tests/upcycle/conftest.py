@@ -11,8 +11,15 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def build_hf(kind: str):
@@ -32,7 +39,7 @@ def build_hf(kind: str):
                 num_experts_per_tok=2,
                 mlp_only_layers=[0],
             )
-        ),  # fmt: skip
+        ),
     }[kind]()
     with torch.no_grad():
         for p in model.parameters():

@@ -57,8 +57,9 @@ def test_moefication_recovers_the_planted_groups_and_routes_each_token_to_its_ow
     expert_of_cluster = {next(iter(_planted_group(order, g))): e for e, g in enumerate(groups)}
     chosen = (x @ router.t()).argmax(1)
     assert (chosen == torch.tensor([expert_of_cluster[int(c)] for c in cluster])).float().mean() > 0.99
-    y = sum(carve.swiglu_hidden(x, gate[g], up[g]) @ down[:, g].t() * (chosen == e)[:, None]
-            for e, g in enumerate(groups))  # fmt: skip
+    y = sum(
+        carve.swiglu_hidden(x, gate[g], up[g]) @ down[:, g].t() * (chosen == e)[:, None] for e, g in enumerate(groups)
+    )
     assert float((y - _dense(gate, up, down, x)).norm() / _dense(gate, up, down, x).norm()) < 0.02
 
 
@@ -92,8 +93,10 @@ def test_fitted_routers_beat_random_ones_on_planted_experts():
 
     def error(router_ED):
         chosen = (x @ router_ED.t()).argmax(1)
-        y = sum(carve.swiglu_hidden(x, gate[g], up[g]) @ down[:, g].t() * (chosen == e)[:, None]
-                for e, g in enumerate(groups))  # fmt: skip
+        y = sum(
+            carve.swiglu_hidden(x, gate[g], up[g]) @ down[:, g].t() * (chosen == e)[:, None]
+            for e, g in enumerate(groups)
+        )
         return float((y - dense).norm() / dense.norm())
 
     random_router = torch.randn(router.shape, generator=torch.Generator().manual_seed(1))
@@ -164,8 +167,21 @@ def test_bad_carving_requests_name_the_problem(calibration):
 
 def test_upcycle_command_calibrates_with_the_checkpoints_tokenizer(tiny_llama, tmp_path, capsys):
     out = tmp_path / "fff"
-    argv = ["upcycle", "--from", str(tiny_llama), "--to", str(out), "--method", "fff", "--num-experts", "4",
-            "--top-k", "1", "--calib-tokens", "2048"]  # fmt: skip
+    argv = [
+        "upcycle",
+        "--from",
+        str(tiny_llama),
+        "--to",
+        str(out),
+        "--method",
+        "fff",
+        "--num-experts",
+        "4",
+        "--top-k",
+        "1",
+        "--calib-tokens",
+        "2048",
+    ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "depth-2 trees of 4 leaves of width 6" in captured.out and "hard" in captured.err

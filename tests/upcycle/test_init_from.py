@@ -30,8 +30,24 @@ def _first_record(run_dir):
 def test_upcycled_copy_starts_where_the_dense_model_is(byte_vocab_llama, tmp_path):
     run_settings = [o for o in tiny_overrides("train.steps=2") if not o.startswith(("model.", "moe.", "router."))]
     sets = [arg for o in run_settings for arg in ("--set", o)]
-    assert main(["upcycle", "--from", str(byte_vocab_llama), "--to", str(tmp_path / "moe"), "--method", "copy",
-                 "--num-experts", "4", "--top-k", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "upcycle",
+                "--from",
+                str(byte_vocab_llama),
+                "--to",
+                str(tmp_path / "moe"),
+                "--method",
+                "copy",
+                "--num-experts",
+                "4",
+                "--top-k",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--init-from", str(byte_vocab_llama), "--run-dir", str(tmp_path / "dense-run"), *sets]) == 0
     assert main(["train", "--init-from", str(tmp_path / "moe"), "--run-dir", str(tmp_path / "moe-run"), *sets]) == 0
     dense, moe = _first_record(tmp_path / "dense-run"), _first_record(tmp_path / "moe-run")
