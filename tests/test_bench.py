@@ -138,16 +138,49 @@ def test_peak_activation_memory_counts_saved_activations_not_gradients():
     assert 4 * one <= peak <= 12 * one
 
 
-def test_interleaved_median_is_a_median():
-    calls = []
+class FakeClock:
+    """A clock in seconds that moves only when a fake candidate says its call took so long."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def candidate(self, durations_ms: list[float], calls: list[str], name: str):
+        """A candidate whose successive calls take `durations_ms` (warmup calls included)."""
+        remaining = iter(durations_ms)
+
+        def run() -> None:
+            calls.append(name)
+            self.now += next(remaining) / 1e3
+
+        return run
+
+
+def test_interleaved_median_is_the_median_of_known_timings_taken_in_turns():
+    clock, calls = FakeClock(), []
+    # One warmup call each (a huge 100 ms that must not count), then three timed rounds. The
+    # medians (3 and 5) sit at different positions of the rounds and differ from the means
+    # (3.67, 5.33), the minima and the maxima, so only a median reports both.
+    a = clock.candidate([100.0, 7.0, 3.0, 1.0], calls, "a")
+    b = clock.candidate([100.0, 2.0, 9.0, 5.0], calls, "b")
+    times = interleaved_median_ms({"a": a, "b": b}, repeats=3, warmup=1, device=torch.device("cpu"), clock=clock)
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warmup, then rounds in turn
+    assert times == {"a": pytest.approx(3.0), "b": pytest.approx(5.0)}
+
+
+def test_interleaved_median_with_min_round_reports_the_mean_call_of_each_round():
+    clock, calls = FakeClock(), []
+    # Calibration call: 2 ms, so a 10 ms round holds 5 calls; rounds of 5 x 2 ms, 5 x 4 ms and
+    # 5 x 3 ms report 2, 4 and 3 ms per call, whose median is 3.
+    per_call = [2.0] * 5 + [4.0] * 5 + [3.0] * 5
+    fn = clock.candidate([2.0, *per_call], calls, "a")
     times = interleaved_median_ms(
-        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-        repeats=3,
-        warmup=1,
-        device=torch.device("cpu"),
+        {"a": fn}, repeats=3, warmup=0, device=torch.device("cpu"), min_round_ms=10, clock=clock
     )
-    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
-    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    assert len(calls) == 1 + 15
+    assert times["a"] == pytest.approx(3.0)
 
 
 DISPATCH_KEYS = {

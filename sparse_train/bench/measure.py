@@ -33,29 +33,31 @@ def interleaved_median_ms(
     warmup: int,
     device: torch.device,
     min_round_ms: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median ms per call of each candidate. With `min_round_ms`, a round calls a candidate as
     many times as fill that long (timeit's method: calls of microseconds are otherwise below
-    the timer's and the garbage collector's noise) and reports the mean per call."""
+    the timer's and the garbage collector's noise) and reports the mean per call. `clock`
+    returns seconds; tests pass a fake one to check the arithmetic on known timings."""
     calls = dict.fromkeys(candidates, 1)
     for name, fn in candidates.items():
         for _ in range(warmup):
             fn()
         if min_round_ms > 0:
-            start = time.perf_counter()
+            start = clock()
             fn()
-            one_ms = max((time.perf_counter() - start) * 1e3, 1e-4)
+            one_ms = max((clock() - start) * 1e3, 1e-4)
             calls[name] = max(1, int(min_round_ms / one_ms))
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
             gc.collect()
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(calls[name]):
                 fn()
             _sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3 / calls[name])
+            times[name].append((clock() - start) * 1e3 / calls[name])
     return {name: statistics.median(values) for name, values in times.items()}
 
 
