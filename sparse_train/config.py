@@ -6,8 +6,10 @@ values only (no devices, process groups or other runtime objects).
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +38,9 @@ __all__ = [
     "ParallelConfig",
     "RouterConfig",
     "TrainConfig",
+    "compose_config",
     "load_config",
+    "read_config_file",
 ]
 
 
@@ -351,27 +355,32 @@ class Config(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML recipe (or the defaults when `path` is None) and apply `a.b=value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", f"no such file: {path}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError("--config", f"{path} is not valid YAML{where}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("--config", f"{path} must hold a mapping of sections")
-        data = loaded or {}
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The sections of a YAML recipe, as a mapping (an empty file is an empty mapping)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", f"no such file: {path}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError("--config", f"{path} is not valid YAML{where}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of sections")
+    return loaded or {}
+
+
+def compose_config(data: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The one way a Config is made: the defaults, then `data` (sections as in a YAML recipe or a
+    checkpoint's config.yaml), then `overrides` (`a.b=value`, applied in order), then validation."""
+    data = copy.deepcopy(dict(data or {}))  # overrides edit the mapping; the caller's stays as it was
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(data, Config, parts, value)
     return from_dict(Config, data)
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    return from_dict(Config, data)
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML recipe (or the defaults when `path` is None) and apply `a.b=value` overrides."""
+    return compose_config(read_config_file(path) if path is not None else None, overrides)

@@ -15,21 +15,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union
 
+from sparse_train.errors import ConfigError
+
 T = TypeVar("T", bound="Section")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration. `str(err)` is one line: the dotted field, then what is wrong."""
-
-    def __init__(self, field_path: str, message: str) -> None:
-        self.field_path = field_path
-        self.message = message
-        super().__init__(f"{field_path}: {message}" if field_path else message)
-
-    def under(self, prefix: str) -> ConfigError:
-        """The same error with the field path placed under a parent section name."""
-        path = f"{prefix}.{self.field_path}" if self.field_path else prefix
-        return ConfigError(path, self.message)
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:

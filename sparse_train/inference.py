@@ -1,18 +1,20 @@
-"""Loading a trained checkpoint for evaluation and text generation (greedy or nucleus sampling)."""
+"""Loading a trained checkpoint for evaluation (validation loss) and text generation (greedy or nucleus sampling)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from sparse_train.config import Config, config_from_dict
-from sparse_train.configtypes import apply_override, parse_override
+from sparse_train.config import Config, compose_config
+from sparse_train.data.dataset import load_token_data, validation_batches
 from sparse_train.data.tokenizer import Tokenizer, build_tokenizer
 from sparse_train.models.transformer import Transformer
 from sparse_train.train import checkpoint as ckpt
+from sparse_train.train.loss import lm_loss
 
 
 @dataclass
@@ -27,11 +29,7 @@ class LoadedModel:
 def load_trained(path: Path, overrides: list[str] | tuple[str, ...] = (), device: str = "cpu") -> LoadedModel:
     """Build the model a checkpoint (or a run directory's newest valid checkpoint) describes."""
     resolved = ckpt.resolve_checkpoint_path(path, warn=lambda msg: None)
-    data = yaml.safe_load(ckpt.read_checkpoint_config(resolved))
-    for text in overrides:
-        parts, value = parse_override(text)
-        apply_override(data, Config, parts, value)
-    cfg = config_from_dict(data)
+    cfg = compose_config(yaml.safe_load(ckpt.read_checkpoint_config(resolved)), overrides)
     model = Transformer(cfg).to(device)
     state = ckpt.load_checkpoint(resolved, model)
     model.eval()
@@ -71,3 +69,21 @@ def generate(
         if stop_id is not None and next_id == stop_id:
             break
     return ids[len(prompt_ids) :]
+
+
+@torch.no_grad()
+def evaluate(loaded: LoadedModel) -> dict:
+    """Validation loss of a loaded checkpoint on its config's data (train.eval_batches micro-batches)."""
+    cfg = loaded.cfg
+    data = load_token_data(cfg.data, loaded.tokenizer, cfg.model.vocab_size)
+    batches = validation_batches(data.val, cfg.data.seq_len, cfg.train.batch_size, cfg.train.eval_batches)
+    losses = [float(lm_loss(loaded.model(x).logits_BSV, y)) for x, y in batches]
+    val = sum(losses) / len(losses)
+    return {
+        "checkpoint": str(loaded.path),
+        "step": loaded.step,
+        "val_loss": val,
+        "val_ppl": math.exp(val),
+        "tokens": len(batches) * cfg.train.batch_size * cfg.data.seq_len,
+        "data": data.source,
+    }

@@ -43,3 +43,30 @@ def exec_with_tuned_allocator(argv: Sequence[str]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, "-m", "sparse_train", *argv], env)
+
+
+def environment_info() -> dict:
+    """Versions, devices, optional integrations and the runtime settings in force (`sparse-train info`)."""
+    import importlib.metadata
+
+    import torch
+
+    import sparse_train
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "sparse_train": sparse_train.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": torch.cuda.device_count(),
+        "threads": torch.get_num_threads(),
+        "integrations": {name: version(name) for name in ("triton", "transformers", "deepspeed", "ray")},
+        "malloc_tuning": {key: os.environ.get(key) for key in MALLOC_ENV},
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+    }

@@ -12,11 +12,9 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from sparse_train.errors import DataError
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".json", ".csv", ".html", ".c", ".h", ".yaml", ".yml"}
-
-
-class DataError(ValueError):
-    """Unusable data (bad JSONL line, empty corpus, ...); the message names the file and problem."""
 
 
 def stdlib_root() -> Path:

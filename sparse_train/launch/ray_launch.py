@@ -4,8 +4,8 @@ Ray places the workers (a placement group: PACK by default, SPREAD / STRICT_SPRE
 on different nodes), starts torch.distributed among them (gloo on CPU, NCCL with GPUs) and,
 with `--max-failures K`, restarts the whole worker group up to K times when a worker or node
 dies; the restarted workers run the command again with `--resume auto`, i.e. from the newest
-complete checkpoint. Each worker runs the ordinary `sparse-train` command in-process, so a Ray
-job trains exactly what torchrun would.
+complete checkpoint. Each worker runs the `train` request in-process, so a Ray
+job trains exactly what torchrun would: both start training through launch/train_entry.py.
 
 The run directory must be on storage every node reaches (a shared filesystem): every rank
 writes its checkpoint shards there, and Ray keeps its own run records under RUN_DIR/ray. The
@@ -16,7 +16,7 @@ driver starts a local Ray instance, so the same command works on a laptop.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import socket
 import sys
@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparse_train.config import load_config
+from sparse_train.errors import LaunchError
+from sparse_train.launch.train_entry import TrainRequest
+from sparse_train.train.metrics import METRICS_FILE, read_metrics
+
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 FORWARDED_ENV = ("SPARSE_TRAIN_FAIL_AT", "SPARSE_TRAIN_DIST_TIMEOUT", "OMP_NUM_THREADS")
-
-
-class RayLaunchError(Exception):
-    """A Ray job that cannot start (no Ray, unreachable cluster, too few resources); one line."""
 
 
 @dataclass
@@ -57,7 +58,7 @@ def import_ray():
         import ray
         import ray.train  # noqa: F401 - the [train] extra, not only Ray core
     except ImportError:
-        raise RayLaunchError("--ray needs Ray Train: pip install 'sparse_train[ray]'") from None
+        raise LaunchError("--ray needs Ray Train: pip install 'sparse_train[ray]'") from None
     return ray
 
 
@@ -65,11 +66,11 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast on a HOST:PORT nothing listens on (ray.init would retry for a minute)."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
-        raise RayLaunchError(f"--address must be auto or HOST:PORT, got {address!r}")
+        raise LaunchError(f"--address must be auto or HOST:PORT, got {address!r}")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
     except OSError as err:
-        raise RayLaunchError(f"cannot reach a Ray cluster at {address}: {err.strerror or err}") from None
+        raise LaunchError(f"cannot reach a Ray cluster at {address}: {err.strerror or err}") from None
 
 
 def connect(ray, job: RayJob) -> bool:
@@ -78,7 +79,7 @@ def connect(ray, job: RayJob) -> bool:
     if job.address is None:
         available = os.cpu_count() or 1
         if job.cpus > available:
-            raise RayLaunchError(
+            raise LaunchError(
                 f"{job.num_workers} workers x {job.cpus_per_worker:g} CPUs need {job.cpus:g} CPUs; this machine "
                 f"has {available} (lower --cpus-per-worker, e.g. 0.5, or pass --address of a cluster)"
             )
@@ -90,55 +91,51 @@ def connect(ray, job: RayJob) -> bool:
         ray.init(address=job.address, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RayLaunchError(f"cannot connect to the Ray cluster at {job.address}: {first}") from None
+        raise LaunchError(f"cannot connect to the Ray cluster at {job.address}: {first}") from None
     return False
 
 
 def check_resources(ray, job: RayJob) -> None:
     total = ray.cluster_resources()
     if job.cpus > total.get("CPU", 0):
-        raise RayLaunchError(
+        raise LaunchError(
             f"{job.num_workers} workers x {job.cpus_per_worker:g} CPUs need {job.cpus:g} CPUs; "
             f"the cluster has {total.get('CPU', 0):g}"
         )
     if job.gpus > total.get("GPU", 0):
-        raise RayLaunchError(
+        raise LaunchError(
             f"{job.num_workers} workers x {job.gpus_per_worker:g} GPUs need {job.gpus:g} GPUs; "
             f"the cluster has {total.get('GPU', 0):g}"
         )
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if job.placement == "STRICT_SPREAD" and len(nodes) < job.num_workers:
-        raise RayLaunchError(
+        raise LaunchError(
             f"--placement STRICT_SPREAD puts each of {job.num_workers} workers on its own node; "
             f"the cluster has {len(nodes)} nodes"
         )
 
 
 def _worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: the sparse-train command, in this process (torch.distributed is up)."""
+    """One Ray Train worker: the training request, run in this process (torch.distributed is up)."""
     import ray
     import ray.train
     import torch
 
-    from sparse_train.cli import main
+    from sparse_train.launch.train_entry import TrainRequest, run_training
 
     os.chdir(config["cwd"])
     os.environ.update(config["env"])
     torch.set_num_threads(config["threads"])
+    request = TrainRequest(**config["request"])
     rank = ray.train.get_context().get_world_rank()
-    logs = Path(config["run_dir"]) / "logs"
+    logs = Path(request.resolved_run_dir()) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with (logs / f"rank{rank}.log").open("a", encoding="utf-8") as fh:  # which node holds which rank
         fh.write(
             f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank}: Ray node {ray.get_runtime_context().get_node_id()}"
             f" ({socket.gethostname()})\n"
         )
-    status = main(config["argv"])
-    if status != 0:
-        raise RuntimeError(
-            f"rank {rank}: sparse-train {config['argv'][0]} exited with status {status} "
-            f"(see {config['run_dir']}/logs/rank{rank}.log)"
-        )
+    run_training(request)
 
 
 class _Progress:
@@ -182,32 +179,29 @@ class _Progress:
                 self._stop.wait(1.0)
 
     def _last_record(self) -> dict | None:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
+        if not (self.run_dir / METRICS_FILE).is_file():
             return None
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        for line in reversed(lines):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:  # a line being written
-                continue
-        return None
+        records = read_metrics(self.run_dir)
+        return records[-1] if records else None
 
 
-def run(job: RayJob, argv: list[str], run_dir: Path, total_steps: int) -> int:
-    """Run `sparse-train <argv>` on the job's workers; 0 on success, 1 if the job failed."""
+def run(job: RayJob, request: TrainRequest) -> int:
+    """Train as `request` asks on the job's workers; 0 on success, 1 if the job failed."""
     ray = import_ray()
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Every worker and the driver must agree on the run directory (the driver follows its metrics).
+    run_dir = request.resolved_run_dir().resolve()
+    request = dataclasses.replace(request, run_dir=run_dir)
+    total_steps = load_config(request.config, request.overrides).train.steps
     started_local = connect(ray, job)
     try:
         check_resources(ray, job)
         resources = {"CPU": job.cpus_per_worker, **({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})}
         config = {
-            "argv": argv,
+            "request": dataclasses.asdict(request),
             "cwd": os.getcwd(),
-            "run_dir": str(run_dir),
             "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
             "threads": max(1, int(job.cpus_per_worker)),
         }
@@ -246,7 +240,7 @@ def run(job: RayJob, argv: list[str], run_dir: Path, total_steps: int) -> int:
 def summary(run_dir: Path, job: RayJob) -> str:
     from sparse_train.train import checkpoint as ckpt
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir)
     losses = [r for r in records if "loss" in r]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     newest = ckpt.list_checkpoints(run_dir / "checkpoints")
@@ -255,7 +249,7 @@ def summary(run_dir: Path, job: RayJob) -> str:
         lines.append(f"  loss          {losses[0]['loss']:.4f} (first step) -> {losses[-1]['loss']:.4f} (last step)")
     if vals:
         lines.append(f"  val loss      {vals[-1]:.4f}")
-    lines.append(f"  metrics       {run_dir / 'metrics.jsonl'}")
+    lines.append(f"  metrics       {run_dir / METRICS_FILE}")
     lines.append(f"  logs          {run_dir / 'logs'} (one file per rank)")
     if newest:
         lines.append(f"  checkpoint    {newest[0].path}")

@@ -13,14 +13,13 @@ import argparse
 import sys
 
 from sparse_train.config import load_config
+from sparse_train.launch.train_entry import TrainRequest
 from sparse_train.parallel.dims import ParallelDims
 
 
-def validate_launch(command: argparse.Namespace, world_size: int) -> None:
-    """Raise ConfigError if the command's config cannot run on `world_size` ranks."""
-    if getattr(command, "command", None) != "train":
-        return
-    cfg = load_config(command.config, command.overrides)
+def validate_launch(request: TrainRequest, world_size: int) -> None:
+    """Raise ConfigError if the training request's config cannot run on `world_size` ranks."""
+    cfg = load_config(request.config, request.overrides)
     ParallelDims.from_config(cfg.parallel, world_size).check_model(cfg)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -72,3 +73,16 @@ def compare_runs(runs: Sequence[tuple[str, Sequence[dict], int]], smooth: int = 
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_runs(runs: Sequence[tuple[str, Sequence[dict], int]], out: Path, title: str | None = None) -> list[Path]:
+    """compare_runs written as OUT.png and OUT.svg; returns their paths."""
+    fig = compare_runs(runs)
+    if title:
+        fig.axes[0].set_title(title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [Path(f"{out}{suffix}") for suffix in (".png", ".svg")]
+    for path in paths:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return paths

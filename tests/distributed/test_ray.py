@@ -146,7 +146,7 @@ def test_launch_ray_errors_are_one_line(tmp_path, capsys, monkeypatch):
 def test_a_cluster_too_small_for_the_job_is_refused_by_name():
     from types import SimpleNamespace
 
-    from sparse_train.launch.ray_launch import RayJob, RayLaunchError, check_resources
+    from sparse_train.launch.ray_launch import LaunchError, RayJob, check_resources
 
     cluster = SimpleNamespace(
         cluster_resources=lambda: {"CPU": 8.0, "GPU": 2.0},
@@ -161,5 +161,5 @@ def test_a_cluster_too_small_for_the_job_is_refused_by_name():
             "each of 3 workers on its own node; the cluster has 2",
         ),
     ]:
-        with pytest.raises(RayLaunchError, match=message):
+        with pytest.raises(LaunchError, match=message):
             check_resources(cluster, job)

@@ -1,0 +1,136 @@
+"""`sparse-train bench ...`: benchmarks that print JSON, one object per measured case.
+
+Each benchmark's work lives in sparse_train/bench/; this module checks the arguments and calls it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sparse_train.cli.common import ArgumentParser, add_json_flag
+from sparse_train.errors import UsageError
+
+MOE_SHAPES = ["mixtral-like", "fine-grained", "skewed"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks that print JSON (one object per measured case)")
+    bench.set_defaults(run=run)
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=ArgumentParser)
+
+    moe = bench_sub.add_parser("moe-layer", help="MoE layer vs the dense limit, HF Mixtral and DeepSpeed-MoE")
+    add_json_flag(moe)
+    moe.add_argument("--shapes", nargs="+", default=MOE_SHAPES, choices=MOE_SHAPES)
+    moe.add_argument("--tokens", type=int, help="override the token count of every shape (quick runs)")
+    moe.add_argument("--repeats", type=int, default=5)
+    moe.add_argument("--warmup", type=int, default=2)
+    moe.add_argument("--seed", type=int, default=0)
+    moe.add_argument("--peers", default="hf,deepspeed", help="comma list of hf, deepspeed; empty for none")
+
+    disp = bench_sub.add_parser("dispatch", help="expert-parallel all-to-all of the tiny model on gloo: bytes, time")
+    add_json_flag(disp)
+    disp.add_argument("--ep", type=int, nargs="+", default=[2, 4], help="expert-parallel sizes (one process each)")
+    disp.add_argument("--steps", type=int, default=12, help="optimizer steps per case, warm-up included")
+    disp.add_argument("--warmup", type=int, default=2)
+    disp.add_argument("--compare-no-dedup", action="store_true", help="also run each EP size without deduplication")
+    disp.add_argument("--config", help="model recipe (default: configs/tiny-moe.yaml of this checkout)")
+
+    infer = bench_sub.add_parser("fff-infer", help="hard FFF inference vs a dense FFN of the same width")
+    add_json_flag(infer)
+    infer.add_argument("--depths", type=int, nargs="+", default=[4, 6, 8, 10])
+    infer.add_argument("--batches", type=int, nargs="+", default=[1, 64, 4096])
+    infer.add_argument("--repeats", type=int, default=7)
+    infer.add_argument("--warmup", type=int, default=2)
+    infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--peers", default="fastfeedforward", help="fastfeedforward, or empty for none")
+
+    repro = bench_sub.add_parser("fff-repro", help="FFF vs FFF + load balancing (+ master leaf) on sklearn digits")
+    add_json_flag(repro)
+    repro.add_argument("--depths", type=int, nargs="+", default=[3, 5])
+    repro.add_argument("--seeds", type=int, default=5, help="runs per (depth, variant), seeds 0..N-1")
+    repro.add_argument("--epochs", type=int, default=150)
+
+
+def run(args: argparse.Namespace) -> int:
+    {"moe-layer": _moe_layer, "dispatch": _dispatch, "fff-infer": _fff_infer, "fff-repro": _fff_repro}[args.bench](args)
+    return 0
+
+
+def _peers(text: str, allowed: set[str], command: str) -> set[str]:
+    peers = {p for p in text.split(",") if p}
+    if peers - allowed:
+        allowed_list = ", ".join(sorted(allowed))
+        raise UsageError(
+            f"sparse-train bench {command}: unknown --peers {sorted(peers - allowed)}; allowed: {allowed_list}"
+        )
+    return peers
+
+
+def _moe_layer(args: argparse.Namespace) -> None:
+    from sparse_train.bench import moe_layer
+
+    peers = _peers(args.peers, {"hf", "deepspeed"}, "moe-layer")
+    if args.repeats < 1 or args.warmup < 0 or (args.tokens is not None and args.tokens < 1):
+        raise UsageError("sparse-train bench moe-layer: --repeats >= 1, --warmup >= 0 and --tokens >= 1 required")
+    moe_layer.run(
+        args.shapes,
+        tokens=args.tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        peers=peers,
+        as_json=args.json,
+    )
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    from sparse_train.bench import dispatch
+
+    if args.steps <= args.warmup or args.warmup < 0 or any(ep < 2 for ep in args.ep):
+        raise UsageError("sparse-train bench dispatch: --steps > --warmup >= 0 and every --ep >= 2 required")
+    config = Path(args.config) if args.config else dispatch.CONFIG
+    if not config.is_file():
+        raise UsageError(f"sparse-train bench dispatch: no config at {config}; pass --config")
+    dispatch.run(
+        args.ep,
+        config=config,
+        steps=args.steps,
+        warmup=args.warmup,
+        dedup_off=args.compare_no_dedup,
+        as_json=args.json,
+    )
+
+
+def _fff_infer(args: argparse.Namespace) -> None:
+    from sparse_train.bench import fff_infer
+
+    peers = _peers(args.peers, {"fastfeedforward"}, "fff-infer")
+    if any(d < 1 or 2**d > fff_infer.TOTAL_WIDTH for d in args.depths):
+        raise UsageError("sparse-train bench fff-infer: --depths in [1, 12] (leaf width = 4096 / 2^depth >= 1)")
+    if any(b < 1 for b in args.batches) or args.repeats < 1 or args.warmup < 0:
+        raise UsageError("sparse-train bench fff-infer: --batches >= 1, --repeats >= 1 and --warmup >= 0 required")
+    fff_infer.run(
+        args.depths,
+        args.batches,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        peers=peers,
+        as_json=args.json,
+    )
+
+
+def _fff_repro(args: argparse.Namespace) -> None:
+    from sparse_train.bench import fff_repro
+    from sparse_train.config import MAX_FFF_DEPTH
+
+    if any(not 1 <= d <= MAX_FFF_DEPTH for d in args.depths) or args.seeds < 2 or args.epochs < 1:
+        raise UsageError(
+            f"sparse-train bench fff-repro: --depths in [1, {MAX_FFF_DEPTH}], --seeds >= 2 (a spread needs two) "
+            "and --epochs >= 1 required"
+        )
+    try:
+        fff_repro.load_digits_split(0.2)
+    except RuntimeError as err:
+        raise UsageError(f"sparse-train bench fff-repro: {err}") from None
+    fff_repro.run(args.depths, args.seeds, recipe=fff_repro.Recipe(epochs=args.epochs), as_json=args.json)
