@@ -25,6 +25,7 @@ test-all: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports   # the import contracts in pyproject.toml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

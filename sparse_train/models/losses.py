@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
 from sparse_train.models.routers import count_per_expert
 
@@ -33,22 +32,22 @@ def local_counts(counts_E: torch.Tensor) -> torch.Tensor:
 
 
 class GlobalBatchCounts:
-    """The global_batch CountSync: counts summed over ranks and over the step's micro-batches.
+    """The global_batch CountSync: counts summed over the step's micro-batches so far, and over
+    data-parallel ranks.
 
-    Micro-batch j of an optimizer step forms f_i from the counts of micro-batches 1..j of every
-    rank in `group` (later micro-batches do not exist yet when j's loss is formed), as
-    Megatron's global_aux_loss does. `reset()` starts a new step. Model code leaves `group`
-    None (one process); the parallel layer sets it to the data-parallel group.
+    Micro-batch j of an optimizer step forms f_i from the counts of micro-batches 1..j (later
+    micro-batches do not exist yet when j's loss is formed), as Megatron's global_aux_loss does.
+    `reset()` starts a new step. Summing over ranks is the parallel layer's business: it sets
+    `reduce_across_ranks` (parallel/expert.py); in model code it is the identity, so model code
+    never calls torch.distributed.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
-        self.group = group
+    def __init__(self, reduce_across_ranks: CountSync = local_counts) -> None:
+        self.reduce_across_ranks = reduce_across_ranks
         self.running_E: torch.Tensor | None = None
 
     def __call__(self, counts_E: torch.Tensor) -> torch.Tensor:
-        counts_E = counts_E.detach().clone()
-        if self.group is not None:
-            dist.all_reduce(counts_E, group=self.group)
+        counts_E = self.reduce_across_ranks(counts_E.detach().clone())
         self.running_E = counts_E if self.running_E is None else self.running_E + counts_E
         return self.running_E
 

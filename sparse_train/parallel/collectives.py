@@ -46,3 +46,14 @@ def copy_to_group(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def reduce_from_group(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return _ReduceFromGroup.apply(x, group)
+
+
+class SumOverGroup:
+    """`counts -> counts summed over the ranks of group`, in place (a CountSync's rank reduction)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.group)
+        return t

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_module, distribu
 from sparse_train.config import ParallelConfig
 from sparse_train.models.losses import GlobalBatchCounts
 from sparse_train.models.sparse import SparseFFN
-from sparse_train.parallel.collectives import copy_to_group, reduce_from_group
+from sparse_train.parallel.collectives import SumOverGroup, copy_to_group, reduce_from_group
 from sparse_train.parallel.dims import Meshes, ParallelDims
 from sparse_train.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 
@@ -69,8 +69,8 @@ def apply_expert_parallel(model: nn.Module, dims: ParallelDims, meshes: Meshes, 
     mesh = meshes.expert[("ep", "tp")]
     dp_group = meshes.dp.get_group() if dims.dp > 1 else None
     for layer in (m for m in model.modules() if isinstance(m, SparseFFN)):
-        if isinstance(layer.count_sync, GlobalBatchCounts):
-            layer.count_sync.group = dp_group
+        if isinstance(layer.count_sync, GlobalBatchCounts) and dp_group is not None:
+            layer.count_sync.reduce_across_ranks = SumOverGroup(dp_group)
         if dims.ep == 1 and dims.tp == 1:
             continue
         hooks = _tp_region(mesh) if dims.tp > 1 else (None, None)

@@ -8,6 +8,7 @@ the model's code is the single-device code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,6 @@ from sparse_train.parallel.expert import apply_expert_parallel
 from sparse_train.parallel.pipeline import PipelineStageModule
 from sparse_train.parallel.runtime import DistributedRuntime
 from sparse_train.parallel.tensor import apply_tensor_parallel
-from sparse_train.train.loss import lm_loss
 
 
 @dataclass
@@ -31,7 +31,13 @@ class ParallelModel:
     stage: PipelineStageModule | None
 
 
-def parallelize(model: Transformer, cfg: Config, rt: DistributedRuntime) -> ParallelModel:
+# (logits of the last stage, targets) -> the micro-batch's loss; what the pipeline schedule backpropagates
+PipelineLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def parallelize(model: Transformer, cfg: Config, rt: DistributedRuntime, loss_fn: PipelineLoss) -> ParallelModel:
+    """This rank's part of `model` in the layout of `rt`; `loss_fn` is the pipeline's last-stage loss
+    (passed in, as torchtitan's pipeline_llm does: parallel/ knows nothing of the training objective)."""
     dims, meshes = rt.dims, rt.meshes
     module: nn.Module = model
     stage: PipelineStageModule | None = None
@@ -52,7 +58,7 @@ def parallelize(model: Transformer, cfg: Config, rt: DistributedRuntime) -> Para
     pipeline_stage = PipelineStage(
         module, rt.pp_rank, dims.pp, rt.device, input_args=inputs, output_args=outputs, group=rt.group("pp")
     )
-    schedule = Schedule1F1B(pipeline_stage, cfg.train.grad_accum, loss_fn=lm_loss)
+    schedule = Schedule1F1B(pipeline_stage, cfg.train.grad_accum, loss_fn=loss_fn)
     return ParallelModel(module, schedule, stage)
 
 

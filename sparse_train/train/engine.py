@@ -55,7 +55,7 @@ class Engine:
         else:
             from sparse_train.parallel.parallelize import parallelize
 
-            parallel = parallelize(model, cfg, runtime)
+            parallel = parallelize(model, cfg, runtime, loss_fn=lm_loss)
             self.module, self.schedule, self.stage = parallel.module, parallel.schedule, parallel.stage
         self.aux_names = aux_loss_names(cfg)
         self.loss_keys = ("loss", "lm_loss", *self.aux_names)

@@ -8,6 +8,7 @@ from sparse_train.config import MoEConfig, RouterConfig
 from sparse_train.launch.local import run_ranks
 from sparse_train.models.losses import GlobalBatchCounts
 from sparse_train.models.moe import MoELayer
+from sparse_train.parallel.collectives import SumOverGroup
 
 
 def _layer(scope: str) -> MoELayer:
@@ -31,7 +32,7 @@ def _global_loss_on_rank() -> tuple[float, torch.Tensor]:
 
     dist.init_process_group("gloo")
     layer = _layer("global_batch")
-    layer.count_sync.group = dist.group.WORLD
+    layer.count_sync.reduce_across_ranks = SumOverGroup(dist.group.WORLD)
     _, aux = layer(_tokens(dist.get_rank()))
     aux.lb_loss.backward()
     return float(aux.lb_loss.detach()), layer.router.weight.grad
