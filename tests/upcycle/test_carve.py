@@ -137,8 +137,15 @@ def test_error_shrinks_with_top_k_and_is_zero_with_every_expert(calibration, spe
         active = [r["active_fraction"] for r in ranked]
         assert all(a < b for a, b in zip(active, active[1:], strict=False)) and active[-1] > 1.0  # + router
     if spec.method == "fff":
-        hard = [r for r in report["blocks"]["0"] if r["selected"] == "hard"]
-        assert len(hard) == 1 and 0 < hard[0]["rel_error"] < 1.5
+        for block, rows in report["blocks"].items():
+            hard = [r for r in rows if r["selected"] == "hard"]
+            assert len(hard) == 1 and hard[0]["top_k"] == 1
+            # The hard descent (inference) reaches one leaf of 4 and leaves a large error on
+            # this random dense FFN (0.67 and 0.61 measured): what the calibration's fit of the
+            # node neurons buys is the gap to the report's control, the same leaves under a
+            # random tree (0.82 and 0.83). A tree no better than random fails here.
+            fitted, random_tree = hard[0]["rel_error"], hard[0]["rel_error_random_router"]
+            assert 0 < fitted < 0.9 * random_tree, (block, fitted, random_tree)
 
 
 def test_converted_models_keep_what_they_are_trained_as(calibration):
