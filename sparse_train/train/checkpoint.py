@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from sparse_train.errors import CheckpointError
 from sparse_train.train import sharded
 
 FORMAT_VERSION = 2
@@ -50,10 +51,6 @@ READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 LAYOUT = "layout.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, corrupted or incompatible; one-line message."""
 
 
 @dataclass

@@ -14,6 +14,21 @@ from sparse_train.models.sparse import LOAD_NAMES
 from sparse_train.train import plots
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a run's metrics.jsonl. A line that does not parse is left out: the run may
+    be writing it right now (the Ray driver follows a live run)."""
+    records = []
+    for line in (Path(run_dir) / METRICS_FILE).read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf; null marks a non-finite value
@@ -28,7 +43,7 @@ class MetricsLogger:
     ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
-        self.jsonl_path = run_dir / "metrics.jsonl"
+        self.jsonl_path = run_dir / METRICS_FILE
         self.tb_dir = run_dir / "tb"
         self.plots_dir = run_dir / "plots"
         self.plots_enabled = plots_enabled and enabled

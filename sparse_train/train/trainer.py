@@ -12,7 +12,6 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sparse_train.config import Config, ConfigError, config_from_dict
+from sparse_train.config import Config, ConfigError, compose_config
 from sparse_train.data.dataset import BatchSampler, TokenData, load_token_data, validation_batches
 from sparse_train.data.tokenizer import build_tokenizer
+from sparse_train.errors import TrainingStopped
 from sparse_train.models.sparse import LOAD_NAMES
 from sparse_train.models.transformer import Transformer, count_parameters
 from sparse_train.parallel.runtime import DistributedRuntime, init_distributed
@@ -31,28 +31,10 @@ from sparse_train.train import faults, sharded
 from sparse_train.train.engine import Engine
 from sparse_train.train.metrics import MetricsLogger
 from sparse_train.train.optim import build_optimizer, build_scheduler
+from sparse_train.train.summary import RunSummary
 
 # Sections a resumed run must share with its checkpoint (the rest may change between runs).
 RESUME_MUST_MATCH = ("model", "moe", "router", "fff", "data")
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row); one-line message."""
-
-
-@dataclass
-class RunSummary:
-    run_dir: Path
-    steps: int
-    first_loss: float | None
-    last_loss: float | None
-    val_loss: float | None
-    tokens_per_s: float
-    load_imbalance: dict[str, float]  # per sparse layer: max expert (leaf) load / mean load (1.0 = even)
-    nonfinite_steps: int
-    checkpoint: Path | None
-    params: dict[str, int] = field(default_factory=dict)
-    sparse_kind: str = "moe"  # model.ffn: what load_imbalance measures (experts or FFF leaves)
 
 
 def select_device(name: str) -> torch.device:
@@ -72,7 +54,7 @@ def resolve_config(cfg: Config, vocab_size: int) -> Config:
         raise ConfigError(
             "model.vocab_size", f"must be >= the tokenizer's {vocab_size}, got {data['model']['vocab_size']}"
         )
-    return config_from_dict(data)
+    return compose_config(data)
 
 
 def _load_init_weights(model: Transformer, weights: dict[str, torch.Tensor]) -> None:

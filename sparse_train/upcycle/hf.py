@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sparse_train.config import Config, ConfigError, config_from_dict
+from sparse_train.config import Config, ConfigError, compose_config
 
 DENSE_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
@@ -142,7 +142,7 @@ def native_config(ckpt: HFCheckpoint, base: Config | None = None) -> Config:
         data["model"]["ffn"] = "moe"
         data["moe"], data["router"] = _moe_sections(c, arch, data)
     data.setdefault("data", {})["seq_len"] = min(data.get("data", {}).get("seq_len", 128), max_seq)
-    return config_from_dict(data)
+    return compose_config(data)
 
 
 def _moe_sections(c: dict[str, Any], arch: str, data: dict[str, Any]) -> tuple[dict, dict]:

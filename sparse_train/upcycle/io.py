@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from sparse_train.config import Config, ConfigError, config_from_dict
+from sparse_train.config import Config, ConfigError, compose_config
 from sparse_train.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
 from sparse_train.train import checkpoint as ckpt
 from sparse_train.upcycle import hf
@@ -54,7 +54,7 @@ def load_source(path: Path) -> Source:
         raise ConfigError(
             "--from", f"{path} is neither an HF directory (config.json) nor a checkpoint: {err}"
         ) from None
-    cfg = config_from_dict(yaml.safe_load(ckpt.read_checkpoint_config(resolved)))
+    cfg = compose_config(yaml.safe_load(ckpt.read_checkpoint_config(resolved)))
     tokenizer_dir = Path(cfg.data.tokenizer_path).expanduser() if cfg.data.tokenizer == "hf" else None
     return Source(cfg, ckpt.read_weights(resolved), tokenizer_dir)
 
@@ -62,7 +62,7 @@ def load_source(path: Path) -> Source:
 def _with_tokenizer(cfg: Config, tokenizer_dir: Path) -> Config:
     data = cfg.to_dict()
     data["data"].update(tokenizer="hf", tokenizer_path=str(tokenizer_dir))
-    return config_from_dict(data)
+    return compose_config(data)
 
 
 def check_target(target: Path, overwrite: bool) -> Path:

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from sparse_train.config import Config, ConfigError, config_from_dict
+from sparse_train.config import Config, ConfigError, compose_config
 from sparse_train.upcycle import carve
 from sparse_train.upcycle.calibration import Calibration
 
@@ -77,7 +77,7 @@ def _sparse_config(dense: Config, spec: UpcycleSpec, sections: dict[str, dict]) 
     }
     for section, values in sections.items():
         data[section] = {**data[section], **values}
-    return config_from_dict(data)
+    return compose_config(data)
 
 
 def _moe_config(dense: Config, spec: UpcycleSpec, expert_hidden: int, combine: str, **moe) -> Config:
