@@ -73,13 +73,14 @@ def test_reference_is_a_sum_over_routed_experts():
     torch.testing.assert_close(y[1], 1.0 * expert(0, x[1]))
 
 
-def test_fused_op_passes_opcheck():
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_fused_op_passes_opcheck(backend):
     rows, counts = routed_problem([3, 0, 4], 5)
     x = torch.randn(5, 6, requires_grad=True)
     ws = [w.requires_grad_() for w in _weights(3, 6, 8, torch.float32)]
     weight = torch.rand(7, requires_grad=True)
-    torch.library.opcheck(torch.ops.sparse_train.swiglu_experts, (x, *ws, rows, counts, weight, "torch"))
-    torch.library.opcheck(torch.ops.sparse_train.swiglu_experts, (x, *ws, rows, counts, None, "torch"))
+    torch.library.opcheck(torch.ops.sparse_train.swiglu_experts, (x, *ws, rows, counts, weight, backend))
+    torch.library.opcheck(torch.ops.sparse_train.swiglu_experts, (x, *ws, rows, counts, None, backend))
 
 
 def test_rejects_mismatched_routing():

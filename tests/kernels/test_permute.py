@@ -58,8 +58,9 @@ def test_unpermute_inverts_permute_with_unit_weights():
     torch.testing.assert_close(unpermute(permute(x, index), index, None, x.shape[0]), x)
 
 
-def test_permute_ops_pass_opcheck():
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_permute_ops_pass_opcheck(backend):
     x, index, weight = _problem(torch.float32, A=7, T=5, D=4)
-    torch.library.opcheck(torch.ops.sparse_train.permute, (x.requires_grad_(), index, "torch"))
+    torch.library.opcheck(torch.ops.sparse_train.permute, (x.requires_grad_(), index, backend))
     y = torch.randn(7, 4, requires_grad=True)
-    torch.library.opcheck(torch.ops.sparse_train.unpermute, (y, index, weight.requires_grad_(), 5, "torch"))
+    torch.library.opcheck(torch.ops.sparse_train.unpermute, (y, index, weight.requires_grad_(), 5, backend))
