@@ -1,4 +1,14 @@
-"""AdamW with decay only on matrices, and a linear-warmup + cosine (or constant) schedule."""
+"""AdamW with decay on weight matrices only, and a linear-warmup + cosine (or constant) schedule.
+
+Weight decay (docs/decisions.md, "What weight decay applies to"): Megatron-Core's default rule.
+Decayed: every weight matrix, i.e. attention and FFN projections, stacked expert and leaf
+weights, the token embedding, the lm_head (one tensor with the embedding when tied), the MoE
+router and shared-expert gate, and the FFF node neurons (the tree is the FFF's router, so it
+is treated as the MoE router is). Not decayed: normalisation layers' parameters and every
+vector (biases, FFF node biases, the master-leaf blend logit). Megatron-Core skips decay on
+1-D parameters and on `*.bias`; nanoGPT on every parameter of fewer than two dimensions;
+neither spares embeddings, the output layer or the router.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +19,47 @@ from torch import nn
 
 from sparse_train.config import OptimizerConfig
 
+# Normalisation layers: their scales (and shifts) keep the activations' scale; decaying them
+# pulls that scale towards 0, which no reference implementation does.
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.RMSNorm, nn.LayerNorm, nn.GroupNorm)
+
 
 def build_optimizer(
     model: nn.Module, cfg: OptimizerConfig, *, foreach: bool | None = None, node_lr_scale: float = 1.0
 ) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters: matrices decayed, vectors (norm scales,
-    biases) not; FFF node neurons (FFFLayer.node_parameters) in their own groups at
-    `node_lr_scale * lr`. `foreach=False` for sharded models, whose DTensor parameters live on
-    different meshes (experts vs the rest) that one foreach kernel cannot mix."""
+    """AdamW over the model's trainable parameters: weight matrices decayed, norms and vectors
+    (biases, blend logits) not (module docstring); FFF node neurons (FFFLayer.node_parameters)
+    in their own groups at `node_lr_scale * lr`. `foreach=False` for sharded models, whose
+    DTensor parameters live on different meshes (experts vs the rest) that one foreach kernel
+    cannot mix.
+
+    Groups, in this order (optimizer checkpoints are matched by it): decayed, not decayed, and
+    when the model has FFF layers, decayed nodes, not decayed nodes."""
     from sparse_train.models.fff import FFFLayer
 
     node_ids = {id(p) for m in model.modules() if isinstance(m, FFFLayer) for p in m.node_parameters()}
+    exempt_ids = no_decay_parameter_ids(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     plain = [p for p in trainable if id(p) not in node_ids]
     nodes = [p for p in trainable if id(p) in node_ids]
-    groups = _decay_groups(plain, cfg.weight_decay, cfg.lr)
+    groups = _decay_groups(plain, exempt_ids, cfg.weight_decay, cfg.lr)
     if nodes:
-        groups += _decay_groups(nodes, cfg.weight_decay, cfg.lr * node_lr_scale)
+        groups += _decay_groups(nodes, exempt_ids, cfg.weight_decay, cfg.lr * node_lr_scale)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=foreach)
 
 
-def _decay_groups(params: list[nn.Parameter], weight_decay: float, lr: float) -> list[dict]:
+def no_decay_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters weight decay skips: those of normalisation layers, and every
+    parameter of fewer than two dimensions (biases, node biases, blend logits). Chosen by
+    module type and shape, not by name, so renaming a parameter cannot change its decay."""
+    exempt = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
+    return exempt | {id(p) for p in model.parameters() if p.dim() < 2}
+
+
+def _decay_groups(params: list[nn.Parameter], exempt_ids: set[int], weight_decay: float, lr: float) -> list[dict]:
     return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr},  # norms, biases
+        {"params": [p for p in params if id(p) not in exempt_ids], "weight_decay": weight_decay, "lr": lr},
+        {"params": [p for p in params if id(p) in exempt_ids], "weight_decay": 0.0, "lr": lr},
     ]
 
 
