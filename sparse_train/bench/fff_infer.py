@@ -32,6 +32,7 @@ from torch import nn
 
 from sparse_train.bench.measure import interleaved_median_ms
 from sparse_train.config import FFFConfig
+from sparse_train.models import fff
 from sparse_train.models.experts import GELU
 from sparse_train.models.fff import FFFLayer
 
@@ -49,10 +50,10 @@ def build(depth: int, seed: int) -> tuple[FFFLayer, GELU]:
     layer = FFFLayer(D_MODEL, FFFConfig(depth=depth, leaf_width=leaf_width, leaf_activation="gelu"))
     dense = GELU(D_MODEL, TOTAL_WIDTH)
     with torch.no_grad():
-        layer.tree.node_weight_ND.normal_(0, D_MODEL**-0.5)
-        layer.tree.node_bias_N.normal_(0, 0.1)
-        layer.experts.w_in_EDF.normal_(0, D_MODEL**-0.5)
-        layer.experts.w_out_EFD.normal_(0, leaf_width**-0.5)
+        layer.tree.node_weight.normal_(0, D_MODEL**-0.5)
+        layer.tree.node_bias.normal_(0, 0.1)
+        layer.experts.w_in.normal_(0, D_MODEL**-0.5)
+        layer.experts.w_out.normal_(0, leaf_width**-0.5)
         dense.w_in.weight.normal_(0, D_MODEL**-0.5)
         dense.w_out.weight.normal_(0, TOTAL_WIDTH**-0.5)
     return layer.eval(), dense.eval()
@@ -64,10 +65,10 @@ def fastfeedforward_peer(layer: FFFLayer) -> nn.Module:
 
     peer = FFF(D_MODEL, layer.cfg.leaf_width, D_MODEL, layer.depth, activation=nn.GELU())
     with torch.no_grad():
-        peer.node_weights.copy_(layer.tree.node_weight_ND)
-        peer.node_biases.copy_(layer.tree.node_bias_N[:, None])
-        peer.w1s.copy_(layer.experts.w_in_EDF)
-        peer.w2s.copy_(layer.experts.w_out_EFD)
+        peer.node_weights.copy_(layer.tree.node_weight)
+        peer.node_biases.copy_(layer.tree.node_bias[:, None])
+        peer.w1s.copy_(layer.experts.w_in)
+        peer.w2s.copy_(layer.experts.w_out)
         peer.b1s.zero_()
         peer.b2s.zero_()
     return peer.eval()
@@ -77,10 +78,8 @@ def compare_backends(layer: FFFLayer, x: torch.Tensor) -> dict[str, Any]:
     """The fused kernel against the torch path (the training path's arithmetic): tokens sent to
     another leaf (only where a node's logit is within fp32 rounding of zero, so the two
     summation orders disagree on its sign), and the output difference over the others."""
-    from sparse_train.kernels.fff_infer import fff_hard_forward
-
-    y_fast, leaf_fast, _ = fff_hard_forward(x, layer.tree, layer.experts, backend="auto")
-    y_ref, leaf_ref, _ = fff_hard_forward(x, layer.tree, layer.experts, backend="torch")
+    y_fast, leaf_fast, _ = fff.fff_hard_forward(x, layer.tree, layer.experts, backend="auto")
+    y_ref, leaf_ref, _ = fff.fff_hard_forward(x, layer.tree, layer.experts, backend="torch")
     same = leaf_fast == leaf_ref
     result: dict[str, Any] = {"leaf_mismatches": int((~same).sum())}
     if not bool(same.all()):

@@ -137,9 +137,9 @@ def _init(model: nn.Module) -> None:
     """fastfeedforward's initialisation: uniform(+-1/sqrt(fan_in)); biases and blend logit zero."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("node_bias_N", "master_logit")):
+            if name.endswith(("node_bias", "master_logit")):
                 p.zero_()
-            elif name.endswith("node_weight_ND"):
+            elif name.endswith("node_weight"):
                 p.uniform_(-(p.shape[1] ** -0.5), p.shape[1] ** -0.5)
             elif p.dim() == 3:  # stacked leaves [L, in, out]
                 p.uniform_(-(p.shape[1] ** -0.5), p.shape[1] ** -0.5)

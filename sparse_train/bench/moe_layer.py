@@ -96,7 +96,7 @@ def dense_equivalent(layer: MoELayer, shape: Shape) -> SwiGLU:
         w = layer.experts
         dense.w_gate.weight.copy_(torch.cat([w.gate_EDF()[e].t() for e in range(shape.top_k)]))
         dense.w_up.weight.copy_(torch.cat([w.up_EDF()[e].t() for e in range(shape.top_k)]))
-        dense.w_down.weight.copy_(torch.cat([w.w_down_EFD[e] for e in range(shape.top_k)]).t())
+        dense.w_down.weight.copy_(torch.cat([w.w_down[e] for e in range(shape.top_k)]).t())
     return dense
 
 
@@ -117,8 +117,8 @@ def hf_mixtral_block(layer: MoELayer, shape: Shape) -> torch.nn.Module:
     with torch.no_grad():
         w = layer.experts
         block.gate.weight.copy_(layer.router.weight)
-        block.experts.gate_up_proj.copy_(w.w_gate_up_ED2F.flatten(2).transpose(1, 2))
-        block.experts.down_proj.copy_(w.w_down_EFD.transpose(1, 2))
+        block.experts.gate_up_proj.copy_(w.w_gate_up.flatten(2).transpose(1, 2))
+        block.experts.down_proj.copy_(w.w_down.transpose(1, 2))
     return block
 
 
@@ -149,7 +149,7 @@ def deepspeed_moe(layer: MoELayer, shape: Shape) -> torch.nn.Module:
         for e, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
             expert.w_gate.weight.copy_(w.gate_EDF()[e].t())
             expert.w_up.weight.copy_(w.up_EDF()[e].t())
-            expert.w_down.weight.copy_(w.w_down_EFD[e].t())
+            expert.w_down.weight.copy_(w.w_down[e].t())
     return moe
 
 

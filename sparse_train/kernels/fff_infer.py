@@ -1,17 +1,18 @@
-"""Hard FFF inference: descend the tree, run each token's one leaf, grouped by leaf.
+"""Hard FFF inference, fused: descend the tree and run each token's one leaf, grouped by leaf.
 
-Backends:
-  "torch"  all node logits with the training path's own matmul, the descent level by level on
-           them (one gather per level), then the leaves through the expert kernels over tokens
-           sorted by leaf. Bit for bit the `hard` training forward (tests check torch.equal).
-  "cpp"    csrc/fff_infer.cpp, built with torch.utils.cpp_extension on first use and cached:
-           the descent as d dot products per token (no [T, N] logit matrix), a counting sort,
-           and each leaf's FFN over its tokens with its weights read once. CPU, fp32. Same
-           leaves as "torch"; outputs equal up to fp32 summation order.
-  "auto"   "cpp" where it applies (CPU, fp32) and builds, else "torch". A failed build is
-           reported once as a warning naming the error, never silently.
+csrc/fff_infer.cpp, built with torch.utils.cpp_extension on first use and cached: the descent
+as d dot products per token (no [T, N] logit matrix), a counting sort, and each leaf's FFN
+over its tokens with its weights read once. CPU, fp32. It takes plain tensors; the layer
+(sparse_train.models.fff.fff_hard_forward) chooses between it and the torch path:
+  "torch"  the torch path only (models.fff: the training path's own matmul and descent, the
+           leaves through the expert kernels; bit for bit the `hard` training forward)
+  "cpp"    this kernel; an error where it does not apply or does not build
+  "auto"   this kernel where it applies (CPU, fp32) and builds, else the torch path. A failed
+           build is reported once as a warning naming the error, never silently.
+The kernel takes the same leaves as the torch path; outputs equal up to fp32 summation order.
 
-Shape legend: T tokens, D model width, N nodes, L leaves, F leaf width, O output width.
+Shape legend: T tokens, D model width, N nodes, L leaves, H leaf input width (F, or 2F for
+SwiGLU's gate and up), F leaf width, O output width.
 """
 
 from __future__ import annotations
@@ -24,12 +25,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch import nn
 
-from sparse_train.models.dispatch import ExpertInput
-from sparse_train.models.experts import SwiGLUExperts
-from sparse_train.models.routers import count_per_expert
-
+BACKENDS = ("auto", "cpp", "torch")
 _SOURCE = Path(__file__).parent / "csrc" / "fff_infer.cpp"
 _lock = threading.Lock()
 _extension: ModuleType | None = None
@@ -75,13 +72,6 @@ def cpp_extension() -> ModuleType:
         return _extension
 
 
-def leaf_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(w_in [L, D, H], w_out [L, F, O], swiglu) of SwiGLU or GELU leaves."""
-    if isinstance(experts, SwiGLUExperts):
-        return experts.w_gate_up_ED2F.flatten(2), experts.w_down_EFD, True
-    return experts.w_in_EDF, experts.w_out_EFD, False
-
-
 def _cpp_unsupported(x_TD: torch.Tensor, weights: list[torch.Tensor]) -> str | None:
     if x_TD.device.type != "cpu":
         return f"it runs on CPU tensors, got {x_TD.device.type}"
@@ -90,46 +80,46 @@ def _cpp_unsupported(x_TD: torch.Tensor, weights: list[torch.Tensor]) -> str | N
     return None
 
 
-def fff_hard_forward(
-    x_TD: torch.Tensor, tree: nn.Module, experts: nn.Module, *, backend: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y [T, O], leaf [T], tokens per leaf [L]) of the hard descent; `tree` a models.fff.TreeRouter,
-    `experts` its leaves."""
-    if backend not in ("auto", "cpp", "torch"):
-        raise ValueError(f"unknown FFF inference backend {backend!r}; allowed: auto, cpp, torch")
-    w_in, w_out, swiglu = leaf_weights(experts)
-    if backend != "torch":
-        reason = _cpp_unsupported(x_TD, [tree.node_weight_ND, w_in, w_out])
-        if reason is None:
-            try:
-                ext = cpp_extension()
-            except RuntimeError as err:
-                if backend == "cpp":
-                    raise
-                _warn_once(f"{err}; FFF inference uses the torch backend")
-            else:
-                with torch.no_grad():  # inference only: the kernel has no backward
-                    return ext.fff_hard_forward(
-                        x_TD.contiguous(),
-                        tree.node_weight_ND.contiguous(),
-                        tree.node_bias_N.contiguous(),
-                        w_in.contiguous(),
-                        w_out.contiguous(),
-                        tree.depth,
-                        swiglu,
-                    )
-        elif backend == "cpp":
+def fused_hard_forward(
+    x_TD: torch.Tensor,
+    node_weight_ND: torch.Tensor,
+    node_bias_N: torch.Tensor,
+    w_in_LDH: torch.Tensor,
+    w_out_LFO: torch.Tensor,
+    *,
+    depth: int,
+    swiglu: bool,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(y [T, O], leaf [T], tokens per leaf [L]) of the hard descent by the fused kernel, or None
+    where the caller runs its torch path: backend "torch", or "auto" when the kernel does not
+    apply or did not build. SwiGLU leaves' w_in holds gate then up columns ([L, D, 2F])."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown FFF inference backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return None
+    reason = _cpp_unsupported(x_TD, [node_weight_ND, w_in_LDH, w_out_LFO])
+    if reason is not None:
+        if backend == "cpp":
             raise ValueError(f"FFF inference backend 'cpp' does not apply: {reason}")
-    return _torch_hard_forward(x_TD, tree, experts)
-
-
-def _torch_hard_forward(x_TD: torch.Tensor, tree: nn.Module, experts: nn.Module):
-    from sparse_train.models.fff import descend
-
-    leaf_T = descend(tree(x_TD), tree.depth)
-    order_T = torch.argsort(leaf_T, stable=True)  # the training path's sort of (token, leaf) pairs
-    counts_L = count_per_expert(leaf_T, experts.num_experts)
-    return experts(ExpertInput(x_TD, order_T, counts_L, None)), leaf_T, counts_L
+        return None
+    try:
+        ext = cpp_extension()
+    except RuntimeError as err:
+        if backend == "cpp":
+            raise
+        _warn_once(f"{err}; FFF inference uses the torch backend")
+        return None
+    with torch.no_grad():  # inference only: the kernel has no backward
+        return ext.fff_hard_forward(
+            x_TD.contiguous(),
+            node_weight_ND.contiguous(),
+            node_bias_N.contiguous(),
+            w_in_LDH.contiguous(),
+            w_out_LFO.contiguous(),
+            depth,
+            swiglu,
+        )
 
 
 _warned: set[str] = set()

@@ -2,6 +2,7 @@
 
     permute(x, index)                       out[i] = x[index[i]]            (gather into expert order)
     unpermute(y, index, weight, num_rows)   out[index[i]] += weight[i]*y[i] (weighted scatter-add back)
+    count_per_expert(experts, E)            out[e] = #{i: experts[i] == e}  (rows per expert group)
 
 `index` may repeat in both (a token routed to k experts appears k times). Gradients flow to x,
 to y and to the routing weights.
@@ -12,6 +13,13 @@ from __future__ import annotations
 import torch
 
 from sparse_train.kernels.grouped_gemm import Backend, resolve_backend
+
+
+def count_per_expert(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 `[E]` occurrences of each expert id. A scatter-add rather than bincount, whose
+    output shape depends on the data and breaks torch.compile graphs."""
+    flat = experts.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None, backend: str) -> torch.Tensor:

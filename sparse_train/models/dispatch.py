@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_train.models.routers import Routing, count_per_expert
+from sparse_train.kernels import count_per_expert
+from sparse_train.models.routers import Routing
 
 
 @dataclass

@@ -6,7 +6,7 @@ leaves, each a small FFN of width l (SwiGLU or GELU). Going right at node n has 
 sigmoid(c_n); a leaf's probability is the product along its path, and the leaf index is the
 path's decisions read as a binary number, root first (right = 1).
 
-The FFF layer is the MoE pipeline with a tree for a router (DESIGN.md §1): the tree yields a
+The FFF layer is the MoE pipeline with a tree for a router (docs/decisions.md §21): the tree yields a
 `Routing` over leaves, the same dispatcher moves tokens to them (so leaves shard across EP
 ranks like experts), and the leaves are stacked `Experts` computed by the expert kernels.
 
@@ -16,7 +16,8 @@ Training modes (fff.mode):
                 fff.combine: unit, each exactly 1 with a straight-through gradient)
     hard        the descent's leaf (go right iff c_n >= 0), weight 1 in the forward and the
                 gradient of its path probability in the backward (straight-through)
-Evaluation always descends hard (FFF inference); sparse_train.kernels.fff_infer runs it.
+Evaluation always descends hard (FFF inference): `fff_hard_forward`, through the fused kernel
+sparse_train.kernels.fff_infer where it applies, else the torch path here.
 
 Losses (docs/decisions.md §22):
     leaf balancing  L * sum_i f_i p_i, MoE-style: f_i the share of tokens whose selected leaf
@@ -37,10 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_train.config import FFFConfig
-from sparse_train.models.dispatch import LocalDispatcher
+from sparse_train.kernels import count_per_expert
+from sparse_train.kernels.fff_infer import fused_hard_forward
+from sparse_train.models.dispatch import ExpertInput, LocalDispatcher
 from sparse_train.models.experts import GELU, GELUExperts, SwiGLU, SwiGLUExperts, local_shard
 from sparse_train.models.losses import load_balancing_loss
-from sparse_train.models.routers import Routing, RoutingStats, count_per_expert, straight_through_one
+from sparse_train.models.routers import Routing, RoutingStats, straight_through_one
 from sparse_train.models.sparse import SparseAux, SparseFFN
 
 SHARP_MARGIN = 0.05  # a decision is "sharp" when sigmoid(c) is within this of 0 or 1
@@ -82,12 +85,12 @@ class TreeRouter(nn.Module):
     def __init__(self, d_model: int, depth: int) -> None:
         super().__init__()
         self.depth = depth
-        self.node_weight_ND = nn.Parameter(torch.empty(2**depth - 1, d_model))
-        self.node_bias_N = nn.Parameter(torch.zeros(2**depth - 1))
+        self.node_weight = nn.Parameter(torch.empty(2**depth - 1, d_model))
+        self.node_bias = nn.Parameter(torch.zeros(2**depth - 1))
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.node_weight_ND.float(), self.node_bias_N.float())
+            return F.linear(x_TD.float(), self.node_weight.float(), self.node_bias.float())
 
 
 class FFFAux(SparseAux):
@@ -199,7 +202,7 @@ class FFFLayer(SparseFFN):
     # ---- evaluation: the hard descent without the training path's bookkeeping --------------
     def _fast_inference_applies(self, x_TD: torch.Tensor) -> bool:
         """Evaluation, no gradient, leaves not sharded across ranks: the descent runs as one kernel."""
-        weights = [self.tree.node_weight_ND, *self.experts.parameters()]
+        weights = [self.tree.node_weight, *self.experts.parameters()]
         return (
             not self.training
             and not torch.is_grad_enabled()
@@ -208,8 +211,6 @@ class FFFLayer(SparseFFN):
         )
 
     def _infer(self, x_TD: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, FFFAux]:
-        from sparse_train.kernels.fff_infer import fff_hard_forward
-
         y_TD, _, counts_L = fff_hard_forward(x_TD, self.tree, self.experts, backend=self.cfg.inference_backend)
         if self.master is not None:
             a = self.blend()
@@ -229,9 +230,41 @@ class FFFLayer(SparseFFN):
         return FFFAux(kind="fff", objective=zero, losses=losses, load=load_L, metrics=metrics)
 
 
+def leaf_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(w_in [L, D, H], w_out [L, F, O], swiglu) of SwiGLU or GELU leaves, as the fused kernel takes
+    them: SwiGLU's gate and up viewed as one [L, D, 2F] (gate columns first)."""
+    if isinstance(experts, SwiGLUExperts):
+        return experts.w_gate_up.flatten(2), experts.w_down, True
+    return experts.w_in, experts.w_out, False
+
+
+def fff_hard_forward(
+    x_TD: torch.Tensor, tree: TreeRouter, experts: nn.Module, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y [T, O], leaf [T], tokens per leaf [L]) of the hard descent: the fused kernel for
+    backend "cpp" (and "auto" where it applies and builds), else `torch_hard_forward`."""
+    w_in, w_out, swiglu = leaf_weights(experts)
+    fused = fused_hard_forward(
+        x_TD, tree.node_weight, tree.node_bias, w_in, w_out, depth=tree.depth, swiglu=swiglu, backend=backend
+    )
+    return fused if fused is not None else torch_hard_forward(x_TD, tree, experts)
+
+
+def torch_hard_forward(
+    x_TD: torch.Tensor, tree: TreeRouter, experts: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hard descent with the training path's own ops: all node logits, the descent level by
+    level, the leaves through the expert kernels over tokens sorted by leaf (bit for bit the
+    `hard` training forward)."""
+    leaf_T = descend(tree(x_TD), tree.depth)
+    order_T = torch.argsort(leaf_T, stable=True)  # the training path's sort of (token, leaf) pairs
+    counts_L = count_per_expert(leaf_T, experts.num_experts)
+    return experts(ExpertInput(x_TD, order_T, counts_L, None)), leaf_T, counts_L
+
+
 def fff_reference_forward(layer: FFFLayer, x_TD: torch.Tensor) -> torch.Tensor:
     """The hard FFF output by a loop over tokens and levels with plain tensor ops; for tests."""
-    w_ND, b_N = layer.tree.node_weight_ND.detach(), layer.tree.node_bias_N.detach()
+    w_ND, b_N = layer.tree.node_weight.detach(), layer.tree.node_bias.detach()
     rows = []
     for x_D in x_TD:
         node = 0

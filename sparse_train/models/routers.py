@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_train.kernels.permute import count_per_expert  # also imported from here by losses, dispatchers
+
 
 @dataclass
 class RoutingStats:
@@ -83,13 +85,6 @@ class TopKSoftmaxRouter(nn.Module):
         if self.combine == "unit":
             weights_Tk = straight_through_one(weights_Tk)
         return Routing(experts_Tk, weights_Tk, RoutingStats(logits_TE, probs_TE))
-
-
-def count_per_expert(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """int64 `[E]` occurrences of each expert id. A scatter-add rather than bincount, whose
-    output shape depends on the data and breaks torch.compile graphs."""
-    flat = experts.reshape(-1)
-    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

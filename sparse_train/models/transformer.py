@@ -37,7 +37,7 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Te
 
 
 # Projections into the residual stream: initialised with the smaller std.
-OUTPUT_PROJECTIONS = ("wo.weight", "w_down.weight", "w_down_EFD", "w_out.weight", "w_out_EFD")
+OUTPUT_PROJECTIONS = ("wo.weight", "w_down.weight", "w_down", "w_out.weight", "w_out")
 
 
 class Attention(nn.Module):
@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         std = self.cfg.model.init_std
         out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith(("node_bias_N", "master_logit", ".bias")):
+            if name.endswith(("node_bias", "master_logit", ".bias")):
                 nn.init.zeros_(p)
             elif p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm scales

@@ -31,10 +31,10 @@ from sparse_train.parallel.dispatch import AllGatherDispatcher, AllToAllDispatch
 
 # Per stacked expert weight, the dim sharded over ("ep", "tp"): experts, then hidden units.
 EXPERT_SHARD_DIMS = {
-    "w_gate_up_ED2F": (0, 3),
-    "w_down_EFD": (0, 1),  # SwiGLUExperts
-    "w_in_EDF": (0, 2),
-    "w_out_EFD": (0, 1),  # GELUExperts
+    "w_gate_up": (0, 3),
+    "w_down": (0, 1),  # SwiGLUExperts
+    "w_in": (0, 2),
+    "w_out": (0, 1),  # GELUExperts
 }
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparse_train import atomic
 from sparse_train.config import Config
 from sparse_train.sweeps.flops import compute_of
 from sparse_train.sweeps.spec import Point, SweepError, SweepSpec, expand
@@ -140,9 +141,7 @@ def _save_record(trial: Trial, outcome: dict[str, Any]) -> None:
         **outcome,
     }
     trial.directory.mkdir(parents=True, exist_ok=True)
-    tmp = trial.record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    os.replace(tmp, trial.record_path)
+    atomic.write_text(trial.record_path, json.dumps(record, indent=1, default=str) + "\n")
 
 
 def sparsity_of(cfg: Config) -> dict[str, Any]:
@@ -188,12 +187,10 @@ def write_results(spec: SweepSpec, trials: list[Trial], out: Path) -> Path:
             row[f"axis:{axis}"] = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
         rows.append(row)
     path = Path(out) / RESULTS
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic.writing(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 

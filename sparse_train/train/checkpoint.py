@@ -10,13 +10,19 @@ A checkpoint is a directory `RUN_DIR/checkpoints/step_XXXXXXXX/`:
     manifest.json       format, step, and size + sha256 of every other file; written last
 
 Every rank writes its shards into one hidden temporary directory (on a filesystem all ranks
-share); after all have finished, the main rank writes the rest, fsyncs every file, writes the
-manifest last and renames the directory into place. A crash or kill at any point leaves either
-no new checkpoint or a complete one, the previous checkpoints untouched, and `--resume auto`
-skips anything without a verifying manifest. Loading verifies sizes and checksums, so
-truncation or bit rot is reported instead of silently loaded, and reshards into the loading
-layout. Format 1 checkpoints (whole tensors in model.safetensors, optimizer.pt), written
-before sharded checkpoints, still load everywhere.
+share); after all have finished, the main rank writes the rest, the manifest last, and
+publishes the directory (sparse_train.atomic: fsync, one rename). A crash or kill at any point
+leaves either no new checkpoint or a complete one, the previous checkpoints untouched, and
+`--resume auto` skips anything without a verifying manifest. Saving a step that already has a
+checkpoint (a run resumed from an older one reaches it again) publishes the new copy under a
+fresh name `step_XXXXXXXX.rN` that ranks above the old copy before the old copy is deleted
+(see _publish_step). Loading verifies sizes and checksums, so truncation or bit rot is
+reported instead of silently loaded, and reshards into the loading layout.
+
+Formats: 3 names parameters without shape suffixes (`w_down`); 2, the first sharded format,
+named them with (`w_down_EFD`) and still loads, its names converted on read
+(sharded.current_name). Format 1 (whole tensors in model.safetensors) is no longer read:
+nothing has written it since sharded checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -35,28 +40,28 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
-    set_optimizer_state_dict,
 )
 
+from sparse_train import atomic
 from sparse_train.errors import CheckpointError
-from sparse_train.train import sharded
+from sparse_train.train import faults, sharded
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)  # 2: parameter names with shape suffixes, converted on read
 MANIFEST = "manifest.json"
 LAYOUT = "layout.json"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_STEP_DIR = re.compile(r"^step_(\d{8})(?:\.r(\d+))?$")  # .rN: a re-saved step, see _publish_step
 
 
 @dataclass
 class CheckpointInfo:
     path: Path
     step: int
+    revision: int = 0  # > 0: a re-save of the step not yet renamed to the plain name
 
 
 def step_dir_name(step: int) -> str:
@@ -69,14 +74,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, full: bool = False) -> dict[str, Any]:
@@ -100,8 +97,6 @@ def save_checkpoint(
     layout: dict[str, Any] | None = None,
     distributed: bool = False,
     is_main: bool = True,
-    after_shards: Callable[[], None] | None = None,
-    before_rename: Callable[[Path], None] | None = None,
 ) -> Path | None:
     """Write a complete checkpoint atomically, then delete all but the newest `keep`.
 
@@ -116,18 +111,17 @@ def save_checkpoint(
             bad = "(on another rank)"
     if bad is not None:
         raise CheckpointError(f"refusing to save step {step}: parameter {bad} is not finite")
-    final = checkpoints_dir / step_dir_name(step)
-    tmp = checkpoints_dir / f".{final.name}.tmp"
+    # One name every rank agrees on (not atomic.temporary_path, which is per process).
+    tmp = checkpoints_dir / f".{step_dir_name(step)}.tmp"
     if is_main:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a save that was killed
-            shutil.rmtree(tmp)
+        atomic.remove(tmp)  # left by a save that was killed
         tmp.mkdir()
     if distributed:
         dist.barrier()
     sharded.save(tmp, weights, optim_state, distributed)
-    if after_shards is not None:  # a test hook: a rank dying before the checkpoint is published
-        after_shards()
+    rank = dist.get_rank() if distributed else 0
+    faults.fail_point("save", step=step, rank=rank, run_dir=checkpoints_dir.parent)  # SPARSE_TRAIN_FAIL_AT
     if distributed:
         dist.barrier()  # every rank's shards are on disk
     if not is_main:
@@ -135,29 +129,36 @@ def save_checkpoint(
     torch.save(state, tmp / "state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     (tmp / LAYOUT).write_text(json.dumps(layout or {"world_size": 1}, indent=1) + "\n")
-    files = {}
-    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync_path(f)
-        files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-    for d in sorted(p for p in tmp.rglob("*") if p.is_dir()):
-        _fsync_path(d)
+    files = {
+        str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file())
+    }
     manifest = {"format": FORMAT_VERSION, "step": step, "created": time.time(), "files": files}
-    with (tmp / MANIFEST).open("w") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_path(tmp)
-    if before_rename is not None:  # a test hook: simulate a crash between write and publish
-        before_rename(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace the old copy last
-        stale = checkpoints_dir / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale)
-    else:
-        os.replace(tmp, final)
-    _fsync_path(checkpoints_dir)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence means complete
+    final = _publish_step(tmp, checkpoints_dir, step)
     prune_checkpoints(checkpoints_dir, keep)
+    return final
+
+
+def _publish_step(tmp: Path, checkpoints_dir: Path, step: int) -> Path:
+    """Publish the complete checkpoint `tmp` as the step's directory; return its path.
+
+    A directory cannot replace another in one rename, so when the step already has a
+    checkpoint the new copy is first published under a fresh name `step_X.rN`, which
+    list_checkpoints ranks above the old copies; then the old copies are deleted and the new
+    one takes the plain name. Every move is one atomic rename or the deletion of a superseded
+    copy, so a crash at any point leaves the step's newest complete copy the one found.
+    """
+    final = checkpoints_dir / step_dir_name(step)
+    existing = [c for c in list_checkpoints(checkpoints_dir) if c.step == step]
+    if not existing:
+        atomic.publish(tmp, final)
+        return final
+    fresh = checkpoints_dir / f"{final.name}.r{max(c.revision for c in existing) + 1}"
+    atomic.publish(tmp, fresh)
+    for old in existing:
+        shutil.rmtree(old.path)
+    atomic.publish(fresh, final)
     return final
 
 
@@ -173,8 +174,8 @@ def list_checkpoints(checkpoints_dir: Path) -> list[CheckpointInfo]:
     for p in checkpoints_dir.iterdir():
         m = _STEP_DIR.match(p.name)
         if m and p.is_dir():
-            found.append(CheckpointInfo(p, int(m.group(1))))
-    return sorted(found, key=lambda c: c.step, reverse=True)
+            found.append(CheckpointInfo(p, int(m.group(1)), int(m.group(2) or 0)))
+    return sorted(found, key=lambda c: (c.step, c.revision), reverse=True)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -190,7 +191,9 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{path}: {MANIFEST} is unreadable") from None
     if manifest.get("format") not in READABLE_FORMATS:
-        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, this version reads {READABLE_FORMATS}")
+        raise CheckpointError(
+            f"{path}: format {manifest.get('format')!r}, this version reads formats {list(READABLE_FORMATS)}"
+        )
     for name, meta in files.items():
         f = path / name
         if not f.is_file():
@@ -220,123 +223,36 @@ def latest_valid_checkpoint(checkpoints_dir: Path, warn: Callable[[str], None]) 
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
-    """Delete complete checkpoints beyond the newest `keep`, and leftovers of interrupted saves."""
-    for leftover in checkpoints_dir.glob(".step_*.tmp*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    complete = [c for c in list_checkpoints(checkpoints_dir) if (c.path / MANIFEST).is_file()]
-    for info in complete[keep:]:
-        shutil.rmtree(info.path)
-
-
-# Parameters whose stored shape changed without changing their elements' order; older
-# checkpoints hold them in the previous shape and are reshaped on load.
-#   w_gate_up_ED2F: [E, D, 2F] before the parallel issue, [E, D, 2, F] since (decision 6)
-RESHAPED_ON_LOAD = ("w_gate_up_ED2F",)
-
-
-def _fit_shape(name: str, stored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if stored.shape != target.shape and name.endswith(RESHAPED_ON_LOAD) and stored.numel() == target.numel():
-        return stored.reshape(target.shape)
-    return stored
+    """Delete complete checkpoints beyond the newest `keep` steps, older copies of a re-saved
+    step, and leftovers of interrupted saves."""
+    for leftover in checkpoints_dir.glob(".step_*"):
+        atomic.remove(leftover)
+    kept: set[int] = set()
+    for info in list_checkpoints(checkpoints_dir):  # newest first: a step's newest copy first
+        if not (info.path / MANIFEST).is_file():
+            continue
+        if info.step in kept or len(kept) >= keep:
+            shutil.rmtree(info.path)
+        else:
+            kept.add(info.step)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The whole model's weights as CPU tensors, whatever layout wrote them."""
-    if checkpoint_format(path) == 1:
-        return load_file(str(path / "model.safetensors"))
     return sharded.read_full(path)
-
-
-def fit_weights(
-    path: Path, stored: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """`stored` checked against the names and shapes of `targets` (one model or one pipeline
-    stage's part of it), reshaped where an older layout differs only in shape; tied weights
-    may be stored under either of their names."""
-    stored = {k: _fit_shape(k, v, targets[k]) if k in targets else v for k, v in stored.items()}
-    aliases: dict[int, list[str]] = {}
-    for name, t in targets.items():
-        aliases.setdefault(id(t), []).append(name)
-    missing = {m for m in targets if m not in stored and not any(a in stored for a in aliases[id(targets[m])])}
-    if missing:
-        raise CheckpointError(f"{path}: weights do not match the model (missing {sorted(missing)[:3]})")
-    for name, t in targets.items():
-        value = stored.get(name)
-        if value is None:
-            value = next(stored[a] for a in aliases[id(t)] if a in stored)
-        if tuple(value.shape) != tuple(t.shape):
-            raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(t.shape)}")
-        stored[name] = value
-    return {name: stored[name] for name in targets}
-
-
-def load_weights(path: Path, model: nn.Module) -> None:
-    """Load a checkpoint's weights into a single-process model, exactly (no unexpected names)."""
-    stored = read_weights(path)
-    targets = model.state_dict(keep_vars=True)
-    unexpected = sorted(set(stored) - set(targets))
-    if unexpected:
-        raise CheckpointError(f"{path}: weights do not match the model (unexpected {unexpected[:3]})")
-    model.load_state_dict(fit_weights(path, stored, targets))
-
-
-def read_optimizer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-
-
-def _fit_optimizer_state(state: dict[str, Any], named: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Reshape moment tensors saved in an older parameter shape (see RESHAPED_ON_LOAD)."""
-    for key, per_param in state["state"].items():
-        target = named.get(key) if isinstance(key, str) else None
-        if target is None:
-            continue
-        for k, v in per_param.items():
-            if isinstance(v, torch.Tensor) and v.dim() and v.shape != target.shape and v.numel() == target.numel():
-                per_param[k] = v.reshape(target.shape)
-    return state
-
-
-def load_optimizer_state(
-    path: Path, saved: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, *, full: bool = False
-) -> None:
-    """Restore a name-keyed optimizer state into `optimizer` over `model` (its part of it, if sharded)."""
-    if any(isinstance(k, int) for k in saved["state"]):  # checkpoints before name-keyed states
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        named = {i: p for i, p in enumerate(params)}
-        for i, per_param in saved["state"].items():
-            for k, v in per_param.items():
-                if isinstance(v, torch.Tensor) and v.dim() and v.shape != named[i].shape:
-                    per_param[k] = v.reshape(named[i].shape)
-        optimizer.load_state_dict(saved)
-        return
-    named = dict(model.named_parameters())
-    saved = _fit_optimizer_state(saved, named)
-    mine = {k: v for k, v in saved["state"].items() if k in named}
-    groups = [{**g, "params": [n for n in g["params"] if n in named]} for g in saved["param_groups"]]
-    try:
-        set_optimizer_state_dict(
-            model, optimizer, {"state": mine, "param_groups": groups}, options=StateDictOptions(full_state_dict=full)
-        )
-    except (KeyError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path}: optimizer state does not match the model ({err})") from None
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Verify, then load weights (and optimizer state) into a single-process model; return the trainer state."""
     verify_checkpoint(path)
-    if checkpoint_format(path) == 1:
-        load_weights(path, model)
-        if optimizer is not None:
-            load_optimizer_state(path, read_optimizer_state(path), model, optimizer)
-    else:
-        load_sharded(path, model, optimizer, distributed=False)
+    load_sharded(path, model, optimizer, distributed=False)
     return read_trainer_state(path)
 
 
 def load_sharded(
     path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None, *, distributed: bool, partial: bool = False
 ) -> None:
-    """A format-2 checkpoint's weights (and optimizer state) into this rank's part of the model."""
+    """A checkpoint's weights (and optimizer state) into this rank's part of the model."""
     try:
         sharded.load_model(path, module, distributed, partial=partial)
         if optimizer is not None:
@@ -373,23 +289,10 @@ def describe(path: Path) -> dict[str, Any]:
 
     manifest = verify_checkpoint(path)
     fmt = int(manifest["format"])
-    if fmt == 1:
-        from safetensors import safe_open
-
-        with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
-            tensors = {
-                k: (
-                    tuple(fh.get_slice(k).get_shape()),
-                    _SAFETENSORS_DTYPES.get(fh.get_slice(k).get_dtype(), fh.get_slice(k).get_dtype()),
-                )
-                for k in fh.keys()
-            }
-        layout: dict[str, Any] = {"world_size": 1, "note": "format 1: whole tensors written by the main rank"}
-    else:
-        tensors = {
-            k: (shape, str(dtype).replace("torch.", "")) for k, (shape, dtype) in sharded.stored_tensors(path).items()
-        }
-        layout = json.loads((path / LAYOUT).read_text())
+    tensors = {
+        k: (shape, str(dtype).replace("torch.", "")) for k, (shape, dtype) in sharded.stored_tensors(path).items()
+    }
+    layout = json.loads((path / LAYOUT).read_text())
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     model = config.get("model", {})
     return {
@@ -405,12 +308,9 @@ def describe(path: Path) -> dict[str, Any]:
     }
 
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
-
-
 def consolidate(path: Path, out: Path, *, overwrite: bool = False) -> Path:
-    """The whole model's weights of a checkpoint (any layout, any format) as one safetensors file,
-    written under a temporary name and renamed when complete."""
+    """The whole model's weights of a checkpoint (any layout, any readable format) as one
+    safetensors file, published atomically when complete."""
     from safetensors.torch import save_file
 
     verify_checkpoint(path)
@@ -419,24 +319,14 @@ def consolidate(path: Path, out: Path, *, overwrite: bool = False) -> Path:
         raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
     weights = {k: v.contiguous() for k, v in read_weights(path).items()}
     step = str(read_trainer_state(path).get("step", ""))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        metadata = {
-            "format": "pt",
-            "sparse_train_step": step,
-            "sparse_train_config": (path / "config.yaml").read_text(),
-        }
+    metadata = {"format": "pt", "sparse_train_step": step, "sparse_train_config": (path / "config.yaml").read_text()}
+    with atomic.writing(out) as tmp:
         save_file(_distinct_storage(weights), str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
 def _distinct_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing memory (tied weights read from format 1): copy the later ones."""
+    """safetensors refuses tensors sharing memory (tied weights): copy the later ones."""
     seen: set[int] = set()
     out = {}
     for name, t in weights.items():

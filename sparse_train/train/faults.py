@@ -58,3 +58,9 @@ def maybe_fail(plan: FailurePlan | None, *, step: int, rank: int, where: str, ru
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"rank {rank} killed itself at step {step} ({where})\n")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail_point(where: str, *, step: int, rank: int, run_dir: Path) -> None:
+    """`maybe_fail` with the plan read from the environment, for code that runs inside a step
+    without the trainer's plan at hand (the checkpoint writer: WHERE=save)."""
+    maybe_fail(plan_from_env(), step=step, rank=rank, where=where, run_dir=run_dir)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sparse_train import atomic
 from sparse_train.models.sparse import LOAD_NAMES
 from sparse_train.train import plots
-
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -68,9 +67,7 @@ class MetricsLogger:
         if not self.jsonl_path.exists():
             return
         kept = [line for line in self.jsonl_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.jsonl_path)
+        atomic.write_text(self.jsonl_path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

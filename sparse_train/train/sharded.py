@@ -8,7 +8,9 @@ weights and FFF leaves from ep=2 to ep=4, to ep=1, or into one process. The opti
 flattened per parameter (`state.<fqn>.<key>`, `param_groups.<fqn>.<key>`), so pipeline stages,
 which hold disjoint parameters and param groups, save and load it independently.
 
-Names are those of the single-device model everywhere.
+Names are those of the single-device model everywhere. Checkpoints of format 2 named some
+parameters with shape suffixes (`experts.w_down_EFD`); `current_name` converts them on read,
+for the model and the optimizer state alike, so they load as any other.
 """
 
 from __future__ import annotations
@@ -35,6 +37,24 @@ from torch.distributed.tensor import DTensor
 MODEL_DIR = "model"
 OPTIM_DIR = "optim"
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+# Parameter names stored by format-2 checkpoints -> the model's names since format 3; the
+# tensors' shapes and layouts did not change (expert weights were [E, D, 2, F] by then).
+RENAMED = {
+    "w_gate_up_ED2F": "w_gate_up",
+    "w_down_EFD": "w_down",
+    "w_in_EDF": "w_in",
+    "w_out_EFD": "w_out",
+    "node_weight_ND": "node_weight",
+    "node_bias_N": "node_bias",
+}
+
+
+def current_name(stored: str) -> str:
+    """The model's name for a key a checkpoint stored: a parameter's name or a flattened
+    optimizer key (`state.<name>.exp_avg`), renamed part by part; the one old-format converter."""
+    return ".".join(RENAMED.get(part, part) for part in stored.split("."))
 
 
 class ShapeMismatch(ValueError):
@@ -66,14 +86,32 @@ def save(directory: Path, model_sd: dict[str, Any], optim_sd: dict[str, Any] | N
             dcp.save(optim_sd, checkpoint_id=str(directory / OPTIM_DIR), no_dist=not distributed)
 
 
+def _stored_keys(directory: Path, what: str) -> dict[str, str]:
+    """The model's name -> the key stored in a DCP directory, for every entry of it."""
+    metadata = dcp.FileSystemReader(str(directory / what)).read_metadata()
+    return {current_name(key): key for key in metadata.state_dict_metadata}
+
+
 def stored_tensors(directory: Path, what: str = MODEL_DIR) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Global shape and dtype of every tensor in a DCP directory (from its metadata)."""
+    """Global shape and dtype of every tensor in a DCP directory (from its metadata), by the
+    model's names."""
     metadata = dcp.FileSystemReader(str(directory / what)).read_metadata()
     return {
-        key: (tuple(meta.size), meta.properties.dtype)
+        current_name(key): (tuple(meta.size), meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
         if isinstance(meta, TensorStorageMetadata)
     }
+
+
+def _load(sd: dict[str, Any], directory: Path, what: str, distributed: bool) -> None:
+    """dcp.load into `sd` (the model's names), each entry read from the key it was stored under.
+    Tensors load in place; other values (an optimizer's lr, step) are replaced, so copy them back."""
+    stored_key = _stored_keys(directory, what)
+    renamed = {stored_key.get(name, name): value for name, value in sd.items()}
+    with _quiet(distributed):
+        dcp.load(renamed, checkpoint_id=str(directory / what), no_dist=not distributed)
+    for name in sd:
+        sd[name] = renamed[stored_key.get(name, name)]
 
 
 def check_fits(
@@ -102,8 +140,7 @@ def load_model(directory: Path, module: nn.Module, distributed: bool, *, partial
     """Load the model shards this rank holds from any layout's checkpoint (collective when distributed)."""
     sd = model_state(module)
     check_fits(stored_tensors(directory), sd, partial)
-    with _quiet(distributed):
-        dcp.load(sd, checkpoint_id=str(directory / MODEL_DIR), no_dist=not distributed)
+    _load(sd, directory, MODEL_DIR, distributed)
     set_model_state_dict(module, sd, options=_OPTIONS)
 
 
@@ -115,16 +152,14 @@ def load_optimizer(directory: Path, module: nn.Module, optimizer: torch.optim.Op
     missing = sorted(set(wanted) - set(stored))
     if missing:
         raise ShapeMismatch(f"optimizer state does not fit the model: missing {missing[:3]}")
-    with _quiet(distributed):
-        dcp.load(osd, checkpoint_id=str(directory / OPTIM_DIR), no_dist=not distributed)
+    _load(osd, directory, OPTIM_DIR, distributed)
     set_optimizer_state_dict(module, optimizer, osd, options=_OPTIONS)
 
 
 def read_full(directory: Path, what: str = MODEL_DIR) -> dict[str, torch.Tensor]:
     """Every tensor of a DCP directory as a whole CPU tensor, in this one process."""
     full = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in stored_tensors(directory, what).items()}
-    with _quiet(False):
-        dcp.load(full, checkpoint_id=str(directory / what), no_dist=True)
+    _load(full, directory, what, distributed=False)
     return full
 
 

@@ -210,13 +210,8 @@ class Trainer:
         ckpt.verify_checkpoint(path)
         module = self.engine.module
         distributed = self.runtime is not None
-        if ckpt.checkpoint_format(path) == 1:  # whole tensors, written before sharded checkpoints
-            weights = ckpt.fit_weights(path, ckpt.read_weights(path), module.state_dict(keep_vars=True))
-            self.engine.load_full_state_dict(weights)
-            ckpt.load_optimizer_state(path, ckpt.read_optimizer_state(path), module, self.optimizer, full=distributed)
-        else:
-            partial = distributed and self.runtime.dims.pp > 1
-            ckpt.load_sharded(path, module, self.optimizer, distributed=distributed, partial=partial)
+        partial = distributed and self.runtime.dims.pp > 1
+        ckpt.load_sharded(path, module, self.optimizer, distributed=distributed, partial=partial)
         state = ckpt.read_trainer_state(path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -265,8 +260,7 @@ class Trainer:
             layout=layout,
             distributed=self.runtime is not None,
             is_main=self.is_main,
-            after_shards=lambda: self._maybe_fail("save"),
-        )
+        )  # SPARSE_TRAIN_FAIL_AT=STEP:RANK:save fires inside, once the shards are written
         if self.runtime is not None:
             torch.distributed.barrier()  # no rank runs ahead of a checkpoint that is not yet published
         return path

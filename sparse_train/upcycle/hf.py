@@ -246,8 +246,8 @@ def _experts_to_native(arch: str, i: int, cfg: Config, take) -> dict[str, torch.
     down_EDF = torch.stack([take(f"{prefix}.experts.{e}.{w_down}.weight") for e in range(E)])
     state = {
         f"{nat}.router.weight": take(f"{prefix}.gate.weight"),
-        f"{nat}.experts.w_gate_up_ED2F": torch.stack([gate_EFD, up_EFD], dim=2).transpose(1, 3).contiguous(),
-        f"{nat}.experts.w_down_EFD": down_EDF.transpose(1, 2).contiguous(),
+        f"{nat}.experts.w_gate_up": torch.stack([gate_EFD, up_EFD], dim=2).transpose(1, 3).contiguous(),
+        f"{nat}.experts.w_down": down_EDF.transpose(1, 2).contiguous(),
     }
     if cfg.moe.num_shared_experts:
         for ours, theirs in _swiglu_pairs(
@@ -341,7 +341,7 @@ def from_native(state: dict[str, torch.Tensor], cfg: Config, arch: str) -> dict[
 def _experts_from_native(arch: str, i: int, cfg: Config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     prefix, (w_gate, w_up, w_down) = _moe_prefix(arch, i), _expert_names(arch)
     nat = f"blocks.{i}.ffn"
-    w_ED2F, down_EFD = state[f"{nat}.experts.w_gate_up_ED2F"], state[f"{nat}.experts.w_down_EFD"]
+    w_ED2F, down_EFD = state[f"{nat}.experts.w_gate_up"], state[f"{nat}.experts.w_down"]
     out = {f"{prefix}.gate.weight": state[f"{nat}.router.weight"]}
     for e in range(cfg.moe.num_experts):
         out[f"{prefix}.experts.{e}.{w_gate}.weight"] = w_ED2F[e, :, 0].t()

@@ -1,22 +1,22 @@
 """Where conversions read from and write to: HF directories and native checkpoints.
 
 A source is a local HF directory (config.json) or a sparse_train checkpoint / run directory.
-Outputs are written into a hidden temporary directory beside the target and renamed into
-place only when complete, so an interrupted conversion never leaves a half-written model.
+Outputs are written into a hidden temporary directory beside the target and published
+(sparse_train.atomic) only when complete, so an interrupted conversion never leaves a
+half-written model.
 A native output is a run directory whose `checkpoints/step_00000000` holds the model (eval,
 generate and `train --init-from` read it).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
+from sparse_train import atomic
 from sparse_train.config import Config, ConfigError, compose_config
 from sparse_train.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
 from sparse_train.train import checkpoint as ckpt
@@ -72,27 +72,6 @@ def check_target(target: Path, overwrite: bool) -> Path:
     return target
 
 
-def prepare_target(target: Path, overwrite: bool) -> Path:
-    """A fresh temporary directory beside `target` (which must not exist unless `overwrite`)."""
-    target = check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
-
-
-def publish(tmp: Path, target: Path) -> None:
-    """Replace `target` by the completed `tmp` (the old target is removed only after)."""
-    if target.exists():
-        stale = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, stale)
-        os.replace(tmp, target)
-        shutil.rmtree(stale)
-    else:
-        os.replace(tmp, target)
-
-
 def write_model(
     target: Path,
     cfg: Config,
@@ -105,15 +84,15 @@ def write_model(
 ) -> str:
     """Write the model as an HF directory or a native run directory, with `extra_files` (name ->
     text) beside it; returns what was written."""
-    tmp = prepare_target(target, overwrite)
-    try:
+    target = check_target(target, overwrite)
+    with atomic.writing(target) as tmp:  # a directory, created by the writers below
         if fmt == "hf":
             what = hf.write_hf(tmp, state, cfg, tokenizer_from=tokenizer_dir)
         elif fmt == "native":
             config = cfg.to_dict()
             if tokenizer_dir is not None:  # the run carries its tokenizer, so it never depends on the source
                 hf.copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
-                config["data"].update(tokenizer="hf", tokenizer_path=str(Path(target).resolve() / "tokenizer"))
+                config["data"].update(tokenizer="hf", tokenizer_path=str(target.resolve() / "tokenizer"))
             config_yaml = yaml.safe_dump(config, sort_keys=False)
             ckpt.save_checkpoint(tmp / "checkpoints", 0, state, {}, {"step": 0}, config_yaml, keep=1)
             what = "sparse_train checkpoint"
@@ -121,8 +100,4 @@ def write_model(
             raise ConfigError("--format", f"unknown format {fmt!r}; allowed: hf, native")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        publish(tmp, Path(target))
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return what

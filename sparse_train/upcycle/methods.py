@@ -176,8 +176,8 @@ def _dense_ffn(state: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, to
 def _stacked(gate_EGD: torch.Tensor, up_EGD: torch.Tensor, down_EDG: torch.Tensor) -> dict[str, torch.Tensor]:
     """Our stacked expert tensors from per-expert nn.Linear-layout weights."""
     return {
-        "experts.w_gate_up_ED2F": torch.stack([gate_EGD, up_EGD], dim=2).transpose(1, 3).contiguous(),
-        "experts.w_down_EFD": down_EDG.transpose(1, 2).contiguous(),
+        "experts.w_gate_up": torch.stack([gate_EGD, up_EGD], dim=2).transpose(1, 3).contiguous(),
+        "experts.w_down": down_EDG.transpose(1, 2).contiguous(),
     }
 
 
@@ -253,8 +253,8 @@ def _fff_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x) -> dict
     leaves_LG, node_weight_ND, node_bias_N = carve.fff_tree(gate, up, down, x, spec.num_experts.bit_length() - 1, g)
     return {
         **_experts_of(gate, up, down, leaves_LG),
-        "tree.node_weight_ND": node_weight_ND,
-        "tree.node_bias_N": node_bias_N,
+        "tree.node_weight": node_weight_ND,
+        "tree.node_bias": node_bias_N,
     }
 
 

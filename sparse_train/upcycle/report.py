@@ -67,11 +67,11 @@ def _random_routing(block: dict[str, torch.Tensor], seed: int) -> dict[str, torc
     the fitted ones' scale, node biases zero. What the calibration's router fit is worth."""
     g = torch.Generator().manual_seed(seed)
     out = dict(block)
-    for name in ("router.weight", "tree.node_weight_ND"):
+    for name in ("router.weight", "tree.node_weight"):
         if name in out:
             out[name] = torch.randn(out[name].shape, generator=g) * out[name].std()
-    if "tree.node_bias_N" in out:
-        out["tree.node_bias_N"] = torch.zeros_like(out["tree.node_bias_N"])
+    if "tree.node_bias" in out:
+        out["tree.node_bias"] = torch.zeros_like(out["tree.node_bias"])
     return out
 
 

@@ -24,7 +24,7 @@ CASES = [
     ("hard-gelu-allgather", "hard", "gelu", "allgather", False),
     ("hard-all-to-leaf-0", "hard", "swiglu", "alltoall", True),
 ]
-LEAF_PARAMS = {"swiglu": ("w_gate_up_ED2F", "w_down_EFD"), "gelu": ("w_in_EDF", "w_out_EFD")}
+LEAF_PARAMS = {"swiglu": ("w_gate_up", "w_down"), "gelu": ("w_in", "w_out")}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,7 +58,7 @@ def _layer_cases(cases: list[tuple]) -> dict[str, dict[str, float]]:
             for p in layer.parameters():
                 p.normal_(0, 0.3)
             if to_leaf_0:
-                layer.tree.node_bias_N.fill_(-100.0)  # every decision goes left
+                layer.tree.node_bias.fill_(-100.0)  # every decision goes left
         reference = copy.deepcopy(layer)
         apply_expert_parallel(layer, dims, meshes, ParallelConfig(ep_dispatcher=dispatcher))
         g = torch.Generator().manual_seed(100 + rank)
@@ -68,7 +68,7 @@ def _layer_cases(cases: list[tuple]) -> dict[str, dict[str, float]]:
             xi = x.clone().requires_grad_()
             y, aux = module(xi)
             ((y * probe).sum() + aux.objective).backward()
-            results.append((y.detach(), xi.grad, module.tree.node_weight_ND.grad, module.master_logit.grad))
+            results.append((y.detach(), xi.grad, module.tree.node_weight.grad, module.master_logit.grad))
         diffs = {key: _rel(a, b) for key, a, b in zip(("y", "dx", "nodes", "blend"), *results, strict=True)}
         per = 8 // world
         for pname in LEAF_PARAMS[act]:

@@ -99,7 +99,7 @@ def test_the_optimizer_state_reshards_too(tmp_path):
     single = sharded.read_full(tmp_path / "single" / "checkpoints" / ckpt.step_dir_name(SAVED), sharded.OPTIM_DIR)
     ep2 = sharded.read_full(tmp_path / "ep2" / "checkpoints" / ckpt.step_dir_name(SAVED), sharded.OPTIM_DIR)
     moments = {k: v for k, v in single.items() if k.endswith(("exp_avg", "exp_avg_sq"))}
-    assert any("experts.w_down_EFD" in k for k in moments)
+    assert any("experts.w_down" in k for k in moments)
     _assert_same_tensors({k: ep2[k] for k in moments}, moments, "Adam moments")
     assert torch.equal(ep2["state.embed.weight.step"], single["state.embed.weight.step"])
 
@@ -115,7 +115,7 @@ def test_ckpt_info_and_convert_read_a_sharded_checkpoint(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["format"], info["step"]) == (2, SAVED)
     assert info["layout"]["world_size"] == 2 and info["layout"]["ep"] == 2
-    assert info["tensors"]["blocks.0.ffn.experts.w_down_EFD"] == "float32[4, 32, 32]"  # global shape, all 4 experts
+    assert info["tensors"]["blocks.0.ffn.experts.w_down"] == "float32[4, 32, 32]"  # global shape, all 4 experts
     out = tmp_path / "whole.safetensors"
     assert main(["ckpt", "convert", str(tmp_path / "run"), "--to", str(out)]) == 0
     whole = load_file(str(out))

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from sparse_train.config import FFFConfig
-from sparse_train.models.fff import FFFLayer, decision_entropy, descend, fff_reference_forward, leaf_log_probs
+from sparse_train.models.fff import (
+    FFFLayer,
+    decision_entropy,
+    descend,
+    fff_hard_forward,
+    fff_reference_forward,
+    leaf_log_probs,
+)
 
 D = 12
 
@@ -59,7 +66,7 @@ def test_hard_descent_picks_the_most_probable_path_when_decisions_are_sharp():
 
 def _reference(layer: FFFLayer, x_TD: torch.Tensor, mode: str) -> torch.Tensor:
     """The layer's output with plain autograd: every leaf on every token, weighted per mode."""
-    logits = F.linear(x_TD, layer.tree.node_weight_ND, layer.tree.node_bias_N)
+    logits = F.linear(x_TD, layer.tree.node_weight, layer.tree.node_bias)
     probs = _path_probs_by_loop(logits, layer.depth).float()  # differentiable through sigmoid
     outs = torch.stack([layer.experts.expert_forward(e, x_TD) for e in range(layer.num_experts)], dim=1)
     if mode == "soft":
@@ -99,7 +106,7 @@ def test_forward_and_every_gradient_match_the_plain_autograd_reference(case):
     names = ["x", *(n for n, _ in layer.named_parameters())]
     for name, g_fast, g_ref in zip(names, fast, ref, strict=True):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
-    node_grad = fast[names.index("tree.node_weight_ND")]
+    node_grad = fast[names.index("tree.node_weight")]
     assert node_grad.abs().sum() > 0, "the nodes learn in every mode (straight-through in hard)"
 
 
@@ -117,7 +124,7 @@ def test_losses_and_metrics():
     layer = _layer(mode="soft", master_leaf=True, balance_coef=0.5, hardening_coef=0.25)
     x = torch.randn(40, D)
     _, aux = layer(x)
-    logits = F.linear(x, layer.tree.node_weight_ND, layer.tree.node_bias_N)
+    logits = F.linear(x, layer.tree.node_weight, layer.tree.node_bias)
     p = torch.sigmoid(logits)
     # hardening: the original FFF's per-node Bernoulli entropy, averaged over tokens and nodes
     torch.testing.assert_close(aux.hardening_loss, (-(p * p.log()) - (1 - p) * (1 - p).log()).mean())
@@ -151,7 +158,7 @@ def test_topk_paths_balance_counts_every_chosen_leaf():
 def test_node_and_leaf_parameter_groups_partition_the_layer():
     layer = _layer(master_leaf=True)
     nodes, leaves = layer.node_parameters(), layer.leaf_parameters()
-    assert {id(p) for p in nodes} == {id(layer.tree.node_weight_ND), id(layer.tree.node_bias_N)}
+    assert {id(p) for p in nodes} == {id(layer.tree.node_weight), id(layer.tree.node_bias)}
     assert {id(p) for p in nodes} | {id(p) for p in leaves} == {id(p) for p in layer.parameters()}
     assert not {id(p) for p in nodes} & {id(p) for p in leaves}
 
@@ -189,8 +196,6 @@ def test_cpp_inference_takes_the_same_leaves_and_matches_the_torch_path(act, dep
     )
     layer.eval()
     x = torch.randn(257, D)
-    from sparse_train.kernels.fff_infer import fff_hard_forward
-
     with torch.no_grad():
         y_cpp, leaf_cpp, counts_cpp = fff_hard_forward(x, layer.tree, layer.experts, backend="cpp")
         y_torch, leaf_torch, counts_torch = fff_hard_forward(x, layer.tree, layer.experts, backend="torch")
@@ -204,8 +209,6 @@ def test_cpp_inference_takes_the_same_leaves_and_matches_the_torch_path(act, dep
 
 
 def test_cpp_inference_rejects_what_it_cannot_run():
-    from sparse_train.kernels.fff_infer import fff_hard_forward
-
     layer = _layer().double()
     with pytest.raises(ValueError, match="'cpp' does not apply: it computes in fp32"):
         fff_hard_forward(torch.randn(4, D, dtype=torch.float64), layer.tree, layer.experts, backend="cpp")
@@ -219,4 +222,4 @@ def test_evaluation_with_gradients_enabled_uses_the_differentiable_path():
     x = torch.randn(5, D, requires_grad=True)
     y, _ = layer(x)
     y.sum().backward()
-    assert x.grad is not None and layer.tree.node_weight_ND.grad is not None
+    assert x.grad is not None and layer.tree.node_weight.grad is not None

@@ -37,15 +37,19 @@ def test_roundtrip_restores_weights_optimizer_and_state(tmp_path):
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
 
 
-def test_crash_before_publish_leaves_previous_checkpoint_and_is_ignored(tmp_path):
+def test_crash_before_publish_leaves_previous_checkpoint_and_is_ignored(tmp_path, monkeypatch):
     model, opt = _model_and_opt()
     _save(tmp_path, 1, model, opt)
 
-    def crash(_tmp):
+    def crash(tmp, _checkpoints_dir, _step):
+        assert (tmp / "manifest.json").is_file()  # everything written, only the publication left
         raise KeyboardInterrupt("killed mid-save")
 
-    with pytest.raises(KeyboardInterrupt):
-        _save(tmp_path, 2, model, opt, before_rename=crash)
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "_publish_step", crash)
+        with pytest.raises(KeyboardInterrupt):
+            _save(tmp_path, 2, model, opt)
+    assert list(tmp_path.glob(".step_00000002.tmp"))  # the unpublished copy is left behind...
     assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [1]
     assert ckpt.latest_valid_checkpoint(tmp_path, warn=print).name == "step_00000001"
     _save(tmp_path, 3, model, opt)  # the next save cleans the leftover
@@ -114,30 +118,131 @@ def test_manifest_lists_sizes_and_checksums(tmp_path):
     assert all(len(m["sha256"]) == 64 for m in manifest["files"].values())
 
 
-def _write_format1(dir_, step, model, opt):
-    """A checkpoint as the single-process writer before sharded checkpoints laid it out."""
-    from safetensors.torch import save_file
+class _Leaves(nn.Module):
+    """Parameters named as sparse layers name theirs (format 3: no shape suffixes)."""
 
-    path = dir_ / ckpt.step_dir_name(step)
-    path.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    torch.save(ckpt.optimizer_state(model, opt), path / "optimizer.pt")
-    torch.save({"step": step}, path / "state.pt")
-    (path / "config.yaml").write_text("train: {}\n")
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": ckpt._sha256(f)} for f in sorted(path.iterdir())}
-    (path / "manifest.json").write_text(json.dumps({"format": 1, "step": step, "files": files}))
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.w_gate_up = nn.Parameter(torch.randn(2, 3, 2, 4))
+        self.w_down = nn.Parameter(torch.randn(2, 4, 3))
+        self.node_weight = nn.Parameter(torch.randn(3, 3))
+        self.node_bias = nn.Parameter(torch.randn(3))
+        self.head = nn.Linear(3, 2)  # a name no format changed
+
+
+def _leaves_and_opt(seed: int):
+    model = nn.Sequential(_Leaves(seed))
+    opt = torch.optim.AdamW(model.parameters())
+    sum(p.sum() for p in model.parameters()).backward()
+    opt.step()
+    return model, opt
+
+
+OLD_NAMES = {new: old for old, new in sharded.RENAMED.items()}
+
+
+def _as_format_2(sd: dict) -> dict:
+    """A state dict as format 2 stored it: names with shape suffixes (w_down -> w_down_EFD)."""
+    return {".".join(OLD_NAMES.get(part, part) for part in key.split(".")): v for key, v in sd.items()}
+
+
+def _write_format2(dir_, step, model, opt):
+    """A checkpoint as format 2 wrote it: this format's writer given the old names, manifest format 2."""
+    weights = _as_format_2(sharded.model_state(model))
+    optim_state = _as_format_2(sharded.optimizer_state(model, opt))
+    assert "0.w_down_EFD" in weights and "state.0.node_bias_N.exp_avg" in optim_state
+    path = ckpt.save_checkpoint(dir_, step, weights, optim_state, {"step": step}, "train: {}\n", keep=10)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": 2}))
     return path
 
 
-def test_format_1_checkpoints_still_load(tmp_path):
-    model, opt = _model_and_opt(0)
-    path = _write_format1(tmp_path, 4, model, opt)
-    other, other_opt = _model_and_opt(1)
+def test_format_2_checkpoints_with_shape_suffixed_names_still_load(tmp_path):
+    model, opt = _leaves_and_opt(0)
+    path = _write_format2(tmp_path, 4, model, opt)
+    assert ckpt.checkpoint_format(path) == 2
+    other, other_opt = _leaves_and_opt(1)
     assert ckpt.load_checkpoint(path, other, other_opt) == {"step": 4}
-    for a, b in zip(model.parameters(), other.parameters(), strict=True):
-        assert torch.equal(a, b)
-    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
-    assert set(ckpt.read_weights(path)) == set(model.state_dict())
+    for (name, a), b in zip(model.named_parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    for i in range(len(list(model.parameters()))):
+        want, got = opt.state_dict()["state"][i], other_opt.state_dict()["state"][i]
+        assert torch.equal(want["exp_avg"], got["exp_avg"]) and torch.equal(want["exp_avg_sq"], got["exp_avg_sq"])
+    assert set(ckpt.read_weights(path)) == set(model.state_dict())  # read by the current names
+    assert "0.w_down" in ckpt.describe(path)["tensors"]
+
+
+def test_new_checkpoints_are_format_3_without_shape_suffixes(tmp_path):
+    model, opt = _leaves_and_opt(0)
+    path = _save(tmp_path, 1, model, opt)
+    assert ckpt.checkpoint_format(path) == ckpt.FORMAT_VERSION == 3
+    stored = sharded.stored_tensors(path) | sharded.stored_tensors(path, sharded.OPTIM_DIR)
+    assert not any(old in key for key in stored for old in sharded.RENAMED)
+
+
+def test_format_1_is_refused_with_one_line(tmp_path):
+    model, opt = _model_and_opt()
+    path = _save(tmp_path, 1, model, opt)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(ckpt.CheckpointError, match=r"format 1, this version reads formats \[2, 3\]$"):
+        ckpt.load_checkpoint(path, model, opt)
+
+
+def test_resaving_a_step_replaces_it_and_keeps_one_copy(tmp_path):
+    model, opt = _model_and_opt(0)
+    _save(tmp_path, 1, model, opt)
+    _save(tmp_path, 2, model, opt)
+    newer, newer_opt = _model_and_opt(1)
+    path = _save(tmp_path, 2, newer, newer_opt)  # a run resumed from step 1 reaches step 2 again
+    assert path.name == "step_00000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
+    loaded, _ = _model_and_opt(2)
+    ckpt.load_checkpoint(path, loaded)
+    assert all(torch.equal(a, b) for a, b in zip(newer.parameters(), loaded.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("crash_after", ["fresh-published", "old-deleted"])
+def test_resave_interrupted_anywhere_leaves_a_complete_newest_copy(tmp_path, monkeypatch, crash_after):
+    """Every move of a re-save is one rename or the deletion of a superseded copy: killed after
+    any of them, the checkpoint found for the step is a complete one, the new one once it is
+    published, and the next save tidies up."""
+    model, opt = _model_and_opt(0)
+    _save(tmp_path, 2, model, opt)
+    newer, newer_opt = _model_and_opt(1)
+    publishes = []
+    real_publish = ckpt.atomic.publish
+
+    def publish_then_maybe_crash(tmp, target):
+        real_publish(tmp, target)
+        publishes.append(target.name)
+        if crash_after == "fresh-published" and len(publishes) == 1:
+            raise KeyboardInterrupt("killed between publishing the new copy and deleting the old")
+
+    real_rmtree = ckpt.shutil.rmtree
+
+    def rmtree_then_crash(path, *args, **kw):
+        real_rmtree(path, *args, **kw)
+        if crash_after == "old-deleted":
+            raise KeyboardInterrupt("killed after deleting the old copy, before the final rename")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt.atomic, "publish", publish_then_maybe_crash)
+        patch.setattr(ckpt.shutil, "rmtree", rmtree_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            _save(tmp_path, 2, newer, newer_opt)
+    assert publishes[0] == "step_00000002.r1"
+    found = ckpt.latest_valid_checkpoint(tmp_path, warn=print)
+    assert found.name == "step_00000002.r1"
+    loaded, _ = _model_and_opt(2)
+    ckpt.load_checkpoint(found, loaded)
+    assert all(torch.equal(a, b) for a, b in zip(newer.parameters(), loaded.parameters(), strict=True))
+    assert ckpt.resolve_checkpoint_path(tmp_path, warn=print) == found
+    _save(tmp_path, 3, newer, newer_opt, keep=2)  # the next save removes the superseded copy
+    assert [(c.step, c.revision) for c in ckpt.list_checkpoints(tmp_path)] == [(3, 0), (2, 1)]
+    _save(tmp_path, 2, model, opt, keep=2)  # and a re-save of a step found under .rN works too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003"]
 
 
 def test_a_checkpoint_of_another_model_shape_names_the_tensors(tmp_path):

@@ -48,7 +48,7 @@ def test_copy_options_perturb_the_experts(dense):
     reference = _logits(dense.cfg, dense.state)
     for option in ({"noise": 0.05}, {"drop_ratio": 0.5}):
         cfg, state = upcycle(dense.cfg, dense.state, UpcycleSpec("copy", num_experts=4, top_k=2, **option))
-        experts = state["blocks.0.ffn.experts.w_gate_up_ED2F"]
+        experts = state["blocks.0.ffn.experts.w_gate_up"]
         assert not torch.equal(experts[0], experts[1]), option  # experts no longer identical
         assert _rel(_logits(cfg, state), reference) > 1e-4, option
 
