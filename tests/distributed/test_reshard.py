@@ -113,7 +113,7 @@ def test_ckpt_info_and_convert_read_a_sharded_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert main(["ckpt", "info", str(tmp_path / "run")]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert (info["format"], info["step"]) == (2, SAVED)
+    assert (info["format"], info["step"]) == (3, SAVED)
     assert info["layout"]["world_size"] == 2 and info["layout"]["ep"] == 2
     assert info["tensors"]["blocks.0.ffn.experts.w_down"] == "float32[4, 32, 32]"  # global shape, all 4 experts
     out = tmp_path / "whole.safetensors"
