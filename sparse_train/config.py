@@ -66,7 +66,16 @@ class ModelConfig(Section):
     n_heads: int = option(4, "attention heads; must divide d_model")
     n_kv_heads: int | None = option(None, "key/value heads for grouped-query attention; null = n_heads")
     ffn: Literal["dense", "moe", "fff"] = option(
-        "moe", "FFN kind of the sparse slots (chosen by moe.every_n / moe.layers): dense SwiGLU, MoE or FFF tree"
+        "moe",
+        "FFN kind of the sparse blocks (placed by model.sparse_every_n / model.sparse_layers): dense SwiGLU, "
+        "MoE or FFF tree",
+    )
+    sparse_every_n: int = option(
+        1,
+        "a sparse FFN (model.ffn) in every n-th block (blocks n-1, 2n-1, ...), dense SwiGLU elsewhere; 1 = every block",
+    )
+    sparse_layers: list[int] | None = option(
+        None, "explicit indices of the blocks with a sparse FFN; overrides sparse_every_n"
     )
     ffn_hidden: int = option(512, "hidden width of dense SwiGLU FFNs")
     max_seq_len: int = option(256, "longest sequence the rotary embedding table covers")
@@ -77,7 +86,7 @@ class ModelConfig(Section):
     init_std: float = option(0.02, "std of the normal initialisation of weights")
 
     def validate(self) -> None:
-        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "sparse_every_n")
         _positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std")
         if self.d_model % self.n_heads != 0:
             raise ConfigError("d_model", f"must be divisible by model.n_heads ({self.n_heads}), got {self.d_model}")
@@ -85,6 +94,18 @@ class ModelConfig(Section):
             raise ConfigError("n_heads", "d_model / n_heads must be even for rotary embeddings")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads != 0:
             raise ConfigError("n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+        if self.sparse_layers is not None and any(i < 0 for i in self.sparse_layers):
+            raise ConfigError("sparse_layers", f"block indices must be >= 0, got {self.sparse_layers}")
+        if self.ffn != "dense" and self.sparse_layers is not None:
+            bad = [i for i in self.sparse_layers if i >= self.n_layers]
+            if bad:
+                raise ConfigError("sparse_layers", f"indices must be < model.n_layers ({self.n_layers}), got {bad}")
+
+    def is_sparse_layer(self, index: int) -> bool:
+        """Whether block `index` holds the sparse FFN slot (what fills it is model.ffn)."""
+        if self.sparse_layers is not None:
+            return index in self.sparse_layers
+        return index % self.sparse_every_n == self.sparse_every_n - 1
 
     @property
     def head_dim(self) -> int:
@@ -100,8 +121,6 @@ class MoEConfig(Section):
     shared_expert_gate: bool = option(
         False, "scale the shared experts' output by sigmoid(<g, x>), a learned gate per token (Qwen2-MoE)"
     )
-    every_n: int = option(1, "MoE in every n-th block (blocks n-1, 2n-1, ...); 1 = every block")
-    layers: list[int] | None = option(None, "explicit block indices that are MoE; overrides every_n")
     capacity_factor: float | None = option(
         None, "expert capacity = ceil(factor * tokens * top_k / num_experts); null = dropless"
     )
@@ -113,19 +132,12 @@ class MoEConfig(Section):
     )
 
     def validate(self) -> None:
-        _positive(self, "num_experts", "expert_hidden", "every_n", "shared_expert_hidden")
+        _positive(self, "num_experts", "expert_hidden", "shared_expert_hidden")
         _non_negative(self, "num_shared_experts")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ConfigError("capacity_factor", f"must be > 0, or null for dropless, got {self.capacity_factor}")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ConfigError("shared_expert_gate", "gates the shared experts: set moe.num_shared_experts > 0")
-        if self.layers is not None and any(i < 0 for i in self.layers):
-            raise ConfigError("layers", f"block indices must be >= 0, got {self.layers}")
-
-    def is_moe_layer(self, index: int, n_layers: int) -> bool:
-        if self.layers is not None:
-            return index in self.layers
-        return index % self.every_n == self.every_n - 1
 
 
 @dataclass
@@ -212,6 +224,10 @@ class FFFConfig(Section):
 
 @dataclass
 class DataConfig(Section):
+    """Where the corpus and tokenizer are. Validation reads no files: the paths are checked where
+    they are read (data/dataset.py, data/tokenizer.py), so a run copied to a machine without its
+    training data still evaluates and generates."""
+
     path: str | None = option(
         None, "text file/dir, .jsonl, or pre-tokenised .bin; null = the Python standard library sources"
     )
@@ -231,12 +247,8 @@ class DataConfig(Section):
         _positive(self, "seq_len")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        if self.path is not None and not Path(os.path.expanduser(self.path)).exists():
-            raise ConfigError("path", f"no such file or directory: {self.path}")
         if self.tokenizer == "hf" and self.tokenizer_path is None:
             raise ConfigError("tokenizer_path", "tokenizer: hf needs the directory of the tokenizer files")
-        if self.tokenizer_path is not None and not Path(os.path.expanduser(self.tokenizer_path)).is_dir():
-            raise ConfigError("tokenizer_path", f"no such directory: {self.tokenizer_path}")
 
 
 @dataclass
@@ -245,7 +257,7 @@ class OptimizerConfig(Section):
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of lr (cosine schedule)")
     schedule: Literal["cosine", "constant"] = option("cosine", "decay after the linear warmup")
     warmup_steps: int = option(20, "linear warmup steps")
-    weight_decay: float = option(0.1, "decoupled weight decay on matrices (not norms or embeddings)")
+    weight_decay: float = option(0.1, "decay of all matrices (embeddings, routers, FFF nodes too); not norms or biases")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
     eps: float = option(1e-8, "AdamW epsilon")
@@ -346,10 +358,6 @@ class Config(Section):
                 "data.seq_len",
                 f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}",
             )
-        if self.model.ffn != "dense" and self.moe.layers is not None:
-            bad = [i for i in self.moe.layers if i >= self.model.n_layers]
-            if bad:
-                raise ConfigError("moe.layers", f"indices must be < model.n_layers ({self.model.n_layers}), got {bad}")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -375,10 +383,46 @@ def compose_config(data: Mapping[str, Any] | None = None, overrides: Sequence[st
     """The one way a Config is made: the defaults, then `data` (sections as in a YAML recipe or a
     checkpoint's config.yaml), then `overrides` (`a.b=value`, applied in order), then validation."""
     data = copy.deepcopy(dict(data or {}))  # overrides edit the mapping; the caller's stays as it was
+    _move_renamed_keys(data)
     for text in overrides:
         parts, value = parse_override(text)
-        apply_override(data, Config, parts, value)
+        apply_override(data, Config, _renamed_path(parts), value)
     return from_dict(Config, data)
+
+
+# Keys that moved, old -> new. Configs and checkpoints that use the old names keep working, with
+# a warning: both place FFF layers as well as MoE ones, so they belong to the model section.
+RENAMED_KEYS = {
+    ("moe", "every_n"): ("model", "sparse_every_n"),
+    ("moe", "layers"): ("model", "sparse_layers"),
+}
+
+
+def _warn_renamed(old: tuple[str, str], new: tuple[str, str]) -> None:
+    warnings.warn(f"{'.'.join(old)} is deprecated: use {'.'.join(new)}", FutureWarning, stacklevel=4)
+
+
+def _move_renamed_keys(data: dict[str, Any]) -> None:
+    for old, new in RENAMED_KEYS.items():
+        section = data.get(old[0])
+        if not isinstance(section, dict) or old[1] not in section:
+            continue
+        _warn_renamed(old, new)
+        value = section.pop(old[1])
+        target = data.setdefault(new[0], {})
+        if not isinstance(target, dict):
+            continue  # from_dict names the section that is not a mapping
+        if new[1] in target and target[new[1]] != value:
+            raise ConfigError(".".join(old), f"is deprecated and conflicts with {'.'.join(new)}; keep only the latter")
+        target[new[1]] = value
+
+
+def _renamed_path(parts: list[str]) -> list[str]:
+    new = RENAMED_KEYS.get(tuple(parts[:2]))
+    if new is None or len(parts) != 2:
+        return parts
+    _warn_renamed((parts[0], parts[1]), new)
+    return list(new)
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:

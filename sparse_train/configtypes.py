@@ -21,7 +21,7 @@ T = TypeVar("T", bound="Section")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
-    """A dataclass field with a one-line help text (shown by `sparse-train config --help-fields`)."""
+    """A dataclass field with a one-line help text (shown by `sparse-train config --fields`)."""
     if factory is not None:
         return field(default_factory=factory, metadata={"help": help})
     return field(default=default, metadata={"help": help})

@@ -30,7 +30,7 @@ def load_trained(path: Path, overrides: list[str] | tuple[str, ...] = (), device
     """Build the model a checkpoint (or a run directory's newest valid checkpoint) describes."""
     resolved = ckpt.resolve_checkpoint_path(path, warn=lambda msg: None)
     cfg = compose_config(yaml.safe_load(ckpt.read_checkpoint_config(resolved)), overrides)
-    model = Transformer(cfg).to(device)
+    model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff).to(device)
     state = ckpt.load_checkpoint(resolved, model)
     model.eval()
     return LoadedModel(cfg, model, build_tokenizer(cfg.data), int(state["step"]), resolved)
@@ -52,7 +52,7 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     ids = list(prompt_ids)
-    window = model.cfg.model.max_seq_len
+    window = model.config.max_seq_len
     for _ in range(max_new_tokens):
         context = torch.tensor([ids[-window:]], device=device)
         logits_V = model(context).logits_BSV[0, -1].float()

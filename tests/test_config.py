@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sparse_train.cli import main
-from sparse_train.config import Config, ConfigError, MoEConfig, load_config
+from sparse_train.config import Config, ConfigError, ModelConfig, MoEConfig, compose_config, load_config
 
 
 def test_defaults_validate_and_roundtrip_through_yaml():
@@ -37,8 +37,8 @@ def test_required_field_names_exist():
 
 
 def test_override_values_are_parsed_as_yaml():
-    cfg = load_config(None, ["moe.layers=[1, 3]", "moe.capacity_factor=null", "model.tie_embeddings=true"])
-    assert cfg.moe.layers == [1, 3]
+    cfg = load_config(None, ["model.sparse_layers=[1, 3]", "moe.capacity_factor=null", "model.tie_embeddings=true"])
+    assert cfg.model.sparse_layers == [1, 3]
     assert cfg.moe.capacity_factor is None
     assert cfg.model.tie_embeddings is True
 
@@ -48,10 +48,37 @@ def test_sections_validate_on_direct_construction():
         MoEConfig(capacity_factor=-1.0)
 
 
-def test_moe_layer_selection():
-    assert [i for i in range(4) if MoEConfig(every_n=1).is_moe_layer(i, 4)] == [0, 1, 2, 3]
-    assert [i for i in range(4) if MoEConfig(every_n=2).is_moe_layer(i, 4)] == [1, 3]
-    assert [i for i in range(4) if MoEConfig(layers=[0, 2]).is_moe_layer(i, 4)] == [0, 2]
+def test_sparse_layer_selection():
+    assert [i for i in range(4) if ModelConfig(sparse_every_n=1).is_sparse_layer(i)] == [0, 1, 2, 3]
+    assert [i for i in range(4) if ModelConfig(sparse_every_n=2).is_sparse_layer(i)] == [1, 3]
+    assert [i for i in range(4) if ModelConfig(sparse_layers=[0, 2]).is_sparse_layer(i)] == [0, 2]
+
+
+@pytest.mark.parametrize("old, new, value", [("every_n", "sparse_every_n", 2), ("layers", "sparse_layers", [0, 3])])
+def test_old_moe_placement_keys_still_work_with_a_warning_naming_the_new_key(tmp_path, old, new, value):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"n_layers": 4}, "moe": {old: value}}))
+    message = f"moe.{old} is deprecated: use model.{new}"
+    with pytest.warns(FutureWarning, match=message):
+        from_file = load_config(recipe)
+    with pytest.warns(FutureWarning, match=message):
+        from_override = load_config(None, ["model.n_layers=4", f"moe.{old}={value}"])
+    assert getattr(from_file.model, new) == getattr(from_override.model, new) == value
+    assert "every_n" not in from_file.to_dict()["moe"] and "layers" not in from_file.to_dict()["moe"]
+
+
+def test_old_and_new_placement_keys_that_disagree_are_refused():
+    with pytest.raises(ConfigError, match="moe.layers: is deprecated and conflicts with model.sparse_layers"):
+        compose_config({"moe": {"layers": [1]}, "model": {"sparse_layers": [0]}})
+
+
+def test_deprecation_warning_is_one_line_on_the_command_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "sparse_train", "config", "--set", "moe.every_n=2"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "warning: moe.every_n is deprecated: use model.sparse_every_n\n"
+    assert "sparse_every_n: 2" in done.stdout
 
 
 INVALID = [
@@ -64,13 +91,13 @@ INVALID = [
     (["--set", "moe.capacity_factor=0"], "moe.capacity_factor: must be > 0"),
     (["--set", "moe.capacity_factor=-1.5"], "moe.capacity_factor: must be > 0"),
     (["--set", "model.d_model=100", "--set", "model.n_heads=3"], "model.d_model: must be divisible by model.n_heads"),
-    (["--set", "data.path=/no/such/corpus.txt"], "data.path: no such file or directory"),
+    (["--set", "data.path=/no/such/corpus.txt"], "data.path: no such file or directory"),  # checked at loading
     (["--set", "moe.drop_policy=random"], "moe.drop_policy: must be one of 'position', 'probability'"),
     (["--set", "router.balance_scope=everything"], "router.balance_scope: must be one of"),
     (["--set", "train.batch_size=0"], "train.batch_size: must be > 0"),
     (["--set", "data.val_fraction=1.5"], "data.val_fraction: must be in (0, 1)"),
     (["--set", "data.seq_len=512"], "data.seq_len: must be <= model.max_seq_len"),
-    (["--set", "moe.layers=[0, 9]"], "moe.layers: indices must be < model.n_layers"),
+    (["--set", "model.sparse_layers=[0, 9]"], "model.sparse_layers: indices must be < model.n_layers"),
     (["--set", "train.steps.deeper=1"], "train.steps: is not a section"),
     (["--set", "train.steps"], "--set: expected KEY=VALUE"),
     (["--config", "/no/such.yaml"], "--config: no such file"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from sparse_train.cli import bench, ckpt, config, evaluate, generate, info, launch, plot_runs, sweep, train, upcycle
@@ -38,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # a user reads "warning: ...", not our source line
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparse_train.config import DataConfig
+from sparse_train.config import ConfigError, DataConfig
 from sparse_train.data.corpus import (
     DataError,
     detect_format,
@@ -77,6 +77,8 @@ def load_token_data(cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int) -> T
         source = f"Python standard library sources ({root})"
     else:
         path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise ConfigError("data.path", f"no such file or directory: {cfg.path}")
         fmt = detect_format(path) if cfg.format == "auto" else cfg.format
         if fmt == "bin":
             train, val = _load_bin(path, cfg, vocab_size)

@@ -47,6 +47,8 @@ class HFTokenizer:
     name = "hf"
 
     def __init__(self, path: str | Path) -> None:
+        if not Path(path).is_dir():
+            raise ConfigError("data.tokenizer_path", f"no such directory: {path}")
         try:
             from transformers import AutoTokenizer
         except ImportError:

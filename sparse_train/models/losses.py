@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from sparse_train.models.routers import count_per_expert
+from sparse_train.kernels import count_per_expert
 
 CountSync = Callable[[torch.Tensor], torch.Tensor]
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_train.kernels.permute import count_per_expert  # also imported from here by losses, dispatchers
+from sparse_train.kernels import count_per_expert
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_train.config import Config
+from sparse_train.config import FFFConfig, ModelConfig, MoEConfig, RouterConfig
 from sparse_train.models.experts import SwiGLU
 from sparse_train.models.fff import FFFLayer
 from sparse_train.models.moe import MoELayer
@@ -66,13 +66,14 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, sparse: bool) -> None:
+    """Pre-norm attention, then the FFN it is given (a dense SwiGLU, an MoE layer or an FFF tree)."""
+
+    def __init__(self, m: ModelConfig, ffn: nn.Module) -> None:
         super().__init__()
-        m = cfg.model
         self.attn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.attn = Attention(m.d_model, m.n_heads, m.n_kv_heads or m.n_heads, m.qkv_bias)
         self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
-        self.ffn: nn.Module = sparse_ffn(cfg) if sparse else SwiGLU(m.d_model, m.ffn_hidden)
+        self.ffn = ffn
 
     def forward(
         self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -92,15 +93,28 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: Config) -> None:
+    """The decoder LM of a model section; the sparse sections shape its sparse blocks (model.ffn,
+    placed by model.sparse_every_n / sparse_layers): moe + router for MoE, fff for FFF trees."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        moe: MoEConfig | None = None,
+        router: RouterConfig | None = None,
+        fff: FFFConfig | None = None,
+    ) -> None:
         super().__init__()
-        m = cfg.model
+        m = model
         if m.vocab_size is None:
             raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building the model")
-        self.cfg = cfg
+        moe, router, fff = moe or MoEConfig(), router or RouterConfig(), fff or FFFConfig()
+        self.config = m
+        # routed experts (MoE: top_k) or leaves (FFF: the one the hard descent picks at inference) per token
+        self.active_experts = 1 if m.ffn == "fff" else router.top_k
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.blocks = nn.ModuleList(
-            Block(cfg, sparse=m.ffn != "dense" and cfg.moe.is_moe_layer(i, m.n_layers)) for i in range(m.n_layers)
+            Block(m, sparse_ffn(m, moe, router, fff) if m.ffn != "dense" and m.is_sparse_layer(i) else dense_ffn(m))
+            for i in range(m.n_layers)
         )
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
@@ -119,8 +133,8 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std); output projections scaled by 1/sqrt(2 * n_layers) (GPT-2); biases,
         FFF node biases and master-leaf blend logits zero (undecided nodes, an even blend)."""
-        std = self.cfg.model.init_std
-        out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
             if name.endswith(("node_bias", "master_logit", ".bias")):
                 nn.init.zeros_(p)
@@ -145,16 +159,15 @@ class Transformer(nn.Module):
         return ModelOutput(self.lm_head(self.norm(x_BSD)), aux)
 
 
-def sparse_ffn(cfg: Config) -> SparseFFN:
-    """The FFN of a sparse slot: an MoE layer or an FFF tree (model.ffn)."""
-    if cfg.model.ffn == "fff":
-        return FFFLayer(cfg.model.d_model, cfg.fff)
-    return MoELayer(cfg.model.d_model, cfg.moe, cfg.router)
+def dense_ffn(m: ModelConfig) -> SwiGLU:
+    return SwiGLU(m.d_model, m.ffn_hidden)
 
 
-def active_experts(cfg: Config) -> int:
-    """Routed experts (MoE: top_k) or leaves (FFF: one, the hard descent's at inference) per token."""
-    return 1 if cfg.model.ffn == "fff" else cfg.router.top_k
+def sparse_ffn(m: ModelConfig, moe: MoEConfig, router: RouterConfig, fff: FFFConfig) -> SparseFFN:
+    """The FFN of a sparse block: an MoE layer or an FFF tree (model.ffn)."""
+    if m.ffn == "fff":
+        return FFFLayer(m.d_model, fff)
+    return MoELayer(m.d_model, moe, router)
 
 
 def count_parameters(model: Transformer) -> dict[str, int]:
@@ -162,7 +175,7 @@ def count_parameters(model: Transformer) -> dict[str, int]:
     counts its nodes and the one leaf inference runs)."""
     total = sum(p.numel() for p in model.parameters())
     active = total
-    k = active_experts(model.cfg)
+    k = model.active_experts
     for layer in model.sparse_layers:
         per_expert = sum(p[0].numel() for p in layer.experts.parameters())
         active -= per_expert * (layer.num_experts - k)

@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from sparse_train.kernels import permute, unpermute
+from sparse_train.kernels import count_per_expert, permute, unpermute
 from sparse_train.models.dispatch import ExpertInput, sort_assignments
-from sparse_train.models.routers import Routing, count_per_expert
+from sparse_train.models.routers import Routing
 
 
 @dataclass

@@ -45,7 +45,7 @@ def compute_of(cfg: Config) -> Compute:
     if cfg.model.vocab_size is None:
         cfg = resolve_config(cfg, BYTE_VOCAB)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff)
     counts = count_parameters(model)
     active = counts["active"] - model.embed.weight.numel() * (not cfg.model.tie_embeddings)
     t, m = cfg.train, cfg.model

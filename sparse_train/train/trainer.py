@@ -120,7 +120,7 @@ class Trainer:
         random.seed(self.cfg.train.seed)
         self.data = data or load_token_data(self.cfg.data, self.tokenizer, self.cfg.model.vocab_size)
         # Every rank builds the whole model from the seed, then keeps its part of the layout.
-        model = Transformer(self.cfg)
+        model = Transformer(self.cfg.model, self.cfg.moe, self.cfg.router, self.cfg.fff)
         self.initialised_from_weights = init_weights is not None and resume_path is None
         if self.initialised_from_weights:
             _load_init_weights(model, init_weights)
@@ -199,12 +199,13 @@ class Trainer:
     def _load(self, path: Path) -> None:
         import yaml
 
-        saved = yaml.safe_load(ckpt.read_checkpoint_config(path))
+        # through compose_config: keys renamed since the checkpoint was written compare under their new names
+        saved = compose_config(yaml.safe_load(ckpt.read_checkpoint_config(path))).to_dict()
         current = self.cfg.to_dict()
         for section in RESUME_MUST_MATCH:
             if section == "fff" and self.cfg.model.ffn != "fff":
-                continue  # the tree's settings only shape FFF models (older checkpoints have no such section)
-            diff = first_difference(saved.get(section, {}), current[section], section + ".")
+                continue  # the tree's settings only shape FFF models
+            diff = first_difference(saved[section], current[section], section + ".")
             if diff:
                 raise ConfigError("--resume", f"{path} was trained with a different config: {diff}")
         ckpt.verify_checkpoint(path)

@@ -119,7 +119,7 @@ def ffn_inputs(
             "--calib", f"{tokens.size} calibration tokens hold fewer than 2 sequences of {seq_len}; give more text"
         )
     batch = torch.from_numpy(tokens[: n_seq * seq_len].astype(np.int64)).view(n_seq, seq_len)
-    model = Transformer(cfg)
+    model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff)
     model.load_state_dict(state, strict=True)
     model.eval()
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}

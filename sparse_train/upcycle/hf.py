@@ -140,23 +140,23 @@ def native_config(ckpt: HFCheckpoint, base: Config | None = None) -> Config:
     data["model"] = {**data.get("model", {}), **model}
     if arch in MOE_ARCHS:
         data["model"]["ffn"] = "moe"
-        data["moe"], data["router"] = _moe_sections(c, arch, data)
+        data["moe"], data["router"], sparse_layers = _moe_sections(c, arch, data)
+        data["model"].update(sparse_layers=sparse_layers, sparse_every_n=1)
     data.setdefault("data", {})["seq_len"] = min(data.get("data", {}).get("seq_len", 128), max_seq)
     return compose_config(data)
 
 
-def _moe_sections(c: dict[str, Any], arch: str, data: dict[str, Any]) -> tuple[dict, dict]:
+def _moe_sections(c: dict[str, Any], arch: str, data: dict[str, Any]) -> tuple[dict, dict, list[int] | None]:
+    """The moe and router sections of an HF MoE config, and its MoE blocks (None: every block)."""
     moe, router = dict(data.get("moe", {})), dict(data.get("router", {}))
     if arch == "MixtralForCausalLM":
         moe.update(
             num_experts=int(c["num_local_experts"]),
             expert_hidden=int(c["intermediate_size"]),
             num_shared_experts=0,
-            layers=None,
-            every_n=1,
         )
         router.update(top_k=int(c["num_experts_per_tok"]), renormalize=True)
-        return moe, router
+        return moe, router, None
     n_layers = int(c["num_hidden_layers"])
     dense = set(c.get("mlp_only_layers") or [])
     step = int(c.get("decoder_sparse_step", 1))
@@ -168,10 +168,9 @@ def _moe_sections(c: dict[str, Any], arch: str, data: dict[str, Any]) -> tuple[d
         num_shared_experts=1 if shared else 0,
         shared_expert_hidden=shared or None,
         shared_expert_gate=bool(shared),
-        layers=sparse,
     )
     router.update(top_k=int(c["num_experts_per_tok"]), renormalize=bool(c.get("norm_topk_prob", False)))
-    return moe, router
+    return moe, router, sparse
 
 
 # ---- tensor names -----------------------------------------------------------------------------
@@ -223,7 +222,7 @@ def to_native(ckpt: HFCheckpoint, cfg: Config) -> dict[str, torch.Tensor]:
     for i in range(m.n_layers):
         for ours, theirs in _attn_pairs(i, m.qkv_bias):
             state[ours] = take(theirs)
-        if m.ffn == "moe" and cfg.moe.is_moe_layer(i, m.n_layers):
+        if m.ffn == "moe" and m.is_sparse_layer(i):
             state.update(_experts_to_native(ckpt.arch, i, cfg, take))
         else:
             for ours, theirs in _swiglu_pairs(
@@ -274,7 +273,7 @@ def export_arch(cfg: Config) -> str:
         raise ConfigError("moe.capacity_factor", "HF MoE blocks are dropless: export a model with capacity_factor null")
     if cfg.router.combine != "weights":
         raise ConfigError("router.combine", "HF MoE blocks weight experts by the router: export needs combine: weights")
-    all_moe = all(moe.is_moe_layer(i, m.n_layers) for i in range(m.n_layers))
+    all_moe = all(m.is_sparse_layer(i) for i in range(m.n_layers))
     if all_moe and not moe.num_shared_experts and cfg.router.renormalize and not m.qkv_bias:
         return "MixtralForCausalLM"
     return "Qwen2MoeForCausalLM"
@@ -299,7 +298,7 @@ def hf_config_dict(cfg: Config, arch: str) -> dict[str, Any]:
     experts = {"num_experts_per_tok": cfg.router.top_k, "router_aux_loss_coef": cfg.router.aux_loss_coef}
     if arch == "MixtralForCausalLM":
         return {**common, **experts, "intermediate_size": moe.expert_hidden, "num_local_experts": moe.num_experts}
-    dense_layers = [i for i in range(m.n_layers) if not moe.is_moe_layer(i, m.n_layers)]
+    dense_layers = [i for i in range(m.n_layers) if not m.is_sparse_layer(i)]
     shared = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
     return {
         **common,
@@ -328,7 +327,7 @@ def from_native(state: dict[str, torch.Tensor], cfg: Config, arch: str) -> dict[
             out[theirs] = (
                 state[ours] if ours in state else torch.zeros(state[ours.replace(".bias", ".weight")].shape[0])
             )
-        if m.ffn == "moe" and cfg.moe.is_moe_layer(i, m.n_layers):
+        if m.ffn == "moe" and m.is_sparse_layer(i):
             out.update(_experts_from_native(arch, i, cfg, state))
         else:
             for ours, theirs in _swiglu_pairs(

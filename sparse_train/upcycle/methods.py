@@ -68,9 +68,9 @@ def _sparse_config(dense: Config, spec: UpcycleSpec, sections: dict[str, dict]) 
     if bad:
         raise ConfigError("--layers", f"block indices must be in [0, {dense.model.n_layers}), got {bad}")
     data = dense.to_dict()
+    data["model"].update(sparse_layers=layers, sparse_every_n=1)
     data["moe"] = {
         **data["moe"],
-        "layers": layers,
         "num_shared_experts": 0,
         "shared_expert_gate": False,
         "capacity_factor": None,
@@ -156,8 +156,10 @@ def upcycle(
     if spec.method in CALIBRATED and calib is None:
         raise ConfigError("--method", f"{spec.method} needs calibration data")
     g = torch.Generator().manual_seed(spec.seed)
-    out = {k: v for k, v in state.items() if not k.startswith(tuple(f"blocks.{i}.ffn." for i in cfg.moe.layers))}
-    for i in cfg.moe.layers:
+    out = {
+        k: v for k, v in state.items() if not k.startswith(tuple(f"blocks.{i}.ffn." for i in cfg.model.sparse_layers))
+    }
+    for i in cfg.model.sparse_layers:
         gate, up, down = _dense_ffn(state, i)
         x = calib.fit[i] if calib is not None else None
         block = _CONVERT[spec.method](gate.float(), up.float(), down.float(), spec, g, x)

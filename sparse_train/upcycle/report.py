@@ -81,7 +81,7 @@ def conversion_report(dense_cfg: Config, dense_state, cfg: Config, state, calib:
     dense_params = 3 * m.d_model * m.ffn_hidden
     n_experts = cfg.fff.num_leaves if cfg.model.ffn == "fff" else cfg.moe.num_experts
     blocks: dict[str, list[dict[str, Any]]] = {}
-    for i in cfg.moe.layers:
+    for i in cfg.model.sparse_layers:
         dense = SwiGLU(m.d_model, m.ffn_hidden)
         dense.load_state_dict(_block_state(dense_state, i))
         x = calib.held_out[i]

@@ -43,8 +43,10 @@ def run_upcycle(
             source.tokenizer(), calib_path, calib_tokens, source.cfg.model.vocab_size, spec.seed
         )
         print(f"calibrating on {tokens.size} tokens of {where}", file=sys.stderr)
-        calib = ffn_inputs(source.cfg, source.state, tokens, planned.moe.layers, source=where)
-    with tqdm(total=len(planned.moe.layers), desc=f"upcycle ({spec.method})", unit="block", file=sys.stderr) as bar:
+        calib = ffn_inputs(source.cfg, source.state, tokens, planned.model.sparse_layers, source=where)
+    with tqdm(
+        total=len(planned.model.sparse_layers), desc=f"upcycle ({spec.method})", unit="block", file=sys.stderr
+    ) as bar:
         cfg, state = upcycle(source.cfg, source.state, spec, progress=lambda i: bar.update(1), calib=calib)
     extra = {}
     if calib is not None:
@@ -69,4 +71,4 @@ def describe_sparse_layers(cfg: Config) -> str:
         shared = f" + {cfg.moe.num_shared_experts} shared" if cfg.moe.num_shared_experts else ""
         shape = f"{cfg.moe.num_experts} experts{shared} of width {cfg.moe.expert_hidden}"
         k = cfg.router.top_k
-    return f"{shape}, top-{k} in blocks {cfg.moe.layers}"
+    return f"{shape}, top-{k} in blocks {cfg.model.sparse_layers}"

@@ -66,9 +66,9 @@ LAYOUTS = {
     "ep2-dp_replicate2": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.ep=2"], []),
     "ep2-dp_shard2": (2, ["parallel.ep=2"], []),
     "ep4": (4, ["parallel.ep=4"], []),
-    "tp2": (2, ["parallel.tp=2"], ["moe.layers=[1]"]),  # block 0 a dense SwiGLU, block 1 MoE
+    "tp2": (2, ["parallel.tp=2"], ["model.sparse_layers=[1]"]),  # block 0 a dense SwiGLU, block 1 MoE
     "pp2": (2, ["parallel.pp=2"], []),
-    "pp2-no-moe-on-first-stage": (2, ["parallel.pp=2"], ["moe.layers=[1]"]),
+    "pp2-no-moe-on-first-stage": (2, ["parallel.pp=2"], ["model.sparse_layers=[1]"]),
     "ep2-dp_shard2-shared-expert": (2, ["parallel.dp_shard=2", "parallel.ep=2"], ["moe.num_shared_experts=1"]),
     "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"], ["moe.num_shared_experts=1"]),
     "pp2-ep2": (4, ["parallel.pp=2", "parallel.ep=2"], []),

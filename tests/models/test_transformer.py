@@ -8,11 +8,11 @@ from tests.conftest import tiny_config
 
 def _model(*extra: str) -> Transformer:
     cfg = tiny_config("model.vocab_size=50", *extra)
-    return Transformer(cfg)
+    return Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff)
 
 
 def test_shapes_and_moe_aux_per_moe_block():
-    model = _model("model.n_layers=3", "moe.every_n=2")
+    model = _model("model.n_layers=3", "model.sparse_every_n=2")
     out = model(torch.randint(0, 50, (2, 9)))
     assert out.logits_BSV.shape == (2, 9, 50)
     assert len(out.sparse_aux) == 1 and len(model.sparse_layers) == 1  # only block 1 of 0..2

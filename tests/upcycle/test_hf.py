@@ -18,7 +18,7 @@ KINDS = ["llama", "mistral", "qwen2", "mixtral", "qwen2moe"]
 def _native(path):
     ckpt = read_hf(path)
     cfg = native_config(ckpt)
-    model = Transformer(cfg)
+    model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff)
     model.load_state_dict(to_native(ckpt, cfg), strict=True)
     return ckpt, cfg, model.eval()
 
@@ -48,7 +48,7 @@ def test_import_matches_transformers_and_export_round_trips_every_tensor(kind, h
 
 def test_qwen2_moe_shared_expert_gate_and_dense_blocks_are_imported(hf_dir):
     _, cfg, model = _native(hf_dir("qwen2moe")[0])
-    assert cfg.moe.layers == [1] and cfg.moe.shared_expert_gate and cfg.model.qkv_bias
+    assert cfg.model.sparse_layers == [1] and cfg.moe.shared_expert_gate and cfg.model.qkv_bias
     assert model.blocks[1].ffn.shared_gate is not None
 
 
@@ -91,7 +91,7 @@ def test_ungated_shared_experts_export_exactly_as_qwen2_moe(tmp_path):
     from tests.conftest import tiny_config
 
     cfg = tiny_config("moe.num_shared_experts=1", "model.vocab_size=258")
-    model = Transformer(cfg).eval()
+    model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff).eval()
     assert write_hf(tmp_path / "out", model.state_dict(), cfg) == "Qwen2MoeForCausalLM"
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -106,7 +106,7 @@ def test_unit_combine_is_not_exported_inexactly(tmp_path):
 
     cfg = tiny_config("router.combine=unit", "model.vocab_size=258")
     with pytest.raises(ConfigError, match="export needs combine: weights"):
-        write_hf(tmp_path / "out", Transformer(cfg).state_dict(), cfg)
+        write_hf(tmp_path / "out", Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff).state_dict(), cfg)
     assert not (tmp_path / "out").exists()
 
 

@@ -17,7 +17,7 @@ TOKENS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3
 
 
 def _logits(cfg, state) -> torch.Tensor:
-    model = Transformer(cfg)
+    model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff)
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
         return model.eval()(TOKENS).logits_BSV
@@ -95,7 +95,7 @@ def test_bad_granularity_names_the_problem(dense):
 
 def test_split_layers_only_touch_the_named_blocks(dense):
     cfg, state = upcycle(dense.cfg, dense.state, UpcycleSpec("split", num_experts=2, top_k=2, layers=[1]))
-    assert cfg.moe.layers == [1]
+    assert cfg.model.sparse_layers == [1]
     assert torch.equal(state["blocks.0.ffn.w_gate.weight"], dense.state["blocks.0.ffn.w_gate.weight"])
     assert "blocks.1.ffn.w_gate.weight" not in state
 
