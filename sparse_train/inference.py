@@ -31,7 +31,8 @@ def load_trained(path: Path, overrides: list[str] | tuple[str, ...] = (), device
     resolved = ckpt.resolve_checkpoint_path(path, warn=lambda msg: None)
     cfg = compose_config(yaml.safe_load(ckpt.read_checkpoint_config(resolved)), overrides)
     model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff).to(device)
-    state = ckpt.load_checkpoint(resolved, model)
+    ckpt.load_sharded(resolved, model, None, distributed=False)  # resolve_checkpoint_path verified it
+    state = ckpt.read_trainer_state(resolved)
     model.eval()
     return LoadedModel(cfg, model, build_tokenizer(cfg.data), int(state["step"]), resolved)
 

@@ -1,4 +1,5 @@
-"""`sparse-train ckpt info | convert`: inspect a checkpoint, or consolidate it into one safetensors file."""
+"""`sparse-train ckpt info | verify | convert`: inspect or check a checkpoint, or consolidate it into one
+safetensors file."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ck_sub = ck.add_subparsers(dest="ckpt_command", required=True, parser_class=ArgumentParser)
     info = ck_sub.add_parser("info", help="a checkpoint's format, step, layout and tensors, as JSON")
     info.add_argument("path", type=Path, help="a checkpoint directory, or a run directory (its newest)")
+    verify = ck_sub.add_parser(
+        "verify", help="check every file of a checkpoint (or of each checkpoint of a run) against its manifest"
+    )
+    verify.add_argument("path", type=Path, help="a checkpoint directory, or a run directory (all its checkpoints)")
     conv = ck_sub.add_parser("convert", help="a checkpoint's whole weights (any layout) as one safetensors file")
     conv.add_argument("path", type=Path, help="a checkpoint directory, or a run directory (its newest)")
     conv.add_argument("--to", dest="target", type=Path, required=True, help="output file, e.g. model.safetensors")
@@ -25,6 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparse_train.train import checkpoint as ckpt
 
+    if args.ckpt_command == "verify":  # a full check: sizes and the checksum of every file
+        reports = [ckpt.verify_report(path) for path in ckpt.checkpoints_in(args.path)]
+        print(json.dumps(reports, indent=1))
+        return 0 if all(r["ok"] for r in reports) else 1
     path = ckpt.resolve_checkpoint_path(args.path, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
     if args.ckpt_command == "info":
         print(json.dumps(ckpt.describe(path), indent=1))

@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser(
         "upcycle", help="turn a dense checkpoint (HF directory or sparse_train run) into an MoE or FFF"
     )
-    up.set_defaults(run=run_upcycle)
+    up.set_defaults(run=run)
     up.add_argument("--from", dest="source", required=True, help="HF model directory or sparse_train checkpoint/run")
     up.add_argument("--to", dest="target", required=True, help="output directory (must not exist; see --overwrite)")
     up.add_argument(
@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conv.add_argument("--overwrite", action="store_true", help="replace --to if it exists")
 
 
-def run_upcycle(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from sparse_train.upcycle.methods import UpcycleSpec
     from sparse_train.upcycle.run import run_upcycle as upcycle
 

@@ -28,6 +28,7 @@ nothing has written it since sharded checkpoints.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -105,7 +106,9 @@ def save_checkpoint(
     calls this (collective); the main rank publishes and returns the path, the others None."""
     bad = sharded.local_non_finite(weights)
     if distributed:
-        flag = torch.tensor([int(bad is not None)])
+        # on the training device: NCCL serves device tensors only
+        device = next((t.device for t in weights.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        flag = torch.tensor([int(bad is not None)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and bad is None:
             bad = "(on another rank)"
@@ -119,20 +122,30 @@ def save_checkpoint(
         tmp.mkdir()
     if distributed:
         dist.barrier()
-    sharded.save(tmp, weights, optim_state, distributed)
     rank = dist.get_rank() if distributed else 0
+    # Each rank checksums the files it writes as it writes them; no rank reads back another's.
+    written = {
+        name: {**meta, "rank": rank} for name, meta in sharded.save(tmp, weights, optim_state, distributed).items()
+    }
     faults.fail_point("save", step=step, rank=rank, run_dir=checkpoints_dir.parent)  # SPARSE_TRAIN_FAIL_AT
-    if distributed:
-        dist.barrier()  # every rank's shards are on disk
+    if distributed:  # also the barrier after which every rank's shards are on disk
+        parts: list[Any] | None = [None] * dist.get_world_size() if is_main else None
+        dist.gather_object(written, parts, dst=0)
+        for part in parts or []:
+            written |= part
     if not is_main:
         return None
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    (tmp / LAYOUT).write_text(json.dumps(layout or {"world_size": 1}, indent=1) + "\n")
-    files = {
-        str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file())
-    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    layout_json = json.dumps(layout or {"world_size": 1}, indent=1) + "\n"
+    for name, data in (
+        ("state.pt", buffer.getvalue()),
+        ("config.yaml", config_yaml.encode()),
+        (LAYOUT, layout_json.encode()),
+    ):
+        (tmp / name).write_bytes(data)
+        written[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rank": rank}
+    files = dict(sorted(written.items()))
     manifest = {"format": FORMAT_VERSION, "step": step, "created": time.time(), "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence means complete
     final = _publish_step(tmp, checkpoints_dir, step)
@@ -178,8 +191,17 @@ def list_checkpoints(checkpoints_dir: Path) -> list[CheckpointInfo]:
     return sorted(found, key=lambda c: (c.step, c.revision), reverse=True)
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Return the manifest, or raise CheckpointError saying what is wrong with the checkpoint."""
+ALL_FILES = "all"
+SIZES_ONLY = "sizes"
+Checksums = str | int  # ALL_FILES, SIZES_ONLY, or a rank: the files that rank wrote
+
+
+def verify_checkpoint(path: Path, checksums: Checksums = ALL_FILES) -> dict[str, Any]:
+    """Return the manifest, or raise CheckpointError saying what is wrong with the checkpoint.
+
+    Every file's presence and size are checked; `checksums` says whose contents are hashed:
+    every file (ALL_FILES: single-process readers, `ckpt verify`), none (SIZES_ONLY), or those
+    rank N wrote (a rank resuming a run hashes its own share, not the whole checkpoint)."""
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -200,23 +222,40 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: missing {name}")
         if f.stat().st_size != meta["bytes"]:
             raise CheckpointError(f"{path}: {name} is truncated ({f.stat().st_size} of {meta['bytes']} bytes)")
-        if _sha256(f) != meta["sha256"]:
+    for name, meta in files.items():
+        # format 2 recorded no writer: rank 0 hashes those files
+        mine = checksums == ALL_FILES or (checksums != SIZES_ONLY and meta.get("rank", 0) == checksums)
+        if mine and _sha256(path / name) != meta["sha256"]:
             raise CheckpointError(f"{path}: {name} is corrupted (checksum mismatch)")
     return manifest
 
 
-def latest_valid_checkpoint(checkpoints_dir: Path, warn: Callable[[str], None]) -> Path | None:
+def latest_valid_checkpoint(
+    checkpoints_dir: Path,
+    warn: Callable[[str], None],
+    *,
+    checksums: Checksums = ALL_FILES,
+    agree: Callable[[bool], bool] | None = None,
+) -> Path | None:
     """The newest checkpoint that verifies; broken newer ones are reported and skipped.
 
+    With `agree` (every rank calls this, each checking its share), a checkpoint counts only if
+    it verified on every rank: `agree(ok)` returns whether all ranks' `ok` were true.
     Raises if checkpoints exist but none verifies: starting over would silently discard them.
     """
     candidates = list_checkpoints(checkpoints_dir)
     for info in candidates:
         try:
-            verify_checkpoint(info.path)
-            return info.path
+            verify_checkpoint(info.path, checksums)
+            ok = True
         except CheckpointError as err:
             warn(f"skipping checkpoint: {err}")
+            ok = False
+        if agree is not None and not agree(ok) and ok:
+            warn(f"skipping checkpoint: {info.path} did not verify on another rank")
+            ok = False
+        if ok:
+            return info.path
     if candidates:
         raise CheckpointError(f"{checkpoints_dir}: no checkpoint verifies ({len(candidates)} found, all broken)")
     return None
@@ -266,13 +305,15 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def read_checkpoint_config(path: Path) -> str:
-    verify_checkpoint(path)
+    """The config a checkpoint was trained with (YAML); the caller has verified the checkpoint."""
     return (path / "config.yaml").read_text()
 
 
 def resolve_checkpoint_path(path: Path, warn: Callable[[str], None]) -> Path:
-    """Accept a checkpoint directory, a run's checkpoints/ directory, or a run directory."""
-    if (path / MANIFEST).exists() or _STEP_DIR.match(path.name):
+    """Accept a checkpoint directory, a run's checkpoints/ directory, or a run directory; the
+    checkpoint found is verified (every file's checksum)."""
+    if _is_checkpoint_dir(path):
+        verify_checkpoint(path)
         return path
     for candidate in (path / "checkpoints", path):
         if list_checkpoints(candidate):
@@ -280,6 +321,37 @@ def resolve_checkpoint_path(path: Path, warn: Callable[[str], None]) -> Path:
             if found is not None:
                 return found
     raise CheckpointError(f"{path}: no checkpoint here (expected a step_XXXXXXXX directory or a run directory)")
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    return (path / MANIFEST).exists() or bool(_STEP_DIR.match(path.name))
+
+
+def checkpoints_in(path: Path) -> list[Path]:
+    """A checkpoint directory itself, or every checkpoint of a run (or its checkpoints/ directory), newest first."""
+    if _is_checkpoint_dir(path):
+        return [path]
+    for candidate in (path / "checkpoints", path):
+        found = list_checkpoints(candidate)
+        if found:
+            return [info.path for info in found]
+    raise CheckpointError(f"{path}: no checkpoint here (expected a step_XXXXXXXX directory or a run directory)")
+
+
+def verify_report(path: Path) -> dict[str, Any]:
+    """`ckpt verify`: every file of one checkpoint checked against its manifest, as a JSON-able record."""
+    try:
+        manifest = verify_checkpoint(path)
+    except CheckpointError as err:
+        return {"path": str(path), "ok": False, "error": str(err)}
+    files = manifest["files"].values()
+    return {
+        "path": str(path),
+        "ok": True,
+        "step": manifest["step"],
+        "files": len(files),
+        "bytes": sum(m["bytes"] for m in files),
+    }
 
 
 # ---- inspection and conversion (`sparse-train ckpt info | convert`) ---------------------------

@@ -16,6 +16,9 @@ for the model and the optimizer state alike, so they load as any other.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -78,12 +82,76 @@ def _quiet(distributed: bool) -> Iterator[None]:
         yield
 
 
-def save(directory: Path, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None, distributed: bool) -> None:
-    """Write this rank's shards (a collective when `distributed`)."""
+FileDigests = dict[str, dict[str, Any]]  # file path relative to the checkpoint -> {"bytes", "sha256"}
+
+
+class _DigestingStream(io.RawIOBase):
+    """A file being written that hashes every byte on its way to disk: the writer of a shard
+    checksums it without reading it back."""
+
+    def __init__(self, raw: io.IOBase) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.sha256.update(view)
+        self.bytes += len(view)
+        return self.raw.write(view)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+class _DigestingFileSystem(FileSystem):
+    """DCP's local file system, recording the size and sha256 of every file it writes (under
+    the name it ends up with: DCP writes `.metadata` as `.metadata.tmp` and renames it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.digests: dict[str, dict[str, Any]] = {}
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
+        with super().create_stream(path, mode) as raw:
+            if "w" not in mode:
+                yield raw
+                return
+            stream = _DigestingStream(raw)
+            yield stream
+            self.digests[str(path)] = {"bytes": stream.bytes, "sha256": stream.sha256.hexdigest()}
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        super().rename(path, new_path)
+        if str(path) in self.digests:
+            self.digests[str(new_path)] = self.digests.pop(str(path))
+
+
+def _save_digested(sd: dict[str, Any], directory: Path, distributed: bool) -> FileDigests:
+    writer = FileSystemWriter(str(directory))
+    writer.fs = file_system = _DigestingFileSystem()
     with _quiet(distributed):
-        dcp.save(model_sd, checkpoint_id=str(directory / MODEL_DIR), no_dist=not distributed)
-        if optim_sd:
-            dcp.save(optim_sd, checkpoint_id=str(directory / OPTIM_DIR), no_dist=not distributed)
+        dcp.save(sd, storage_writer=writer, no_dist=not distributed)
+    return file_system.digests
+
+
+def save(directory: Path, model_sd: dict[str, Any], optim_sd: dict[str, Any] | None, distributed: bool) -> FileDigests:
+    """Write this rank's shards (a collective when `distributed`); the size and checksum of every
+    file this rank wrote, computed while writing, by path relative to `directory`."""
+    digests = _save_digested(model_sd, directory / MODEL_DIR, distributed)
+    if optim_sd:
+        digests |= _save_digested(optim_sd, directory / OPTIM_DIR, distributed)
+    return {str(Path(path).relative_to(directory)): meta for path, meta in digests.items()}
 
 
 def _stored_keys(directory: Path, what: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from sparse_train.config import Config, ConfigError, compose_config
 from sparse_train.data.dataset import BatchSampler, TokenData, load_token_data, validation_batches
 from sparse_train.data.tokenizer import build_tokenizer
-from sparse_train.errors import TrainingStopped
+from sparse_train.errors import CheckpointError, TrainingStopped
 from sparse_train.models.sparse import LOAD_NAMES
 from sparse_train.models.transformer import Transformer, count_parameters
 from sparse_train.parallel.runtime import DistributedRuntime, init_distributed
@@ -190,11 +190,28 @@ class Trainer:
                     "pass --resume auto to continue it or pick another --run-dir",
                 )
             return None
+        # Verified once here: sizes of every file; the contents each rank wrote, by that rank.
+        checksums = self.runtime.rank if self.runtime is not None else ckpt.ALL_FILES
+        agree = self._all_ranks_agree if self.runtime is not None else None
         if resume == "auto":
-            return ckpt.latest_valid_checkpoint(self.checkpoints_dir, self.log)
+            return ckpt.latest_valid_checkpoint(self.checkpoints_dir, self.log, checksums=checksums, agree=agree)
         path = Path(resume)
-        ckpt.verify_checkpoint(path)
+        error = None
+        try:
+            ckpt.verify_checkpoint(path, checksums)
+        except CheckpointError as err:
+            error = err
+        if agree is not None and not agree(error is None) and error is None:
+            error = CheckpointError(f"{path}: does not verify on another rank (see its log)")
+        if error is not None:
+            raise error
         return path
+
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank (a collective, on the training device)."""
+        flag = torch.tensor([int(ok)], device=self.runtime.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
 
     def _load(self, path: Path) -> None:
         import yaml
@@ -208,7 +225,6 @@ class Trainer:
             diff = first_difference(saved[section], current[section], section + ".")
             if diff:
                 raise ConfigError("--resume", f"{path} was trained with a different config: {diff}")
-        ckpt.verify_checkpoint(path)
         module = self.engine.module
         distributed = self.runtime is not None
         partial = distributed and self.runtime.dims.pp > 1

@@ -255,3 +255,50 @@ def test_a_checkpoint_of_another_model_shape_names_the_tensors(tmp_path):
     deeper = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(2, 2))
     with pytest.raises(ckpt.CheckpointError, match=r"missing \['2.bias', '2.weight'\]"):
         ckpt.load_checkpoint(path, deeper)
+
+
+def test_checksums_made_while_writing_match_the_files(tmp_path):
+    import hashlib
+
+    model, opt = _model_and_opt()
+    path = _save(tmp_path, 1, model, opt)
+    files = json.loads((path / ckpt.MANIFEST).read_text())["files"]
+    assert {"model/.metadata", "optim/.metadata", "state.pt", "config.yaml"} <= set(files)
+    for name, meta in files.items():
+        data = (path / name).read_bytes()
+        assert (meta["bytes"], meta["sha256"], meta["rank"]) == (len(data), hashlib.sha256(data).hexdigest(), 0)
+
+
+def test_a_rank_hashes_the_files_it_wrote_and_sizes_all(tmp_path):
+    model, opt = _model_and_opt()
+    path = _save(tmp_path, 1, model, opt)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    shard = next(name for name in manifest["files"] if name.startswith("optim/__"))
+    manifest["files"][shard]["rank"] = 1  # as if rank 1 had written it
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    data = bytearray((path / shard).read_bytes())
+    data[-1] ^= 0xFF  # same size, other contents
+    (path / shard).write_bytes(bytes(data))
+    ckpt.verify_checkpoint(path, 0)  # rank 0 does not read rank 1's shard
+    ckpt.verify_checkpoint(path, ckpt.SIZES_ONLY)
+    for scope in (1, ckpt.ALL_FILES):
+        with pytest.raises(ckpt.CheckpointError, match=f"{shard} is corrupted"):
+            ckpt.verify_checkpoint(path, scope)
+
+
+def test_ckpt_verify_checks_every_checkpoint_of_a_run(tmp_path, capsys):
+    from sparse_train.cli import main
+
+    model, opt = _model_and_opt()
+    run = tmp_path / "run"
+    older, newer = _save(run / "checkpoints", 1, model, opt), _save(run / "checkpoints", 2, model, opt)
+    assert main(["ckpt", "verify", str(run)]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [(r["path"], r["ok"], r["step"]) for r in reports] == [(str(newer), True, 2), (str(older), True, 1)]
+    shard = next((older / "model").glob("__*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1] + bytes([shard.read_bytes()[-1] ^ 1]))
+    assert main(["ckpt", "verify", str(run)]) == 1
+    reports = json.loads(capsys.readouterr().out)
+    assert reports[0]["ok"] and not reports[1]["ok"] and "is corrupted" in reports[1]["error"]
+    assert main(["ckpt", "verify", str(older)]) == 1
+    assert main(["ckpt", "verify", str(tmp_path / "nothing")]) == 2
