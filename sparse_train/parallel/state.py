@@ -1,9 +1,10 @@
 """Whole-model views of a sharded model: the global gradient norm, and full (unsharded) weights.
 
 Parameters may be plain tensors or DTensors sharded over any mix of dp_shard (FSDP2), ep,
-tp; a pipeline stage holds only its blocks. DTensor reductions make each parameter's norm and
-full value exact regardless of its placements; the pipeline stages are then combined over the
-"pp" group. Names are those of the single-device model everywhere.
+tp; a pipeline stage holds only its blocks. The gradient norm adds up each rank's local pieces
+in one all-reduce (see global_grad_norm); full values come from DTensor's own gathers, and the
+pipeline stages' parts are combined over the "pp" group. Names are those of the single-device
+model everywhere.
 """
 
 from __future__ import annotations
@@ -15,36 +16,66 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.utils import get_total_norm
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def global_grad_norm(params: Iterable[nn.Parameter], pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """L2 norm over every gradient of the whole model, however it is sharded (fp32 scalar)."""
-    total = torch.zeros((), dtype=torch.float32)
+def _copies(grad: torch.Tensor, holders: int) -> int:
+    """How many ranks hold an identical copy of this rank's piece of `grad`, among the `holders`
+    ranks that hold the parameter at all (a pipeline stage's ranks)."""
+    if not isinstance(grad, DTensor):
+        return holders  # replicated: data-parallel replicas keep identical gradients
+    mesh = grad.device_mesh
+    replicated = math.prod(mesh.size(d) for d, placement in enumerate(grad.placements) if placement.is_replicate())
+    return replicated * holders // mesh.size()  # copies within its mesh, times the meshes beside it
+
+
+def global_grad_norm(params: Iterable[nn.Parameter], pipeline_stages: int = 1) -> torch.Tensor:
+    """L2 norm over every gradient of the whole model, however it is sharded (fp32 scalar on the
+    gradients' device), in one all-reduce over all ranks whatever the number of parameters.
+
+    Each rank sums the squares of the pieces it holds, each weighted by 1 / (ranks holding the
+    same piece): summed over all ranks, every distinct piece then counts exactly once (pipeline
+    stages hold disjoint parameters, shards disjoint pieces, replicas the same one)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    holders = dist.get_world_size() // pipeline_stages if distributed else 1
+    by_copies: dict[int, list[torch.Tensor]] = {}
+    partial: list[torch.Tensor] = []
     for p in params:
-        if p.grad is not None:
-            norm = _full(torch.linalg.vector_norm(p.grad, 2, dtype=torch.float32))
-            total = total + norm.cpu().square()
-    if pp_group is not None:
-        dist.all_reduce(total, group=pp_group)  # stages hold disjoint parameters
+        if p.grad is None:
+            continue
+        if isinstance(p.grad, DTensor) and any(pl.is_partial() for pl in p.grad.placements):
+            partial.append(p.grad)  # a pending sum: its pieces' squares do not add up (not seen in our layouts)
+            continue
+        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        by_copies.setdefault(_copies(p.grad, holders), []).append(local)
+    device = next((g.device for grads in by_copies.values() for g in grads), torch.device("cpu"))
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for copies, grads in by_copies.items():
+        total += get_total_norm(grads, 2.0).float().square() / copies
+    if distributed:
+        dist.all_reduce(total)
+    for grad in partial:  # exact, one collective each
+        total += torch.linalg.vector_norm(grad, 2, dtype=torch.float32).full_tensor().square()
     return total.sqrt()
 
 
-def clip_grad_norm_(
-    params: list[nn.Parameter], max_norm: float | None, pp_group: dist.ProcessGroup | None = None
-) -> float:
-    """Clip gradients to a global norm of `max_norm` (None: measure only); returns the norm before."""
-    norm = float(global_grad_norm(params, pp_group))
-    if max_norm is not None and math.isfinite(norm):
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-    return norm
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float | None, pipeline_stages: int = 1) -> float:
+    """Clip gradients to a global norm of `max_norm` (None: measure only); returns the norm before.
+
+    torch.nn.utils.clip_grads_with_norm_ would do the scaling, but refuses a mix of DTensor and
+    plain gradients; the local pieces are scaled here the same way (one foreach multiply)."""
+    norm = global_grad_norm(params, pipeline_stages)
+    if max_norm is not None:
+        # a non-finite norm leaves the gradients as they are: the step is skipped
+        coef = torch.where(torch.isfinite(norm), torch.clamp(max_norm / (norm + 1e-6), max=1.0), 1.0)
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return float(norm)
 
 
 def full_state_dict(module: nn.Module, pp_group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:

@@ -63,6 +63,7 @@ class Engine:
             f"block{name.split('.')[1]}" for name, m in self.module.named_modules() if isinstance(m, SparseFFN)
         ]
         self.num_sparse_layers = len(model.sparse_layers)
+        self.all_sparse_names = self._gather_sparse_names()  # once: a collective under pp, constant after
 
     # ---- layout helpers -------------------------------------------------------------------
     @property
@@ -164,7 +165,8 @@ class Engine:
         else:  # sums over this stage's layers: the layer mean needs the whole pipeline's sum
             values = [sums["loss"] / accum, sums["lm_loss"] / accum]
             values += [sums[name] / accum / n_layers for name in self.aux_names]
-        vector = torch.tensor([*values, 0.0 if finite else 1.0], dtype=torch.float64)
+        # collectives on the training device (NCCL serves no CPU tensors)
+        vector = torch.tensor([*values, 0.0 if finite else 1.0], dtype=torch.float64, device=self.device)
         if (pp := self._group("pp")) is not None:
             dist.all_reduce(vector, group=pp)
             gathered: list[Any] = [None] * dist.get_world_size(pp)
@@ -173,23 +175,32 @@ class Engine:
         if (dp := self._group("dp")) is not None:
             dist.all_reduce(vector, group=dp)
             vector[:n_losses] /= self.runtime.dims.dp
-            for s in stats:
-                keys = sorted(s["metrics"])
-                scalars = torch.tensor([s["metrics"][k] for k in keys], dtype=torch.float64)
-                packed = torch.cat([s["load"].double(), scalars])
-                dist.all_reduce(packed, group=dp)
-                packed /= self.runtime.dims.dp
-                s["load"] = packed[: s["load"].numel()].float()
-                s["metrics"] = dict(zip(keys, (float(v) for v in packed[s["load"].numel() :]), strict=True))
+            self._average_layer_stats(stats, dp)
         losses = dict(zip(self.loss_keys, (float(v) for v in vector[:n_losses]), strict=True))
-        names = self._all_sparse_names()
-        return StepResult(losses, bool(vector[n_losses] == 0), stats, names)
+        return StepResult(losses, bool(vector[n_losses] == 0), stats, self.all_sparse_names)
+
+    def _average_layer_stats(self, stats: list[dict[str, Any]], dp: dist.ProcessGroup) -> None:
+        """Every layer's load and metrics averaged over the data-parallel ranks, in one all-reduce."""
+        keys = [sorted(s["metrics"]) for s in stats]
+        parts = [
+            torch.cat([s["load"].double(), torch.tensor([s["metrics"][k] for k in ks], dtype=torch.float64)])
+            for s, ks in zip(stats, keys, strict=True)
+        ]
+        if not parts:
+            return
+        packed = torch.cat(parts).to(self.device)
+        dist.all_reduce(packed, group=dp)
+        packed = (packed / self.runtime.dims.dp).cpu()
+        for s, ks, part in zip(stats, keys, packed.split([len(p) for p in parts]), strict=True):
+            n = s["load"].numel()
+            s["load"] = part[:n].float()
+            s["metrics"] = dict(zip(ks, (float(v) for v in part[n:]), strict=True))
 
     def layer_names(self) -> list[str]:
-        """Names of the whole model's sparse layers ("block<i>"), in block order (collective under pp)."""
-        return self._all_sparse_names()
+        """Names of the whole model's sparse layers ("block<i>"), in block order."""
+        return self.all_sparse_names
 
-    def _all_sparse_names(self) -> list[str]:
+    def _gather_sparse_names(self) -> list[str]:
         if (pp := self._group("pp")) is None:
             return self.sparse_names
         gathered: list[Any] = [None] * dist.get_world_size(pp)
@@ -198,7 +209,7 @@ class Engine:
 
     # ---- gradients, evaluation, state -----------------------------------------------------
     def clip_grad_norm(self, max_norm: float | None) -> float:
-        return clip_grad_norm_(self.parameters(), max_norm, self._group("pp"))
+        return clip_grad_norm_(self.parameters(), max_norm, self.runtime.dims.pp if self.runtime else 1)
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch], autocast) -> tuple[float, list[torch.Tensor]]:

@@ -91,7 +91,8 @@ def _data() -> TokenData:
 
 
 def _train(cfg: Config, run_dir: str, data: TokenData):
-    """(per-step losses, first step's gradients, final weights), all whole tensors; on rank 0."""
+    """(per-step losses, per-step gradient norms, first step's gradients, final weights), all whole
+    tensors; on rank 0."""
     from sparse_train.train.trainer import Trainer
 
     trainer = Trainer(cfg, Path(run_dir), data=data, log=lambda msg: None)
@@ -102,10 +103,11 @@ def _train(cfg: Config, run_dir: str, data: TokenData):
             first_grads.update(trainer.engine.full_gradients())
 
     trainer.optimizer.register_step_pre_hook(record_first_gradients)
-    losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
+    records = [trainer.train_step() for _ in range(STEPS)]
     weights = trainer.engine.full_state_dict()
     trainer.metrics.close()
-    return (losses, first_grads, weights) if trainer.is_main else None
+    losses, norms = [r["loss"] for r in records], [r["grad_norm"] for r in records]
+    return (losses, norms, first_grads, weights) if trainer.is_main else None
 
 
 def _assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
@@ -123,9 +125,12 @@ def _config(model_extra: list[str], parallel: list[str]) -> Config:
 def test_layout_reproduces_single_process_losses_and_parameters(layout, tmp_path):
     world, parallel, model_extra = LAYOUTS[layout]
     data = _data()
-    ref_losses, ref_grads, ref_weights = _train(_config(model_extra, []), str(tmp_path / "single"), data)
-    losses, grads, weights = run_ranks(_train, world, _config(model_extra, parallel), str(tmp_path / layout), data)[0]
+    ref_losses, ref_norms, ref_grads, ref_weights = _train(_config(model_extra, []), str(tmp_path / "single"), data)
+    run = run_ranks(_train, world, _config(model_extra, parallel), str(tmp_path / layout), data)[0]
+    losses, norms, grads, weights = run
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f"{layout}: per-step losses")
+    # the norm clipping uses (Adam would hide a gradient off by a constant factor, not a wrong clip)
+    np.testing.assert_allclose(norms, ref_norms, rtol=1e-5, err_msg=f"{layout}: per-step gradient norms")
     _assert_same_tensors(grads, ref_grads, f"{layout}: first-step gradient")
     _assert_same_tensors(weights, ref_weights, f"{layout}: final weight")
     assert ref_losses[-1] < ref_losses[0], "the reference run must actually train"
