@@ -59,6 +59,7 @@ def _bytes_read_by(cfg, run_dir: str, data, resume: str | None) -> list[int]:
     return reads
 
 
+@pytest.mark.slow  # two 2-process runs: a measurement more than a unit test
 @pytest.mark.skipif(not Path("/proc/self/io").is_file(), reason="per-process I/O counters are Linux's")
 def test_save_reads_back_nothing_and_resume_reads_about_a_ranks_share(tmp_path):
     run = tmp_path / "run"
