@@ -103,11 +103,15 @@ class Engine:
             sums, finite, per_layer = self._direct(micro_batches, autocast)
         return self._reduce(sums, finite, per_layer, len(micro_batches))
 
+    def _zeros(self) -> dict[str, torch.Tensor]:
+        return {key: torch.zeros((), dtype=torch.float64, device=self.device) for key in self.loss_keys}
+
     def _direct(self, micro_batches: list[Batch], autocast):
+        """Losses and the finite flag accumulate on the device: no host read per micro-batch."""
         accum = len(micro_batches)
-        sums = dict.fromkeys(self.loss_keys, 0.0)
+        sums = self._zeros()
         per_layer: list[list[SparseAux]] = []
-        finite = True
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         fsdp = hasattr(self.module, "set_requires_gradient_sync")
         for j, (inputs, targets) in enumerate(micro_batches):
             if fsdp:  # reduce gradients once, after the last micro-batch
@@ -115,15 +119,12 @@ class Engine:
             with autocast():
                 output = self.module(inputs)
             parts = self.loss_of(output, targets)
-            if not torch.isfinite(parts.loss):
-                finite = False
-                if self.runtime is None:
-                    continue  # one process: skip the backward; the step is skipped anyway
-                # many processes: every rank must run the same collectives; the global
-                # gradient norm turns non-finite and the step is skipped on all ranks
+            # A non-finite loss still runs its backward (every rank must run the same collectives);
+            # the gradient norm turns non-finite and the step is skipped.
+            finite &= torch.isfinite(parts.loss)
             (parts.loss / accum).backward()
             for key, value in parts.values().items():
-                sums[key] += float(value.detach())
+                sums[key] += value.detach().double()
             per_layer.append(output.sparse_aux)
         return sums, finite, per_layer
 
@@ -144,19 +145,24 @@ class Engine:
                 self.schedule.step(target=targets, losses=losses)
             else:
                 self.schedule.step()
-        sums = dict.fromkeys(self.loss_keys, 0.0)
-        sums["lm_loss"] = float(sum(float(loss.detach()) for loss in losses))
-        sums["loss"] = sums["lm_loss"]
+        sums = self._zeros()
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        for loss in losses:  # the last stage's
+            sums["lm_loss"] += loss.detach().double()
+            finite &= torch.isfinite(loss.detach())
+        sums["loss"] += sums["lm_loss"]
         for step_aux in stage.recorded_aux:
             for a in step_aux:
-                sums["loss"] += float(a.objective)
+                sums["loss"] += a.objective.double()
                 for name in self.aux_names:
-                    sums[name] += float(a.losses[name])
-        finite = all(torch.isfinite(loss).item() for loss in losses)
+                    sums[name] += a.losses[name].double()
         return sums, finite, list(stage.recorded_aux)
 
-    def _reduce(self, sums: dict[str, float], finite: bool, per_layer: list[list[SparseAux]], accum: int) -> StepResult:
-        """Means over micro-batches, layers and data-parallel ranks; pipeline stages' parts summed."""
+    def _reduce(
+        self, sums: dict[str, torch.Tensor], finite: torch.Tensor, per_layer: list[list[SparseAux]], accum: int
+    ) -> StepResult:
+        """Means over micro-batches, layers and data-parallel ranks; pipeline stages' parts summed.
+        The one place a step reads values back to the host: once, after its reductions."""
         stats = _layer_stats(per_layer, accum)
         n_losses = len(self.loss_keys)
         n_layers = max(self.num_sparse_layers, 1)
@@ -166,35 +172,43 @@ class Engine:
             values = [sums["loss"] / accum, sums["lm_loss"] / accum]
             values += [sums[name] / accum / n_layers for name in self.aux_names]
         # collectives on the training device (NCCL serves no CPU tensors)
-        vector = torch.tensor([*values, 0.0 if finite else 1.0], dtype=torch.float64, device=self.device)
+        vector = torch.stack([*values, (~finite).double()])
         if (pp := self._group("pp")) is not None:
             dist.all_reduce(vector, group=pp)
-            gathered: list[Any] = [None] * dist.get_world_size(pp)
-            dist.all_gather_object(gathered, stats, group=pp)
-            stats = [s for part in gathered for s in part]
         if (dp := self._group("dp")) is not None:
             dist.all_reduce(vector, group=dp)
             vector[:n_losses] /= self.runtime.dims.dp
-            self._average_layer_stats(stats, dp)
-        losses = dict(zip(self.loss_keys, (float(v) for v in vector[:n_losses]), strict=True))
-        return StepResult(losses, bool(vector[n_losses] == 0), stats, self.all_sparse_names)
+        stats = self._stats_to_host(stats, dp)
+        if pp is not None:
+            gathered: list[Any] = [None] * dist.get_world_size(pp)
+            dist.all_gather_object(gathered, stats, group=pp)
+            stats = [s for part in gathered for s in part]
+        host = vector.tolist()
+        losses = dict(zip(self.loss_keys, host[:n_losses], strict=True))
+        return StepResult(losses, host[n_losses] == 0, stats, self.all_sparse_names)
 
-    def _average_layer_stats(self, stats: list[dict[str, Any]], dp: dist.ProcessGroup) -> None:
-        """Every layer's load and metrics averaged over the data-parallel ranks, in one all-reduce."""
+    def _stats_to_host(self, stats: list[dict[str, Any]], dp: dist.ProcessGroup | None) -> list[dict[str, Any]]:
+        """Every layer's load and metrics (averaged over the data-parallel ranks, in one packed
+        all-reduce) as CPU tensors and floats, read back in one copy."""
         keys = [sorted(s["metrics"]) for s in stats]
         parts = [
-            torch.cat([s["load"].double(), torch.tensor([s["metrics"][k] for k in ks], dtype=torch.float64)])
+            torch.cat([s["load"].double(), *(s["metrics"][k].double().reshape(1) for k in ks)])
             for s, ks in zip(stats, keys, strict=True)
         ]
         if not parts:
-            return
-        packed = torch.cat(parts).to(self.device)
-        dist.all_reduce(packed, group=dp)
-        packed = (packed / self.runtime.dims.dp).cpu()
+            return stats
+        packed = torch.cat(parts)
+        if dp is not None:
+            dist.all_reduce(packed, group=dp)
+            packed /= self.runtime.dims.dp
+        packed = packed.cpu()
+        out = []
         for s, ks, part in zip(stats, keys, packed.split([len(p) for p in parts]), strict=True):
             n = s["load"].numel()
-            s["load"] = part[:n].float()
-            s["metrics"] = dict(zip(ks, (float(v) for v in part[n:]), strict=True))
+            out.append(
+                {"kind": s["kind"], "load": part[:n].float(), "metrics": dict(zip(ks, part[n:].tolist(), strict=True))}
+            )
+        return out
 
     def layer_names(self) -> list[str]:
         """Names of the whole model's sparse layers ("block<i>"), in block order."""
@@ -217,7 +231,8 @@ class Engine:
         self.module.eval()
         self.reset_balance_counts()
         batches = [tuple(t.to(self.device) for t in self.local_share(b)) for b in batches]
-        total, per_layer = 0.0, []
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        per_layer: list[list[SparseAux]] = []
         try:
             if self.schedule is not None:
                 total, per_layer = self._evaluate_pipelined(batches, autocast)
@@ -225,18 +240,19 @@ class Engine:
                 for inputs, targets in batches:
                     with autocast():
                         output = self.module(inputs)
-                    total += float(lm_loss(output.logits_BSV, targets))
+                    total += lm_loss(output.logits_BSV, targets).double()
                     per_layer.append(output.sparse_aux)
         finally:
             self.module.train()
-        sums = {**dict.fromkeys(self.loss_keys, 0.0), "loss": total, "lm_loss": total}
-        result = self._reduce(sums, True, per_layer, len(batches))
+        sums = {**self._zeros(), "loss": total, "lm_loss": total}
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        result = self._reduce(sums, finite, per_layer, len(batches))
         return result.losses["lm_loss"], [s["load"] for s in result.layer_stats]
 
-    def _evaluate_pipelined(self, batches: list[Batch], autocast) -> tuple[float, list[list[SparseAux]]]:
+    def _evaluate_pipelined(self, batches: list[Batch], autocast) -> tuple[torch.Tensor, list[list[SparseAux]]]:
         stage, accum = self.stage, self.cfg.train.grad_accum
         stage.recorded_aux.clear()
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for start in range(0, len(batches), accum):
             group = batches[start : start + accum]
             inputs, targets = torch.cat([b[0] for b in group]), torch.cat([b[1] for b in group])
@@ -248,7 +264,8 @@ class Engine:
                     self.schedule.eval(target=targets, losses=losses)
                 else:
                     self.schedule.eval()
-            total += sum(float(loss) for loss in losses)
+            for loss in losses:
+                total += loss.detach().double()
         return total, list(stage.recorded_aux)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -285,13 +302,13 @@ def _cpu(v: Any) -> Any:
 
 
 def _layer_stats(per_layer: list[list[SparseAux]], accum: int) -> list[dict[str, Any]]:
-    """Per sparse layer of this rank, means over the micro-batches: kind, load, metrics."""
+    """Per sparse layer of this rank, means over the micro-batches (on the device): kind, load, metrics."""
     stats: list[dict[str, Any]] = []
     for step_aux in per_layer:
         for i, aux in enumerate(step_aux):
             if len(stats) <= i:
-                stats.append({"kind": aux.kind, "load": torch.zeros(aux.load.shape), "metrics": {}})
-            stats[i]["load"] += aux.load.detach().float().cpu() / accum
+                stats.append({"kind": aux.kind, "load": torch.zeros_like(aux.load, dtype=torch.float32), "metrics": {}})
+            stats[i]["load"] += aux.load.detach().float() / accum
             for key, value in aux.metrics.items():
-                stats[i]["metrics"][key] = stats[i]["metrics"].get(key, 0.0) + float(value) / accum
+                stats[i]["metrics"][key] = stats[i]["metrics"].get(key, 0.0) + value.detach().double() / accum
     return stats

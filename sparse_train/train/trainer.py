@@ -325,9 +325,9 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_total,
         }
         for name, stats in zip(result.layer_names, result.layer_stats, strict=True):
-            kind, load = stats["kind"], stats["load"]
-            record[f"{kind}/{name}/{LOAD_NAMES[kind]}"] = [round(float(v), 5) for v in load]
-            record[f"{kind}/{name}/load_imbalance"] = float(load.max() * load.numel())
+            kind, load = stats["kind"], stats["load"].tolist()  # a CPU tensor already: no device read
+            record[f"{kind}/{name}/{LOAD_NAMES[kind]}"] = [round(v, 5) for v in load]
+            record[f"{kind}/{name}/load_imbalance"] = max(load) * len(load)
             for key, value in stats["metrics"].items():
                 record[f"{kind}/{name}/{key}"] = value
         return record
