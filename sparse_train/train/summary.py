@@ -19,6 +19,7 @@ class RunSummary:
     checkpoint: Path | None
     params: dict[str, int] = field(default_factory=dict)
     sparse_kind: str = "moe"  # model.ffn: what load_imbalance measures (experts or FFF leaves)
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)  # build, step: largest over ranks; ranks
 
 
 def format_summary(s: RunSummary) -> str:
@@ -38,6 +39,12 @@ def format_summary(s: RunSummary) -> str:
             lines.append(f"  leaf usage    max/mean per FFF layer (1.00 = balanced): {balance}")
         else:
             lines.append(f"  expert load   max/mean per MoE layer (1.00 = balanced): {balance}")
+    if s.peak_memory_mb:
+        m = s.peak_memory_mb
+        lines.append(
+            f"  peak memory   {m['build']:,.0f} MB built, {m['step']:,.0f} MB after the first step "
+            f"(largest of {m['ranks']:.0f} rank{'s' if m['ranks'] > 1 else ''}; per rank in metrics.jsonl)"
+        )
     if s.nonfinite_steps:
         lines.append(f"  skipped       {s.nonfinite_steps} non-finite steps")
     lines += [

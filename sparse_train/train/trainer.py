@@ -27,7 +27,7 @@ from sparse_train.models.sparse import LOAD_NAMES
 from sparse_train.models.transformer import Transformer, count_parameters
 from sparse_train.parallel.runtime import DistributedRuntime, init_distributed
 from sparse_train.train import checkpoint as ckpt
-from sparse_train.train import faults, sharded
+from sparse_train.train import faults, memory, sharded
 from sparse_train.train.engine import Engine
 from sparse_train.train.metrics import MetricsLogger
 from sparse_train.train.optim import build_optimizer, build_scheduler
@@ -145,6 +145,8 @@ class Trainer:
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        self.build_peak_mb = memory.peak_mb(self.device)  # the model, optimizer and data in place
+        self.peak_memory_mb: dict[str, float] = {}
         # Only the main rank writes metrics; the others' records are the same numbers.
         self.metrics = MetricsLogger(
             run_dir,
@@ -383,6 +385,8 @@ class Trainer:
                     self.metrics.log(record)
                     if "loss" in record:
                         last_record = record
+                if not self.peak_memory_mb:  # once per process, after its first step (and its record)
+                    self._record_peak_memory()
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val_loss = self._evaluate_and_log()
                 every = self.cfg.checkpoint.every
@@ -406,7 +410,18 @@ class Trainer:
             checkpoint=last_ckpt,
             params=self.params,
             sparse_kind=self.cfg.model.ffn,
+            peak_memory_mb=self.peak_memory_mb,
         )
+
+    def _record_peak_memory(self) -> None:
+        """Every rank's peak memory after building and after its first step, in metrics.jsonl
+        (`memory/*_peak_mb`, one value per rank) and, as the largest over ranks, in the summary."""
+        table = memory.per_rank(
+            [self.build_peak_mb, memory.peak_mb(self.device)], self.device, self.runtime is not None
+        )
+        build, step = [row[0] for row in table], [row[1] for row in table]
+        self.metrics.log({"step": self.step, "memory/build_peak_mb": build, "memory/step_peak_mb": step})
+        self.peak_memory_mb = {"build": max(build), "step": max(step), "ranks": len(table)}
 
     def _evaluate_and_log(self) -> float:
         val_loss, load_LE = self.evaluate()

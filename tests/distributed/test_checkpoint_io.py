@@ -73,6 +73,8 @@ def test_save_reads_back_nothing_and_resume_reads_about_a_ranks_share(tmp_path):
     assert min(share.values()) > 0.3 * total, f"both ranks write shards: {share}"
     for name, meta in manifest["files"].items():  # checksums made while writing are the files' own
         assert hashlib.sha256((final / name).read_bytes()).hexdigest() == meta["sha256"], name
+    peaks = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "memory/" in line)
+    assert len(peaks["memory/build_peak_mb"]) == len(peaks["memory/step_peak_mb"]) == 2  # one value per rank
     for rank in (0, 1):
         later_saves, resume = saves[rank][1:], sum(resumes[rank])  # the first save warms up imports
         assert later_saves and max(later_saves) < 0.25 * share[rank], f"rank {rank} saving read {later_saves} ({share})"

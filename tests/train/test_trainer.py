@@ -212,3 +212,15 @@ def test_fff_model_trains_and_logs_tree_metrics(tmp_path, mode):
 def _validation_usage(trainer: Trainer):
     """The validation leaf usage per layer, as the last evaluation measured it."""
     return trainer.evaluate()[1]
+
+
+def test_peak_memory_is_recorded_after_building_and_after_the_first_step(tmp_path):
+    from sparse_train.train.summary import format_summary
+
+    summary = Trainer(tiny_config("train.steps=3"), tmp_path).fit()
+    memory = [r for r in _records(tmp_path) if "memory/build_peak_mb" in r]
+    assert len(memory) == 1 and memory[0]["step"] == 1  # once, after the first step
+    (build,), (step,) = memory[0]["memory/build_peak_mb"], memory[0]["memory/step_peak_mb"]
+    assert 10 < build <= step  # MB of this process (peak RSS on CPU): a peak never falls
+    assert summary.peak_memory_mb == {"build": build, "step": step, "ranks": 1}
+    assert f"{build:,.0f} MB built" in format_summary(summary)
