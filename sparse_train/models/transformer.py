@@ -9,8 +9,9 @@ Shape legend: B batch, S sequence, D model width, H heads, Hkv key/value heads, 
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 from sparse_train.config import FFFConfig, ModelConfig, MoEConfig, RouterConfig
 from sparse_train.models.experts import SwiGLU
 from sparse_train.models.fff import FFFLayer
+from sparse_train.models.init import init_parameters, load_parameters
 from sparse_train.models.moe import MoELayer
 from sparse_train.models.sparse import SparseAux, SparseFFN
 
@@ -34,10 +36,6 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Te
     half = x_BHSDh.shape[-1] // 2
     rotated = torch.cat([-x_BHSDh[..., half:], x_BHSDh[..., :half]], dim=-1)
     return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
-
-
-# Projections into the residual stream: initialised with the smaller std.
-OUTPUT_PROJECTIONS = ("wo.weight", "w_down.weight", "w_down", "w_out.weight", "w_out")
 
 
 class Attention(nn.Module):
@@ -123,27 +121,19 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(m.head_dim, m.max_seq_len, m.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if not self.embed.weight.is_meta:  # built on the meta device: `materialize` initialises
+            self.reset_parameters()
 
     @property
     def sparse_layers(self) -> list[SparseFFN]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, SparseFFN)]
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std); output projections scaled by 1/sqrt(2 * n_layers) (GPT-2); biases,
-        FFF node biases and master-leaf blend logits zero (undecided nodes, an even blend)."""
-        std = self.config.init_std
-        out_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith(("node_bias", "master_logit", ".bias")):
-                nn.init.zeros_(p)
-            elif p.dim() == 1:
-                nn.init.ones_(p)  # RMSNorm scales
-            elif name.endswith(OUTPUT_PROJECTIONS):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=std)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Seeded, layout-independent initialisation (sparse_train.models.init); without a seed,
+        one drawn from torch's global generator (so `torch.manual_seed` fixes the weights)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        init_parameters(self, self.config, seed)
 
     def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
         S = tokens_BS.shape[1]
@@ -157,6 +147,31 @@ class Transformer(nn.Module):
             if layer_aux is not None:
                 aux.append(layer_aux)
         return ModelOutput(self.lm_head(self.norm(x_BSD)), aux)
+
+
+def materialize(
+    module: nn.Module,
+    m: ModelConfig,
+    device: torch.device,
+    *,
+    seed: int | None = None,
+    weights: Mapping[str, Any] | None = None,
+) -> None:
+    """Give a model built on the meta device (whole, a pipeline stage, or sharded by the layout)
+    storage on `device`, and fill it: each parameter's local part from `weights` (whole tensors
+    or lazily read slices) or else from `seed`; the rotary tables recomputed. Only this rank's
+    parts are ever allocated or drawn."""
+    module.to_empty(device=device)
+    cos, sin = rotary_tables(m.head_dim, m.max_seq_len, m.rope_theta)
+    for sub in module.modules():
+        if "rope_cos" in sub._buffers:
+            sub.rope_cos, sub.rope_sin = cos.to(device), sin.to(device)
+    if weights is not None:
+        load_parameters(module, weights)
+    elif seed is not None:
+        init_parameters(module, m, seed)
+    else:
+        raise ValueError("materialize needs a seed or weights")
 
 
 def dense_ffn(m: ModelConfig) -> SwiGLU:

@@ -11,7 +11,7 @@ import contextlib
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from sparse_train.data.dataset import BatchSampler, TokenData, load_token_data, 
 from sparse_train.data.tokenizer import build_tokenizer
 from sparse_train.errors import CheckpointError, TrainingStopped
 from sparse_train.models.sparse import LOAD_NAMES
-from sparse_train.models.transformer import Transformer, count_parameters
+from sparse_train.models.transformer import Transformer, count_parameters, materialize
 from sparse_train.parallel.runtime import DistributedRuntime, init_distributed
 from sparse_train.train import checkpoint as ckpt
 from sparse_train.train import faults, memory, sharded
@@ -57,7 +57,8 @@ def resolve_config(cfg: Config, vocab_size: int) -> Config:
     return compose_config(data)
 
 
-def _load_init_weights(model: Transformer, weights: dict[str, torch.Tensor]) -> None:
+def check_init_weights(model: Transformer, weights: Mapping[str, torch.Tensor]) -> None:
+    """`weights` names exactly the model's tensors, each of its shape (one line naming the first misfit)."""
     expected = model.state_dict()
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or extra:
@@ -66,11 +67,10 @@ def _load_init_weights(model: Transformer, weights: dict[str, torch.Tensor]) -> 
             "--init-from", f"the weights do not fit the model ({what}; {len(missing) + len(extra)} in all)"
         )
     for name, tensor in weights.items():
-        if tensor.shape != expected[name].shape:
+        if tuple(tensor.shape) != tuple(expected[name].shape):
             raise ConfigError(
                 "--init-from", f"{name} has shape {tuple(tensor.shape)}, the model {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(weights, strict=True)
 
 
 def first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
@@ -119,15 +119,23 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)
         random.seed(self.cfg.train.seed)
         self.data = data or load_token_data(self.cfg.data, self.tokenizer, self.cfg.model.vocab_size)
-        # Every rank builds the whole model from the seed, then keeps its part of the layout.
-        model = Transformer(self.cfg.model, self.cfg.moe, self.cfg.router, self.cfg.fff)
+        # Built without storage, split and sharded by the layout, then only this rank's part is
+        # allocated and filled: from the seed (the same weights in every layout) or given weights.
+        with torch.device("meta"):
+            model = Transformer(self.cfg.model, self.cfg.moe, self.cfg.router, self.cfg.fff)
         self.initialised_from_weights = init_weights is not None and resume_path is None
         if self.initialised_from_weights:
-            _load_init_weights(model, init_weights)
-        model = model.to(self.device)
+            check_init_weights(model, init_weights)
         self.params = count_parameters(model)
         self.engine = Engine(model, self.cfg, self.runtime)
         self.model = self.engine.module  # this rank's part: the model itself on one process
+        materialize(
+            self.model,
+            self.cfg.model,
+            self.device,
+            seed=self.cfg.train.seed,
+            weights=init_weights if self.initialised_from_weights else None,
+        )
         # One foreach kernel cannot mix DTensors of different meshes (experts vs the rest).
         foreach = None if self.runtime is None else False
         self.optimizer = build_optimizer(
