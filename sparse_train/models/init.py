@@ -124,4 +124,3 @@ def load_parameters(module: nn.Module, source: Mapping[str, Any]) -> None:
     for name, param in module.named_parameters():
         local, _shape, offset, size = local_region(param)
         local.copy_(source[name][region_slices(offset, size)])
-
