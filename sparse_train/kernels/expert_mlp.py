@@ -18,10 +18,12 @@ Backends:
   "torch"      one fused loop over experts (gather rows, 2 GEMMs, weighted index_add), and a
                hand-written backward that recomputes nothing expensive; the CPU fast path
   "triton"     the same dataflow as whole-tensor grouped GEMMs with fused gathers (GPU)
+  "grouped_mm" the triton dataflow with torch._grouped_mm for the GEMMs and index ops for the
+               gathers and the scatter (see kernels.grouped_gemm for where it runs)
   "reference"  per-expert loop with plain autograd; the ground truth in tests
   "auto"       triton on CUDA when installed, torch elsewhere
 
-Both fast backends run through the custom op `sparse_train::swiglu_experts` (fake impl and
+The fast backends run through the custom op `sparse_train::swiglu_experts` (fake impl and
 registered autograd), so `torch.compile` traces an MoE layer that uses it.
 """
 
@@ -31,7 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from sparse_train.kernels.cpu_parallel import balanced_parts, expert_workers, run_parts
-from sparse_train.kernels.grouped_gemm import Backend, autocast_inputs, resolve_backend
+from sparse_train.kernels.grouped_gemm import (
+    Backend,
+    autocast_inputs,
+    check_grouped_mm_operands,
+    gmm_dw_grouped_mm,
+    gmm_grouped_mm,
+    resolve_backend,
+)
 
 
 def _swiglu_grads(
@@ -197,7 +206,52 @@ def _backward_triton(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, si
     return dx, dw_gate_up, dw_down, dweight
 
 
-_IMPLS = {"torch": (_forward_torch, _backward_torch), "triton": (_forward_triton, _backward_triton)}
+# ---- grouped_mm: torch._grouped_mm for the GEMMs, index ops for the row moves ----------------
+# torch._grouped_mm writes its output dtype only (no fp32 output for bf16 inputs), so row-space
+# gradients are upcast right after each GEMM, and scatters accumulate in fp32 as Triton's do.
+def _scatter_add_fp32(src: torch.Tensor, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    return out.index_add_(0, rows, src.float()).to(like.dtype)
+
+
+def _forward_grouped_mm(x, w_gate_up, w_down, rows, counts, weight):
+    hidden, A = w_down.shape[1], rows.numel()
+    gate_up = gmm_grouped_mm(x, w_gate_up, counts, rows, None, A, False)
+    silu = F.silu(gate_up[:, :hidden])
+    act = silu * gate_up[:, hidden:]
+    out = gmm_grouped_mm(act, w_down, counts, None, None, A, False)
+    if weight is not None:
+        out = out.float() * weight[:, None].float()
+    return _scatter_add_fp32(out, rows, x), gate_up, silu, act
+
+
+def _backward_grouped_mm(dy, x, w_gate_up, w_down, rows, counts, weight, gate_up, silu, act, need_dx):
+    A = rows.numel()
+    dy_rows = dy.index_select(0, rows)
+    d_act = gmm_grouped_mm(dy_rows, w_down, counts, None, None, A, True).float()  # of the unweighted output
+    if weight is not None:
+        weight_col = weight[:, None].float()
+        dweight = (d_act * act.float()).sum(dim=1).to(weight.dtype)
+        dw_down = gmm_dw_grouped_mm((act.float() * weight_col).to(act.dtype), dy_rows, counts, None, None)
+        d_act = d_act * weight_col
+    else:
+        dweight = x.new_empty(0)
+        dw_down = gmm_dw_grouped_mm(act, dy_rows, counts, None, None)
+    d_gate_up = _swiglu_grads(
+        d_act, gate_up.float(), silu.float(), d_act.new_empty(gate_up.shape), torch.empty_like(d_act)
+    ).to(x.dtype)
+    dw_gate_up = gmm_dw_grouped_mm(x, d_gate_up, counts, rows, None)
+    dx = x.new_empty(0)
+    if need_dx:
+        dx = _scatter_add_fp32(gmm_grouped_mm(d_gate_up, w_gate_up, counts, None, None, A, True), rows, x)
+    return dx, dw_gate_up, dw_down, dweight
+
+
+_IMPLS = {
+    "torch": (_forward_torch, _backward_torch),
+    "triton": (_forward_triton, _backward_triton),
+    "grouped_mm": (_forward_grouped_mm, _backward_grouped_mm),
+}
 
 
 # ---- custom ops -------------------------------------------------------------------------------
@@ -306,6 +360,8 @@ def swiglu_experts(
         raise ValueError(f"swiglu_experts: weight must be [A={rows.numel()}], got {tuple(weight.shape)}")
     backend = resolve_backend(backend, x.device)
     x, w_gate_up, w_down = autocast_inputs(x, w_gate_up, w_down)
+    if backend == "grouped_mm":
+        check_grouped_mm_operands(x.device, x.dtype, d_model=D, expert_hidden=hidden)
     with torch.autocast(x.device.type, enabled=False):
         if backend == "reference":
             return swiglu_experts_reference(x, w_gate_up, w_down, rows, counts, weight)

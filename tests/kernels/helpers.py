@@ -8,8 +8,15 @@ import torch
 from sparse_train.kernels import triton_available
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+requires_grouped_mm = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch < 2.9: no torch._grouped_mm")
 
-FAST_BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+# On CPU, grouped_mm runs torch._grouped_mm's CPU kernel: the same dataflow the GPU runs, with
+# the GPU's grouped GEMM replaced by torch's loop (the CUDA kernel itself: the gpu-marked tests).
+FAST_BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=requires_triton),
+    pytest.param("grouped_mm", marks=requires_grouped_mm),
+]
 
 # Tolerances per dtype for results computed in different orders (fp32 accumulation throughout).
 TOL = {

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -35,6 +37,10 @@ def test_matches_reference_in_outputs_and_grads(backend, counts, K, N, dtype):
     x = torch.randn(A, K, generator=g).to(dtype)
     w = (torch.randn(G, K, N, generator=g) / K**0.5).to(dtype)
     dy = torch.randn(A, N, generator=g).to(dtype)
+    if backend == "grouped_mm" and (K * dtype.itemsize % 16 or N * dtype.itemsize % 16):
+        with pytest.raises(ValueError, match=r"^kernel backend 'grouped_mm' needs row widths .*16-byte aligned"):
+            _run(backend, x, w, counts_t, dy)  # refused in one line, before torch's kernel sees it
+        return
     got = _run(backend, x, w, counts_t, dy)
     want = _run("reference", x.double(), w.double(), counts_t, dy.double())
     same = _run("reference", x, w, counts_t, dy)
@@ -50,7 +56,7 @@ def test_fused_gather_and_scatter(backend):
     """Rows read through x_index (with repeats) and written through out_index, as scatter2scatter."""
     g = torch.Generator().manual_seed(1)
     counts = torch.tensor([4, 0, 9, 1])
-    A, T, K, N = 14, 8, 12, 10
+    A, T, K, N = 14, 8, 12, 12 if backend == "grouped_mm" else 10  # grouped_mm: 16-byte rows
     x = torch.randn(T, K, generator=g)
     w = torch.randn(4, K, N, generator=g)
     x_index = torch.randint(0, T, (A,), generator=g)
@@ -141,23 +147,78 @@ def test_bf16_autocast_computes_in_bf16_and_grads_reach_fp32_weights():
 def test_custom_ops_pass_opcheck(backend):
     """Schema, fake (meta) implementation and autograd registration agree with the real kernel
     (the Triton one through the interpreter on CPU)."""
-    x, w = torch.randn(9, 6, requires_grad=True), torch.randn(3, 6, 5, requires_grad=True)
-    counts = torch.tensor([4, 0, 5])
+    K, N = (8, 4) if backend == "grouped_mm" else (6, 5)  # grouped_mm: 16-byte rows
+    _opcheck_grouped_gemm(backend, torch.device("cpu"), torch.float32, K, N)
+
+
+def _opcheck_grouped_gemm(backend: str, device: torch.device, dtype: torch.dtype, K: int, N: int) -> None:
+    x = torch.randn(9, K, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(3, K, N, device=device, dtype=dtype, requires_grad=True)
+    counts = torch.tensor([4, 0, 5], device=device)
     torch.library.opcheck(torch.ops.sparse_train.grouped_gemm, (x, w, counts, None, None, 9, False, backend))
-    index = torch.tensor([8, 0, 0, 3, 2, 1, 5, 7, 6])
-    torch.library.opcheck(torch.ops.sparse_train.grouped_gemm, (x, w, counts, index, index, 9, False, backend))
-    torch.library.opcheck(
-        torch.ops.sparse_train.grouped_gemm_dw, (x.detach(), torch.randn(9, 5), counts, None, None, backend)
+    x_index = torch.tensor([8, 0, 0, 3, 2, 1, 5, 7, 6], device=device)  # rows read may repeat ...
+    out_index = torch.tensor([8, 0, 1, 3, 2, 4, 5, 7, 6], device=device)  # ... rows written may not
+    args = (x, w, counts, x_index, out_index, 9, False, backend)
+    torch.library.opcheck(torch.ops.sparse_train.grouped_gemm, args)
+    dy = torch.randn(9, N, device=device, dtype=dtype)
+    torch.library.opcheck(torch.ops.sparse_train.grouped_gemm_dw, (x.detach(), dy, counts, None, None, backend))
+
+
+def test_auto_never_picks_grouped_mm():
+    """grouped_mm is opt-in: auto keeps to triton on CUDA and torch elsewhere (no CUDA call made)."""
+    from sparse_train.kernels import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) in {"triton", "torch"}
+
+
+def test_grouped_mm_device_rules_refuse_in_one_line():
+    from sparse_train.kernels.grouped_gemm import grouped_mm_device_problem
+
+    assert grouped_mm_device_problem("cpu", None, True) is None
+    assert grouped_mm_device_problem("cuda", (8, 0), True) is None
+    assert grouped_mm_device_problem("cuda", (9, 0), True) is None
+    refusals = {
+        "compute capability >= 8.0 .* 7.5: use 'triton'": ("cuda", (7, 5), True),
+        "not on mps": ("mps", None, True),
+        "needs torch >= 2.9": ("cpu", None, False),
+    }
+    for pattern, args in refusals.items():
+        reason = grouped_mm_device_problem(*args)
+        assert reason is not None and "\n" not in reason
+        assert re.search(pattern, reason), reason
+
+
+def test_grouped_mm_operand_rules_refuse_in_one_line():
+    from sparse_train.kernels.grouped_gemm import grouped_mm_operand_problem
+
+    assert grouped_mm_operand_problem("cuda", torch.bfloat16, {"K": 512, "N": 1024}) is None
+    assert grouped_mm_operand_problem("cpu", torch.float32, {"K": 12, "N": 4}) is None
+    # torch documents only bf16 on CUDA; fp32 runs on CPU
+    assert "takes bfloat16" in grouped_mm_operand_problem("cuda", torch.float32, {"K": 512, "N": 1024})
+    assert "float32, bfloat16 or float16" in grouped_mm_operand_problem("cpu", torch.float64, {"K": 8})
+    # 16-byte rows: 8 bf16 elements, 4 fp32 ones
+    assert "multiples of 8 in torch.bfloat16" in grouped_mm_operand_problem("cuda", torch.bfloat16, {"K": 12})
+    assert grouped_mm_operand_problem("cpu", torch.bfloat16, {"K": 12, "N": 8}).endswith(
+        "got K=12: use 'triton' or 'torch'"
     )
+    assert grouped_mm_operand_problem("cpu", torch.float32, {"K": 12, "N": 8}) is None
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_on_cuda_matches_reference(dtype):
-    counts = torch.tensor([300, 0, 1, 4000], device="cuda")
-    x = torch.randn(4301, 512, device="cuda", dtype=dtype)
-    w = torch.randn(4, 512, 1024, device="cuda", dtype=dtype) / 512**0.5
-    dy = torch.randn(4301, 1024, device="cuda", dtype=dtype)
-    got = _run("triton", x, w, counts, dy)
-    want = _run("reference", x.double(), w.double(), counts, dy.double())
-    assert_all_close(got, want, ["out", "dx", "dw"], dtype, _run("reference", x, w, counts, dy))
+def test_grouped_mm_backend_refuses_float64_before_running():
+    with pytest.raises(ValueError, match=r"^kernel backend 'grouped_mm' takes float32, bfloat16 or float16"):
+        grouped_gemm(
+            torch.randn(4, 8).double(), torch.randn(2, 8, 8).double(), torch.tensor([1, 3]), backend="grouped_mm"
+        )
+
+
+def test_grouped_mm_operands_may_start_anywhere():
+    """A weight slice that starts mid-row (not 16-byte aligned) is copied, not misread."""
+    g = torch.Generator().manual_seed(5)
+    counts = torch.tensor([3, 5])
+    x = torch.randn(8, 8, generator=g)
+    w = torch.randn(2, 8, 9, generator=g)[:, :, 1:]  # [2, 8, 8] starting one element in
+    assert w.data_ptr() % 16
+    torch.testing.assert_close(
+        grouped_gemm(x, w, counts, backend="grouped_mm"), grouped_gemm(x, w, counts, backend="reference")
+    )
