@@ -9,9 +9,7 @@ Shape legend: B batch, S sequence, D model width, H heads, Hkv key/value heads, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +18,7 @@ from torch import nn
 from sparse_train.config import FFFConfig, ModelConfig, MoEConfig, RouterConfig
 from sparse_train.models.experts import SwiGLU
 from sparse_train.models.fff import FFFLayer
-from sparse_train.models.init import init_parameters, load_parameters
+from sparse_train.models.init import init_parameters
 from sparse_train.models.moe import MoELayer
 from sparse_train.models.sparse import SparseAux, SparseFFN
 
@@ -149,29 +147,18 @@ class Transformer(nn.Module):
         return ModelOutput(self.lm_head(self.norm(x_BSD)), aux)
 
 
-def materialize(
-    module: nn.Module,
-    m: ModelConfig,
-    device: torch.device,
-    *,
-    seed: int | None = None,
-    weights: Mapping[str, Any] | None = None,
-) -> None:
+def materialize(module: nn.Module, m: ModelConfig, device: torch.device, seed: int | None) -> None:
     """Give a model built on the meta device (whole, a pipeline stage, or sharded by the layout)
-    storage on `device`, and fill it: each parameter's local part from `weights` (whole tensors
-    or lazily read slices) or else from `seed`; the rotary tables recomputed. Only this rank's
-    parts are ever allocated or drawn."""
+    storage on `device`: only this rank's parts are allocated, and drawn from `seed`
+    (sparse_train.models.init) unless it is None, when the caller loads every parameter. The
+    rotary tables are recomputed."""
     module.to_empty(device=device)
     cos, sin = rotary_tables(m.head_dim, m.max_seq_len, m.rope_theta)
     for sub in module.modules():
         if "rope_cos" in sub._buffers:
             sub.rope_cos, sub.rope_sin = cos.to(device), sin.to(device)
-    if weights is not None:
-        load_parameters(module, weights)
-    elif seed is not None:
+    if seed is not None:
         init_parameters(module, m, seed)
-    else:
-        raise ValueError("materialize needs a seed or weights")
 
 
 def dense_ffn(m: ModelConfig) -> SwiGLU:

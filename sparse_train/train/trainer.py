@@ -11,7 +11,7 @@ import contextlib
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from sparse_train.train.engine import Engine
 from sparse_train.train.metrics import MetricsLogger
 from sparse_train.train.optim import build_optimizer, build_scheduler
 from sparse_train.train.summary import RunSummary
+from sparse_train.train.weights import WeightSource
 
 # Sections a resumed run must share with its checkpoint (the rest may change between runs).
 RESUME_MUST_MATCH = ("model", "moe", "router", "fff", "data")
@@ -57,20 +58,18 @@ def resolve_config(cfg: Config, vocab_size: int) -> Config:
     return compose_config(data)
 
 
-def check_init_weights(model: Transformer, weights: Mapping[str, torch.Tensor]) -> None:
+def check_init_weights(model: Transformer, weights: WeightSource) -> None:
     """`weights` names exactly the model's tensors, each of its shape (one line naming the first misfit)."""
-    expected = model.state_dict()
-    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    expected, shapes = model.state_dict(), weights.shapes()
+    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or extra:
         what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
         raise ConfigError(
             "--init-from", f"the weights do not fit the model ({what}; {len(missing) + len(extra)} in all)"
         )
-    for name, tensor in weights.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ConfigError(
-                "--init-from", f"{name} has shape {tuple(tensor.shape)}, the model {tuple(expected[name].shape)}"
-            )
+    for name, shape in shapes.items():
+        if shape != tuple(expected[name].shape):
+            raise ConfigError("--init-from", f"{name} has shape {shape}, the model {tuple(expected[name].shape)}")
 
 
 def first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
@@ -95,7 +94,7 @@ class Trainer:
         resume: str | None = None,
         log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
         data: TokenData | None = None,
-        init_weights: dict[str, torch.Tensor] | None = None,
+        init_weights: WeightSource | None = None,
     ) -> None:
         """`init_weights`: the starting weights of a fresh run (`train --init-from`), instead of
         the seeded initialisation; a resumed run takes its checkpoint's weights instead."""
@@ -129,13 +128,14 @@ class Trainer:
         self.params = count_parameters(model)
         self.engine = Engine(model, self.cfg, self.runtime)
         self.model = self.engine.module  # this rank's part: the model itself on one process
-        materialize(
-            self.model,
-            self.cfg.model,
-            self.device,
-            seed=self.cfg.train.seed,
-            weights=init_weights if self.initialised_from_weights else None,
-        )
+        # Drawn from the seed only when nothing else fills the weights (a checkpoint loads them all).
+        fresh = resume_path is None and not self.initialised_from_weights
+        materialize(self.model, self.cfg.model, self.device, seed=self.cfg.train.seed if fresh else None)
+        if self.initialised_from_weights:
+            distributed = self.runtime is not None
+            init_weights.load_into(
+                self.model, distributed=distributed, partial=distributed and self.runtime.dims.pp > 1
+            )
         # One foreach kernel cannot mix DTensors of different meshes (experts vs the rest).
         foreach = None if self.runtime is None else False
         self.optimizer = build_optimizer(

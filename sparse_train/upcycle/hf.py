@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sparse_train.config import Config, ConfigError, compose_config
+from sparse_train.upcycle.lazy import LazyTensor, Stacked, Transposed, read_safetensors_index
 
 DENSE_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
@@ -48,7 +48,7 @@ class HFCheckpoint:
     path: Path
     arch: str
     hf_config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, LazyTensor]  # read by region on demand (sparse_train.upcycle.lazy)
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -71,7 +71,8 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def read_hf(path: Path) -> HFCheckpoint:
-    """config.json and every tensor of a local HF directory (shards checked as they are read)."""
+    """config.json and every tensor of a local HF directory, by reference: the shards' headers are
+    read and their sizes checked here, the data only when a tensor (or a region of it) is read."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -86,13 +87,11 @@ def read_hf(path: Path) -> HFCheckpoint:
         raise HFFormatError(
             f"{path}: architecture {archs or 'unknown'} is not supported; supported: {', '.join(SUPPORTED)}"
         )
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, LazyTensor] = {}
     for file in _weight_files(path):
         try:
-            with safe_open(str(file), framework="pt") as fh:
-                for key in fh.keys():
-                    tensors[key] = fh.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            tensors.update(read_safetensors_index(file))
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise HFFormatError(f"{file.name} is corrupt or truncated ({str(err).splitlines()[0]})") from None
     return HFCheckpoint(path, arch, hf_config, tensors)
 
@@ -204,12 +203,13 @@ def _expert_names(arch: str) -> tuple[str, str, str]:
     return ("w1", "w3", "w2") if arch == "MixtralForCausalLM" else ("gate_proj", "up_proj", "down_proj")
 
 
-def to_native(ckpt: HFCheckpoint, cfg: Config) -> dict[str, torch.Tensor]:
-    """The native state dict of an HF checkpoint (cfg from native_config)."""
+def to_native(ckpt: HFCheckpoint, cfg: Config) -> dict[str, LazyTensor]:
+    """The native state dict of an HF checkpoint (cfg from native_config), by reference: each
+    entry reads (a region of) its HF tensors when read."""
     t, m = ckpt.tensors, cfg.model
     used: set[str] = set()
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str) -> LazyTensor:
         if name not in t:
             raise HFFormatError(f"{ckpt.path}: tensor {name} is missing from the weights")
         used.add(name)
@@ -237,16 +237,19 @@ def to_native(ckpt: HFCheckpoint, cfg: Config) -> dict[str, torch.Tensor]:
     return state
 
 
-def _experts_to_native(arch: str, i: int, cfg: Config, take) -> dict[str, torch.Tensor]:
+def _experts_to_native(arch: str, i: int, cfg: Config, take) -> dict[str, LazyTensor]:
     prefix, (w_gate, w_up, w_down) = _moe_prefix(arch, i), _expert_names(arch)
     E, nat = cfg.moe.num_experts, f"blocks.{i}.ffn"
-    gate_EFD = torch.stack([take(f"{prefix}.experts.{e}.{w_gate}.weight") for e in range(E)])
-    up_EFD = torch.stack([take(f"{prefix}.experts.{e}.{w_up}.weight") for e in range(E)])
-    down_EDF = torch.stack([take(f"{prefix}.experts.{e}.{w_down}.weight") for e in range(E)])
+
+    def expert(e: int, name: str) -> LazyTensor:  # [F, D] or [D, F], transposed to ours
+        return Transposed(take(f"{prefix}.experts.{e}.{name}.weight"))
+
+    # ours: w_gate_up[e, :, 0] = gate_e.T, w_gate_up[e, :, 1] = up_e.T, w_down[e] = down_e.T
+    gate_up_ED2F = Stacked([Stacked([expert(e, w_gate), expert(e, w_up)], dim=1) for e in range(E)], dim=0)
     state = {
         f"{nat}.router.weight": take(f"{prefix}.gate.weight"),
-        f"{nat}.experts.w_gate_up": torch.stack([gate_EFD, up_EFD], dim=2).transpose(1, 3).contiguous(),
-        f"{nat}.experts.w_down": down_EDF.transpose(1, 2).contiguous(),
+        f"{nat}.experts.w_gate_up": gate_up_ED2F,
+        f"{nat}.experts.w_down": Stacked([expert(e, w_down) for e in range(E)], dim=0),
     }
     if cfg.moe.num_shared_experts:
         for ours, theirs in _swiglu_pairs(

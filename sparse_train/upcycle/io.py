@@ -10,6 +10,7 @@ generate and `train --init-from` read it).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +21,26 @@ from sparse_train import atomic
 from sparse_train.config import Config, ConfigError, compose_config
 from sparse_train.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
 from sparse_train.train import checkpoint as ckpt
+from sparse_train.train.weights import CheckpointWeights, TensorWeights, WeightSource
 from sparse_train.upcycle import hf
+from sparse_train.upcycle.lazy import read_all
 
 
 @dataclass
 class Source:
+    """A model to read: its config and its weights, by reference until they are read."""
+
     cfg: Config
-    state: dict[str, torch.Tensor]
+    weights: WeightSource  # read by slice, into a model already split and sharded (`train --init-from`)
     tokenizer_dir: Path | None  # where the source's HF tokenizer files are, if it has them
     is_hf: bool = False
+
+    @functools.cached_property
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor, whole, in this process (conversions that need the whole model)."""
+        if isinstance(self.weights, CheckpointWeights):
+            return ckpt.read_weights(self.weights.path)
+        return read_all(self.weights.tensors)
 
     def tokenizer(self) -> Tokenizer | None:
         """The tokenizer the source was trained with; None for an HF directory without one."""
@@ -45,9 +57,9 @@ def load_source(path: Path) -> Source:
         checkpoint = hf.read_hf(path)
         cfg = hf.native_config(checkpoint)
         if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-            return Source(cfg, hf.to_native(checkpoint, cfg), None, is_hf=True)
+            return Source(cfg, TensorWeights(hf.to_native(checkpoint, cfg)), None, is_hf=True)
         cfg = _with_tokenizer(cfg, path.resolve())
-        return Source(cfg, hf.to_native(checkpoint, cfg), path.resolve(), is_hf=True)
+        return Source(cfg, TensorWeights(hf.to_native(checkpoint, cfg)), path.resolve(), is_hf=True)
     try:
         resolved = ckpt.resolve_checkpoint_path(path, warn=lambda msg: None)
     except (ckpt.CheckpointError, FileNotFoundError) as err:
@@ -56,7 +68,7 @@ def load_source(path: Path) -> Source:
         ) from None
     cfg = compose_config(yaml.safe_load(ckpt.read_checkpoint_config(resolved)))
     tokenizer_dir = Path(cfg.data.tokenizer_path).expanduser() if cfg.data.tokenizer == "hf" else None
-    return Source(cfg, ckpt.read_weights(resolved), tokenizer_dir)
+    return Source(cfg, CheckpointWeights(resolved), tokenizer_dir)
 
 
 def _with_tokenizer(cfg: Config, tokenizer_dir: Path) -> Config:

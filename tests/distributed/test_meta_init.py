@@ -54,11 +54,15 @@ def _build(cfg, run_dir: str, data) -> dict:
     with RecordCreated():
         trainer = Trainer(cfg, Path(run_dir), data=data, log=lambda msg: None)
     try:
+        params = list(trainer.model.parameters())
+        local = {tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape) for p in params}
+        # whole shapes of the parameters held in part and larger than a tile (one that is also
+        # another parameter's local shape tells nothing)
         partial_wholes = {
             tuple(p.shape)
-            for p in trainer.model.parameters()
+            for p in params
             if isinstance(p, DTensor) and p.to_local().shape != p.shape and p.numel() > TILE_ELEMENTS
-        }
+        } - local
         largest_local = max((p.to_local() if isinstance(p, DTensor) else p).numel() for p in trainer.model.parameters())
         weights = trainer.engine.full_state_dict()
     finally:
