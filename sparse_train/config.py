@@ -127,8 +127,10 @@ class MoEConfig(Section):
     drop_policy: Literal["position", "probability"] = option(
         "position", "over capacity, keep earliest tokens (position) or highest router probability"
     )
-    kernel_backend: Literal["auto", "triton", "torch", "reference"] = option(
-        "auto", "expert-compute kernels: auto = triton on CUDA, torch elsewhere; reference = per-expert loop"
+    kernel_backend: Literal["auto", "triton", "torch", "grouped_mm", "reference"] = option(
+        "auto",
+        "expert-compute kernels: auto = triton on CUDA, torch elsewhere; grouped_mm = torch._grouped_mm "
+        "(CUDA: bf16, compute capability >= 8.0); reference = per-expert loop",
     )
 
     def validate(self) -> None:
@@ -198,7 +200,7 @@ class FFFConfig(Section):
     master_leaf: bool = option(False, "an always-on leaf blended with the tree output by a trained coefficient")
     master_leaf_width: int | None = option(None, "hidden width of the master leaf; null = leaf_width")
     node_lr_scale: float = option(1.0, "learning rate of the node neurons relative to optimizer.lr")
-    kernel_backend: Literal["auto", "triton", "torch", "reference"] = option(
+    kernel_backend: Literal["auto", "triton", "torch", "grouped_mm", "reference"] = option(
         "auto", "leaf-compute kernels in training (as moe.kernel_backend)"
     )
     inference_backend: Literal["auto", "cpp", "torch"] = option(
