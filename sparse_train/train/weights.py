@@ -35,7 +35,7 @@ class WeightSource(Protocol):
 
 class TensorWeights:
     def __init__(self, tensors: Mapping[str, Any]) -> None:
-        self.tensors = tensors  # name -> torch.Tensor or sparse_train.upcycle.lazy.LazyTensor
+        self.tensors = tensors  # name -> torch.Tensor or sparse_train.lazy.LazyTensor
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in self.tensors.items()}

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from sparse_train.config import Config, ConfigError, compose_config
-from sparse_train.upcycle.lazy import LazyTensor, Stacked, Transposed, read_safetensors_index
+from sparse_train.lazy import LazyTensor, Stacked, Transposed, read_safetensors_index
 
 DENSE_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
@@ -48,7 +48,7 @@ class HFCheckpoint:
     path: Path
     arch: str
     hf_config: dict[str, Any]
-    tensors: dict[str, LazyTensor]  # read by region on demand (sparse_train.upcycle.lazy)
+    tensors: dict[str, LazyTensor]  # read by region on demand (sparse_train.lazy)
 
 
 # ---- reading ----------------------------------------------------------------------------------

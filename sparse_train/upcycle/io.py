@@ -23,7 +23,7 @@ from sparse_train.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
 from sparse_train.train import checkpoint as ckpt
 from sparse_train.train.weights import CheckpointWeights, TensorWeights, WeightSource
 from sparse_train.upcycle import hf
-from sparse_train.upcycle.lazy import read_all
+from sparse_train.lazy import read_all
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 
 from sparse_train.launch.local import run_ranks
 from sparse_train.upcycle.hf import native_config, read_hf, to_native
-from sparse_train.upcycle.lazy import Stacked, read_all
+from sparse_train.lazy import Stacked, read_all
 from tests.distributed.test_layouts import _data
 from tests.upcycle.conftest import COMMON, transformers
 
@@ -88,7 +88,7 @@ def test_hf_and_native_sources_load_into_expert_shards_by_slice(mixtral_dir, tmp
 
 
 def test_a_region_of_stacked_experts_reads_only_the_experts_and_slices_it_covers(mixtral_dir, monkeypatch):
-    from sparse_train.upcycle import lazy
+    from sparse_train import lazy
 
     hf = read_hf(mixtral_dir)
     w_gate_up = to_native(hf, native_config(hf))["blocks.0.ffn.experts.w_gate_up"]  # [E=4, D=32, 2, F=64]
