@@ -3,7 +3,11 @@
 For every shape, one JSON object. Times are forward+backward in ms, medians of interleaved
 repeats after warm-up (bench.measure):
 
-  ours_ms                 sparse_train's MoELayer (dropless, top-k renormalised, with its aux losses)
+  ours_ms                 sparse_train's MoELayer (dropless, top-k renormalised, with its aux losses),
+                          with the first of --backends (kernel_backend: which one ran)
+  ours_<backend>_ms       the same layer with each kernel backend of --backends, e.g. ours_triton_ms,
+                          ours_grouped_mm_ms (a backend that cannot run here: null and ours_<backend>_error)
+  <backend>_max_abs_diff_vs_reference  max |output - the per-expert reference loop's|, same precision
   dense_ms                a dense SwiGLU of width top_k * expert_hidden on the same tokens: the limit
   hf_<impl>_ms            transformers' MixtralSparseMoeBlock, identical weights and inputs, per
                           experts_implementation; hf_mixtral_ms is the fastest that ran
@@ -16,11 +20,13 @@ repeats after warm-up (bench.measure):
   ours_tflops/dense_tflops useful FLOPs (6 * tokens * k * 3 * d * F) per second
 
 A peer that cannot run (not installed, would not fit in memory, raised) gets null and a
-`<peer>_error` string saying why; nothing is silently skipped.
+`<peer>_error` string saying why; nothing is silently skipped. With `precision="bf16"` every
+candidate runs under bf16 autocast (fp32 weights), as `train.precision=bf16` trains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +38,7 @@ import torch
 
 from sparse_train.bench.measure import interleaved_median_ms, peak_activation_mb
 from sparse_train.config import MoEConfig, RouterConfig
+from sparse_train.kernels import resolve_backend
 from sparse_train.models.experts import SwiGLU
 from sparse_train.models.moe import MoELayer
 
@@ -160,22 +167,59 @@ def _fwd_bwd(forward: Callable[[], torch.Tensor], dy: torch.Tensor) -> Callable[
     return step
 
 
-def bench_shape(shape: Shape, *, repeats: int, warmup: int, seed: int, peers: set[str], log) -> dict[str, Any]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def bench_shape(
+    shape: Shape,
+    *,
+    repeats: int,
+    warmup: int,
+    seed: int,
+    peers: set[str],
+    log,
+    device: torch.device | None = None,
+    backends: tuple[str, ...] = ("auto",),
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """One shape's JSON object. The first of `backends` is "ours" and must run; the others are
+    measured beside it and, like peers, get null and an error where they cannot run."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layer, x, dy = build_problem(shape, seed, device)
     x_flat, dy_flat = x.view(-1, shape.d_model), dy.reshape(-1, shape.d_model)
     dense = dense_equivalent(layer, shape)
     result: dict[str, Any] = {"shape": shape.name, **{k: v for k, v in asdict(shape).items() if k != "name"}}
+    result["precision"] = precision
+    result["kernel_backend"] = resolve_backend(backends[0], device)
 
-    def ours() -> None:
-        y, aux = layer(x)
-        # What training back-propagates: the output and the router's auxiliary losses.
-        torch.autograd.backward([y, aux.lb_loss + aux.z_loss], [dy, torch.ones_like(aux.lb_loss)])
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
-    candidates = {"ours": ours, "dense": _fwd_bwd(lambda: dense(x_flat), dy_flat)}
+    def layer_step(backend: str) -> Callable[[], None]:
+        def step() -> None:
+            layer.experts.backend = backend
+            with autocast():
+                y, aux = layer(x)
+                # What training back-propagates: the output and the router's auxiliary losses.
+                total_aux = aux.lb_loss + aux.z_loss
+            torch.autograd.backward([y, total_aux], [dy.to(y.dtype), torch.ones_like(total_aux)])
+
+        return step
+
+    def with_autocast(step: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with autocast():
+                step()
+
+        return run
+
+    candidates = {"ours": layer_step(backends[0])}
+    for backend in backends[1:]:
+        candidates[f"ours_{backend}"] = layer_step(backend)
+    candidates["dense"] = with_autocast(_fwd_bwd(lambda: dense(x_flat), dy_flat))
     with torch.no_grad():
+        layer.experts.backend = backends[0]
         y_ours, aux = layer(x)
         result["expert_load_max"] = round(float(aux.expert_load_E.max()), 4)
+    result.update(_diffs_vs_reference(layer, x, backends, autocast))
 
     if "hf" in peers:
         try:
@@ -189,13 +233,13 @@ def bench_shape(shape: Shape, *, repeats: int, warmup: int, seed: int, peers: se
                     result[f"hf_{impl}_ms"] = None
                     result[f"hf_{impl}_error"] = f"skipped: needs ~{need / 2**30:.0f} GiB of weight copies"
                     continue
-                candidates[f"hf_{impl}"] = _hf_step(block, impl, x, dy)
+                candidates[f"hf_{impl}"] = with_autocast(_hf_step(block, impl, x, dy))
         except Exception as err:  # noqa: BLE001 - a peer failing is a result, not a crash
             result["hf_mixtral_ms"], result["hf_error"] = None, f"{type(err).__name__}: {err}"[:300]
     if "deepspeed" in peers:
         try:
             ds = deepspeed_moe(layer, shape)
-            candidates["deepspeed"] = _fwd_bwd(lambda: ds(x)[0], dy)
+            candidates["deepspeed"] = with_autocast(_fwd_bwd(lambda: ds(x)[0], dy))
         except Exception as err:  # noqa: BLE001
             result["deepspeed_ms"], result["deepspeed_error"] = None, f"{type(err).__name__}: {err}"[:300]
 
@@ -205,11 +249,15 @@ def bench_shape(shape: Shape, *, repeats: int, warmup: int, seed: int, peers: se
             step()
             runnable[name] = step
         except Exception as err:  # noqa: BLE001
+            if name == "ours":
+                raise  # what the benchmark is about: a failure here is the result
             result[f"{name}_ms"], result[f"{name}_error"] = None, f"{type(err).__name__}: {err}"[:300]
     log(f"{shape.name}: timing {', '.join(runnable)} ({warmup} warm-up + {repeats} interleaved repeats)")
     times = interleaved_median_ms(runnable, repeats=repeats, warmup=warmup, device=device)
     for name, ms in times.items():
         result[f"{name}_ms"] = round(ms, 2)
+    if len(backends) > 1:
+        result[f"ours_{backends[0]}_ms"] = result["ours_ms"]
 
     result["ratio_vs_dense"] = round(result["ours_ms"] / result["dense_ms"], 4)
     hf_times = [ms for k, ms in result.items() if k.startswith("hf_") and k.endswith("_ms") and ms is not None]
@@ -220,6 +268,7 @@ def bench_shape(shape: Shape, *, repeats: int, warmup: int, seed: int, peers: se
         ds_ms = result.get("deepspeed_ms")
         result["speedup_vs_deepspeed"] = round(ds_ms / result["ours_ms"], 4) if ds_ms else None
     log(f"{shape.name}: measuring peak activation memory")
+    layer.experts.backend = backends[0]
     # x.grad, like the parameters' gradients, is the step's result rather than its working memory
     result["peak_mem_mb_ours"] = round(peak_activation_mb(candidates["ours"], [*layer.parameters(), x]), 3)
     result["peak_mem_mb_dense"] = round(peak_activation_mb(candidates["dense"], [*dense.parameters(), x]), 3)
@@ -228,9 +277,34 @@ def bench_shape(shape: Shape, *, repeats: int, warmup: int, seed: int, peers: se
     result["dense_tflops"] = round(flops / result["dense_ms"] / 1e9, 4)
     if device.type == "cuda":
         result["dense_matmul_tflops"] = _matmul_tflops(flops, device)
+        result["gpu"] = torch.cuda.get_device_name(device)
     result["device"] = device.type
     result["threads"] = torch.get_num_threads()
     return result
+
+
+def _diffs_vs_reference(
+    layer: MoELayer,
+    x: torch.Tensor,
+    backends: tuple[str, ...],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> dict[str, Any]:
+    """Each backend's forward against the per-expert reference loop's, in the same precision:
+    a speed of a wrong kernel is no result. A backend that cannot run is left to the timing loop
+    to report."""
+    diffs: dict[str, Any] = {}
+    with torch.no_grad(), autocast():
+        layer.experts.backend = "reference"
+        want = layer(x)[0].float()
+        for backend in backends:
+            layer.experts.backend = backend
+            try:
+                got = layer(x)[0].float()
+            except Exception:  # noqa: BLE001 - reported with its message by the timing loop
+                continue
+            diffs[f"{backend}_max_abs_diff_vs_reference"] = float((got - want).abs().max())
+    layer.experts.backend = backends[0]
+    return diffs
 
 
 def _hf_step(block: torch.nn.Module, impl: str, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
@@ -250,7 +324,17 @@ def _matmul_tflops(flops: int, device: torch.device) -> float:
 
 
 def run(
-    argv_shapes: list[str], *, tokens: int | None, repeats: int, warmup: int, seed: int, peers: set[str], as_json: bool
+    argv_shapes: list[str],
+    *,
+    tokens: int | None,
+    repeats: int,
+    warmup: int,
+    seed: int,
+    peers: set[str],
+    as_json: bool,
+    device: torch.device | None = None,
+    backends: tuple[str, ...] = ("auto",),
+    precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     results = []
     for name in argv_shapes:
@@ -258,7 +342,15 @@ def run(
         if tokens is not None:
             shape = Shape(**{**asdict(shape), "tokens": tokens})
         result = bench_shape(
-            shape, repeats=repeats, warmup=warmup, seed=seed, peers=peers, log=lambda m: print(m, file=sys.stderr)
+            shape,
+            repeats=repeats,
+            warmup=warmup,
+            seed=seed,
+            peers=peers,
+            log=lambda m: print(m, file=sys.stderr),
+            device=device,
+            backends=backends,
+            precision=precision,
         )
         results.append(result)
         print(json.dumps(result), flush=True)
@@ -270,7 +362,9 @@ def run(
 def format_table(results: list[dict[str, Any]]) -> str:
     cols = [
         "shape",
+        "kernel_backend",
         "ours_ms",
+        *sorted({k for r in results for k in r if k.startswith("ours_") and k.endswith("_ms")}),
         "dense_ms",
         "ratio_vs_dense",
         "hf_mixtral_ms",

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sparse_train.cli.common import ArgumentParser, add_json_flag
 from sparse_train.errors import UsageError
+
+if TYPE_CHECKING:  # --help and argument errors import no torch
+    import torch
 
 MOE_SHAPES = ["mixtral-like", "fine-grained", "skewed"]
 
@@ -26,6 +30,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     moe.add_argument("--warmup", type=int, default=2)
     moe.add_argument("--seed", type=int, default=0)
     moe.add_argument("--peers", default="hf,deepspeed", help="comma list of hf, deepspeed; empty for none")
+    moe.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available, else cpu"
+    )
+    moe.add_argument(
+        "--backends",
+        default="auto",
+        help="comma list of kernel backends for our layer (auto, triton, torch, grouped_mm, reference); the first "
+        "is ours_ms, each also gets ours_<backend>_ms (null with an error where it cannot run)",
+    )
+    moe.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: every candidate under bf16 autocast"
+    )
 
     disp = bench_sub.add_parser("dispatch", help="expert-parallel all-to-all of the tiny model on gloo: bytes, time")
     add_json_flag(disp)
@@ -80,7 +96,33 @@ def _moe_layer(args: argparse.Namespace) -> None:
         seed=args.seed,
         peers=peers,
         as_json=args.json,
+        device=_moe_device(args.device),
+        backends=_moe_backends(args.backends),
+        precision=args.precision,
     )
+
+
+def _moe_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise UsageError(f"sparse-train bench moe-layer: --device cuda, but torch ({build}) sees no CUDA device")
+    return torch.device(name)
+
+
+def _moe_backends(text: str) -> tuple[str, ...]:
+    from sparse_train.kernels import BACKENDS
+
+    backends = tuple(dict.fromkeys(b for b in text.split(",") if b))  # in order, once each
+    unknown = [b for b in backends if b not in BACKENDS]
+    if not backends or unknown:
+        raise UsageError(
+            f"sparse-train bench moe-layer: --backends needs one or more of {', '.join(BACKENDS)}; got {text!r}"
+        )
+    return backends
 
 
 def _dispatch(args: argparse.Namespace) -> None:
