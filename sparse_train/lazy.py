@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -95,12 +95,36 @@ class Stacked(LazyTensor):
         return torch.stack(parts, dim=self.stack_dim)
 
 
+def whole(t: LazyTensor | torch.Tensor) -> torch.Tensor:
+    """A lazy tensor read whole; a tensor as it is."""
+    return t.full() if isinstance(t, LazyTensor) else t
+
+
+class ReadWhole(Mapping[str, torch.Tensor]):
+    """A mapping of lazy or real tensors whose lookups read the tensor whole, one at a time."""
+
+    def __init__(self, tensors: Mapping[str, LazyTensor | torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return whole(self.tensors[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
 def read_all(tensors: Mapping[str, LazyTensor | torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every tensor read whole; a tensor named twice (tied embeddings) is read once and stays one."""
     read: dict[int, torch.Tensor] = {}
     for t in tensors.values():
         if id(t) not in read:
-            read[id(t)] = t.full() if isinstance(t, LazyTensor) else t
+            read[id(t)] = whole(t)
     return {name: read[id(t)] for name, t in tensors.items()}
 
 

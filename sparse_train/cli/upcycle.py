@@ -105,7 +105,7 @@ def run_convert(args: argparse.Namespace) -> int:
     what = write_model(
         Path(args.target),
         source.cfg,
-        source.state,
+        source.weights.tensors,  # read as written: one block at a time into HF files
         args.format,
         overwrite=args.overwrite,
         tokenizer_dir=source.tokenizer_dir,

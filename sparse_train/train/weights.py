@@ -12,17 +12,27 @@ whole anywhere.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from sparse_train.lazy import LazyTensor, Region
 from sparse_train.models.init import load_parameters
 from sparse_train.train import sharded
 
 
 class WeightSource(Protocol):
+    @property
+    def tensors(self) -> Mapping[str, Any]:
+        """Every tensor by name: whole tensors or lazily read ones (sparse_train.lazy)."""
+        ...
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's whole shape, by the model's names."""
         ...
@@ -44,9 +54,38 @@ class TensorWeights:
         load_parameters(module, self.tensors)
 
 
+class CheckpointTensor(LazyTensor):
+    """One tensor of a sparse_train checkpoint, read (whole: DCP reads stored pieces whole) when asked."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.path, self.name, self.shape, self.dtype = path, name, torch.Size(shape), dtype
+
+    def read(self, region: Region) -> torch.Tensor:
+        return read_stored_tensor(self.path, self.name)[region]
+
+
+def read_stored_tensor(path: Path, name: str) -> torch.Tensor:
+    """One model tensor of a checkpoint, whole, in this process; no other tensor is read."""
+    reader = dcp.FileSystemReader(str(path / sharded.MODEL_DIR))
+    for key, meta in reader.read_metadata().state_dict_metadata.items():
+        if sharded.current_name(key) == name and isinstance(meta, TensorStorageMetadata):
+            one = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)}
+            with warnings.catch_warnings():  # one process on purpose: DCP's "distributed is disabled" notice
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(one, storage_reader=reader, no_dist=True)
+            return one[key]
+    raise KeyError(f"{path}: no tensor {name}")
+
+
 class CheckpointWeights:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+
+    @property
+    def tensors(self) -> dict[str, CheckpointTensor]:
+        """Every tensor by reference, read one at a time (conversions that go block by block)."""
+        stored = sharded.stored_tensors(self.path)
+        return {name: CheckpointTensor(self.path, name, shape, dtype) for name, (shape, dtype) in stored.items()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: shape for name, (shape, _dtype) in sharded.stored_tensors(self.path).items()}

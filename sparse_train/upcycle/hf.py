@@ -20,6 +20,7 @@ Shape legend: E experts, D model width, F expert (or FFN) hidden width.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,30 +318,44 @@ def hf_config_dict(cfg: Config, arch: str) -> dict[str, Any]:
     }
 
 
-def from_native(state: dict[str, torch.Tensor], cfg: Config, arch: str) -> dict[str, torch.Tensor]:
-    """HF tensors (the files' per-expert keys) of a native state dict."""
-    m = cfg.model
+def from_native(state: Mapping[str, torch.Tensor], cfg: Config, arch: str) -> dict[str, torch.Tensor]:
+    """HF tensors (the files' per-expert keys) of a native state dict, the whole model."""
+    out = _hf_outer(state, cfg)
+    for i in range(cfg.model.n_layers):
+        out.update(_hf_block(state, cfg, arch, i))
+    return out
+
+
+def _hf_outer(state: Mapping[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
+    """The HF tensors outside the blocks: embeddings, final norm, output projection."""
     out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
-    if not m.tie_embeddings:
+    if not cfg.model.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
+    return _on_cpu(out)
+
+
+def _hf_block(state: Mapping[str, torch.Tensor], cfg: Config, arch: str, i: int) -> dict[str, torch.Tensor]:
+    """The HF tensors of block i (reads only block i's entries of `state`)."""
+    out: dict[str, torch.Tensor] = {}
     qwen2 = arch.startswith("Qwen2")
-    for i in range(m.n_layers):
-        for ours, theirs in _attn_pairs(i, qwen2):
-            # Qwen2 always has q/k/v biases: a model without them gets zeros (the same function)
-            out[theirs] = (
-                state[ours] if ours in state else torch.zeros(state[ours.replace(".bias", ".weight")].shape[0])
-            )
-        if m.ffn == "moe" and m.is_sparse_layer(i):
-            out.update(_experts_from_native(arch, i, cfg, state))
-        else:
-            for ours, theirs in _swiglu_pairs(
-                f"blocks.{i}.ffn", f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj")
-            ):
-                out[theirs] = state[ours]
-    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    for ours, theirs in _attn_pairs(i, qwen2):
+        # Qwen2 always has q/k/v biases: a model without them gets zeros (the same function)
+        out[theirs] = state[ours] if ours in state else torch.zeros(state[ours.replace(".bias", ".weight")].shape[0])
+    if cfg.model.ffn == "moe" and cfg.model.is_sparse_layer(i):
+        out.update(_experts_from_native(arch, i, cfg, state))
+    else:
+        for ours, theirs in _swiglu_pairs(
+            f"blocks.{i}.ffn", f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj")
+        ):
+            out[theirs] = state[ours]
+    return _on_cpu(out)
 
 
-def _experts_from_native(arch: str, i: int, cfg: Config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def _experts_from_native(arch: str, i: int, cfg: Config, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     prefix, (w_gate, w_up, w_down) = _moe_prefix(arch, i), _expert_names(arch)
     nat = f"blocks.{i}.ffn"
     w_ED2F, down_EFD = state[f"{nat}.experts.w_gate_up"], state[f"{nat}.experts.w_down"]
@@ -374,8 +389,12 @@ def _empty_shared_expert(prefix: str, d_model: int, dtype: torch.dtype) -> dict[
     }
 
 
-def write_hf(target: Path, state: dict[str, torch.Tensor], cfg: Config, tokenizer_from: Path | None = None) -> str:
-    """Write an HF directory into `target` (which must not exist yet); returns the architecture."""
+def write_hf(target: Path, state: Mapping[str, torch.Tensor], cfg: Config, tokenizer_from: Path | None = None) -> str:
+    """Write an HF directory into `target` (which must not exist yet); returns the architecture.
+
+    One safetensors file per block (and one for the embeddings, final norm and output
+    projection) with the index HF reads them through: each file's tensors are read from `state`
+    (converted, for an upcycled model) just before it is written, so writing holds one block."""
     try:
         import transformers
     except ImportError:
@@ -393,10 +412,24 @@ def write_hf(target: Path, state: dict[str, torch.Tensor], cfg: Config, tokenize
     hf_config.architectures = [arch]
     target.mkdir(parents=True)
     hf_config.save_pretrained(str(target))
-    save_file(from_native(state, cfg, arch), str(target / "model.safetensors"), metadata={"format": "pt"})
+    _write_shards(target, state, cfg, arch)
     if tokenizer_from is not None:
         copy_tokenizer(tokenizer_from, target)
     return arch
+
+
+def _write_shards(target: Path, state: Mapping[str, torch.Tensor], cfg: Config, arch: str) -> None:
+    parts: list[int | None] = [*range(cfg.model.n_layers), None]  # the blocks in order, then the rest
+    weight_map: dict[str, str] = {}
+    total = 0
+    for n, part in enumerate(parts):
+        tensors = _hf_outer(state, cfg) if part is None else _hf_block(state, cfg, arch, part)
+        name = f"model-{n + 1:05d}-of-{len(parts):05d}.safetensors"
+        save_file(tensors, str(target / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def copy_tokenizer(source: Path, target: Path) -> None:

@@ -11,6 +11,7 @@ generate and `train --init-from` read it).
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,10 @@ import yaml
 from sparse_train import atomic
 from sparse_train.config import Config, ConfigError, compose_config
 from sparse_train.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
+from sparse_train.lazy import ReadWhole, read_all
 from sparse_train.train import checkpoint as ckpt
 from sparse_train.train.weights import CheckpointWeights, TensorWeights, WeightSource
 from sparse_train.upcycle import hf
-from sparse_train.lazy import read_all
 
 
 @dataclass
@@ -37,7 +38,8 @@ class Source:
 
     @functools.cached_property
     def state(self) -> dict[str, torch.Tensor]:
-        """Every tensor, whole, in this process (conversions that need the whole model)."""
+        """Every tensor, whole, in this process, kept (tools that need the whole model at once;
+        conversions go through `weights.tensors`, read one block at a time)."""
         if isinstance(self.weights, CheckpointWeights):
             return ckpt.read_weights(self.weights.path)
         return read_all(self.weights.tensors)
@@ -87,7 +89,7 @@ def check_target(target: Path, overwrite: bool) -> Path:
 def write_model(
     target: Path,
     cfg: Config,
-    state: dict[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
     fmt: str,
     *,
     overwrite: bool,
@@ -95,7 +97,9 @@ def write_model(
     extra_files: dict[str, str] | None = None,
 ) -> str:
     """Write the model as an HF directory or a native run directory, with `extra_files` (name ->
-    text) beside it; returns what was written."""
+    text) beside it; returns what was written. `state`'s tensors may be lazy: each is read when
+    written."""
+    state = ReadWhole(state)
     target = check_target(target, overwrite)
     with atomic.writing(target) as tmp:  # a directory, created by the writers below
         if fmt == "hf":
@@ -106,7 +110,8 @@ def write_model(
                 hf.copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
                 config["data"].update(tokenizer="hf", tokenizer_path=str(target.resolve() / "tokenizer"))
             config_yaml = yaml.safe_dump(config, sort_keys=False)
-            ckpt.save_checkpoint(tmp / "checkpoints", 0, state, {}, {"step": 0}, config_yaml, keep=1)
+            # DCP writes one state dict: the whole model in memory here (HF output goes block by block)
+            ckpt.save_checkpoint(tmp / "checkpoints", 0, dict(state), {}, {"step": 0}, config_yaml, keep=1)
             what = "sparse_train checkpoint"
         else:
             raise ConfigError("--format", f"unknown format {fmt!r}; allowed: hf, native")

@@ -23,12 +23,16 @@ Shape legend: E experts, D model width, F dense hidden width, G neurons per expe
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from sparse_train.config import Config, ConfigError, compose_config
+from sparse_train.lazy import whole
+from sparse_train.models.init import tile_seed
+from sparse_train.models.transformer import Transformer
 from sparse_train.upcycle import carve
 from sparse_train.upcycle.calibration import Calibration
 
@@ -145,31 +149,81 @@ def upcycled_config(dense_cfg: Config, spec: UpcycleSpec) -> Config:
 
 def upcycle(
     dense_cfg: Config,
-    state: dict[str, torch.Tensor],
+    state: Mapping[str, Any],
     spec: UpcycleSpec,
-    progress=None,
+    progress: Callable[[int], Any] | None = None,
     calib: Calibration | None = None,
-):
-    """(sparse config, state dict) of a dense model; `progress(i)` is called per converted block.
-    moefication, cmoe and fff need `calib` (the FFN inputs of the converted blocks)."""
+) -> tuple[Config, UpcycledState]:
+    """(sparse config, its tensors) of a dense model whose tensors are `state` (whole or lazily
+    read). The conversion runs block by block as the result is read; `progress(i)` is called as
+    block i is converted. moefication, cmoe and fff need `calib` (the converted blocks' FFN inputs)."""
     cfg = upcycled_config(dense_cfg, spec)
     if spec.method in CALIBRATED and calib is None:
         raise ConfigError("--method", f"{spec.method} needs calibration data")
-    g = torch.Generator().manual_seed(spec.seed)
-    out = {
-        k: v for k, v in state.items() if not k.startswith(tuple(f"blocks.{i}.ffn." for i in cfg.model.sparse_layers))
-    }
-    for i in cfg.model.sparse_layers:
-        gate, up, down = _dense_ffn(state, i)
-        x = calib.fit[i] if calib is not None else None
-        block = _CONVERT[spec.method](gate.float(), up.float(), down.float(), spec, g, x)
-        out.update({f"blocks.{i}.ffn.{k}": v.to(gate.dtype).contiguous() for k, v in block.items()})
-        if progress is not None:
-            progress(i)
-    return cfg, out
+    return cfg, UpcycledState(cfg, state, spec, calib, progress)
 
 
-def _dense_ffn(state: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class UpcycledState(Mapping[str, torch.Tensor]):
+    """The sparse model's tensors, each converted block computed when one of its tensors is read
+    and kept until another block is: read in order (as the writers do), one block is converted
+    at a time and the dense model is never whole in memory. Every block draws from its own
+    generator (seeded from the spec's seed and the block), so the result does not depend on the
+    order blocks are read in, nor on how often."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        dense: Mapping[str, Any],
+        spec: UpcycleSpec,
+        calib: Calibration | None,
+        progress: Callable[[int], Any] | None,
+    ) -> None:
+        self.cfg, self.dense, self.spec, self.calib, self.progress = cfg, dense, spec, calib, progress
+        with torch.device("meta"):
+            names = list(Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff).state_dict())
+        self._names = names  # model order: a block's tensors together, blocks in order
+        self._block_of = {name: _converted_block(name, cfg.model.sparse_layers) for name in names}
+        self._current: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._block_of:
+            raise KeyError(name)
+        i = self._block_of[name]
+        if i is None:
+            return whole(self.dense[name])
+        if self._current is None or self._current[0] != i:
+            self._current = None  # the previous block goes before the next is built
+            self._current = (i, self._convert(i))
+        return self._current[1][name]
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read (convert) to find out
+        return name in self._block_of
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def _convert(self, i: int) -> dict[str, torch.Tensor]:
+        gate, up, down = (whole(t) for t in _dense_ffn(self.dense, i))
+        g = torch.Generator().manual_seed(tile_seed(self.spec.seed, "upcycle", (i,)))
+        x = self.calib.fit[i] if self.calib is not None else None
+        block = _CONVERT[self.spec.method](gate.float(), up.float(), down.float(), self.spec, g, x)
+        if self.progress is not None:
+            self.progress(i)
+        return {f"blocks.{i}.ffn.{k}": v.to(gate.dtype).contiguous() for k, v in block.items()}
+
+
+def _converted_block(name: str, sparse_layers: list[int]) -> int | None:
+    """The converted block whose FFN holds `name`, or None."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "blocks" and parts[2] == "ffn" and int(parts[1]) in sparse_layers:
+        return int(parts[1])
+    return None
+
+
+def _dense_ffn(state: Mapping[str, Any], i: int) -> tuple[Any, Any, Any]:
     """(gate [F, D], up [F, D], down [D, F]) of block i's dense SwiGLU (nn.Linear layout)."""
     p = f"blocks.{i}.ffn"
     return state[f"{p}.w_gate.weight"], state[f"{p}.w_up.weight"], state[f"{p}.w_down.weight"]

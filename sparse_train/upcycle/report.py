@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from sparse_train.config import Config
+from sparse_train.lazy import whole
 from sparse_train.models.experts import SwiGLU
 from sparse_train.models.fff import FFFLayer
 from sparse_train.models.moe import MoELayer
@@ -34,9 +36,10 @@ def _k_values(n: int) -> list[int]:
     return sorted({2**p for p in range(int(math.log2(n)) + 1)} | {n})
 
 
-def _block_state(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+def _block_state(state: Mapping[str, Any], i: int) -> dict[str, torch.Tensor]:
+    """Block i's FFN tensors (read, or converted, now: the names are chosen before any is read)."""
     prefix = f"blocks.{i}.ffn."
-    return {k[len(prefix) :]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: whole(state[k]).float() for k in state if k.startswith(prefix)}
 
 
 def _layers(cfg: Config, k: int) -> list[tuple[str, torch.nn.Module]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sparse_train.config import Config, ConfigError
+from sparse_train.lazy import read_all
 from sparse_train.upcycle import hf
 from sparse_train.upcycle.calibration import calibration_tokens, ffn_inputs
 from sparse_train.upcycle.io import check_target, load_source, write_model
@@ -34,6 +35,7 @@ def run_upcycle(
         raise ConfigError("--calib-tokens", f"must be >= 1, got {calib_tokens}")
     check_target(target, overwrite)
     source = load_source(source_path)
+    dense = source.weights.tensors  # by reference: read one block at a time as the conversion goes
     planned = upcycled_config(source.cfg, spec)  # checks the request before the work starts
     if output_format == "hf":
         hf.export_arch(planned)
@@ -43,23 +45,30 @@ def run_upcycle(
             source.tokenizer(), calib_path, calib_tokens, source.cfg.model.vocab_size, spec.seed
         )
         print(f"calibrating on {tokens.size} tokens of {where}", file=sys.stderr)
-        calib = ffn_inputs(source.cfg, source.state, tokens, planned.model.sparse_layers, source=where)
-    with tqdm(
-        total=len(planned.model.sparse_layers), desc=f"upcycle ({spec.method})", unit="block", file=sys.stderr
-    ) as bar:
-        cfg, state = upcycle(source.cfg, source.state, spec, progress=lambda i: bar.update(1), calib=calib)
+        # the dense model runs whole over the calibration text (and is freed after)
+        calib = ffn_inputs(source.cfg, read_all(dense), tokens, planned.model.sparse_layers, source=where)
+    # converted as written (and once more for the report of a calibrated conversion)
+    passes = 2 if calib is not None else 1
+    bar = tqdm(
+        total=passes * len(planned.model.sparse_layers), desc=f"upcycle ({spec.method})", unit="block", file=sys.stderr
+    )
+    cfg, state = upcycle(source.cfg, dense, spec, progress=lambda i: bar.update(1), calib=calib)
     extra = {}
     if calib is not None:
-        report = conversion_report(source.cfg, source.state, cfg, state, calib)
+        report = conversion_report(source.cfg, dense, cfg, state, calib)
         held_out = report["calibration"]["held_out_tokens"]
         print(
             f"relative error of each converted FFN on {held_out} held-out tokens:\n" + format_report(report),
             file=sys.stderr,
         )
         extra[REPORT_FILE] = json.dumps(report, indent=1) + "\n"
-    what = write_model(
-        target, cfg, state, output_format, overwrite=overwrite, tokenizer_dir=source.tokenizer_dir, extra_files=extra
-    )
+    try:
+        tokenizer_dir = source.tokenizer_dir
+        what = write_model(
+            target, cfg, state, output_format, overwrite=overwrite, tokenizer_dir=tokenizer_dir, extra_files=extra
+        )
+    finally:
+        bar.close()
     return f"{what}, {describe_sparse_layers(cfg)}"
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sparse_train.launch.local import run_ranks
-from sparse_train.upcycle.hf import native_config, read_hf, to_native
 from sparse_train.lazy import Stacked, read_all
+from sparse_train.upcycle.hf import native_config, read_hf, to_native
 from tests.distributed.test_layouts import _data
 from tests.upcycle.conftest import COMMON, transformers
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from sparse_train.config import ConfigError
+from sparse_train.lazy import read_all
 from sparse_train.models.transformer import Transformer
 from sparse_train.upcycle.hf import native_config, read_hf, to_native, write_hf
-from sparse_train.lazy import read_all
 from tests.upcycle.conftest import transformers
 
 KINDS = ["llama", "mistral", "qwen2", "mixtral", "qwen2moe"]
