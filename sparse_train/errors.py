@@ -41,3 +41,7 @@ class LaunchError(Exception):
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class OutOfMemory(TrainingStopped):
+    """A training step ran out of memory; the message names the layout and the measured peak."""

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparse_train.cli.common import ArgumentParser, add_json_flag
+from sparse_train.cli.common import ArgumentParser, add_config_args, add_json_flag
 from sparse_train.errors import UsageError
 
 if TYPE_CHECKING:  # --help and argument errors import no torch
@@ -60,6 +60,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--peers", default="fastfeedforward", help="fastfeedforward, or empty for none")
 
+    mem = bench_sub.add_parser(
+        "memory", help="each rank's memory for a config and layout: measured (build, step) and predicted"
+    )
+    add_json_flag(mem)
+    add_config_args(mem)
+    mem.add_argument("--nproc", type=int, required=True, help="local processes (ranks), as launch --nproc")
+    mem.add_argument("--steps", type=int, default=2, help="training steps measured (the second holds AdamW state)")
+    mem.add_argument("--timeout", type=float, default=1800, help="seconds a rank may take before the run fails")
+
     repro = bench_sub.add_parser("fff-repro", help="FFF vs FFF + load balancing (+ master leaf) on sklearn digits")
     add_json_flag(repro)
     repro.add_argument("--depths", type=int, nargs="+", default=[3, 5])
@@ -68,7 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    {"moe-layer": _moe_layer, "dispatch": _dispatch, "fff-infer": _fff_infer, "fff-repro": _fff_repro}[args.bench](args)
+    commands = {"moe-layer": _moe_layer, "dispatch": _dispatch, "fff-infer": _fff_infer, "fff-repro": _fff_repro}
+    commands["memory"] = _memory
+    commands[args.bench](args)
     return 0
 
 
@@ -176,3 +187,11 @@ def _fff_repro(args: argparse.Namespace) -> None:
     except RuntimeError as err:
         raise UsageError(f"sparse-train bench fff-repro: {err}") from None
     fff_repro.run(args.depths, args.seeds, recipe=fff_repro.Recipe(epochs=args.epochs), as_json=args.json)
+
+
+def _memory(args: argparse.Namespace) -> None:
+    from sparse_train.bench import memory
+
+    if args.nproc < 1 or args.steps < 1 or args.timeout <= 0:
+        raise UsageError("sparse-train bench memory: --nproc >= 1, --steps >= 1 and --timeout > 0 required")
+    memory.run(args.config, args.overrides, args.nproc, steps=args.steps, timeout=args.timeout, as_json=args.json)

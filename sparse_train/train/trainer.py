@@ -22,7 +22,7 @@ from tqdm import tqdm
 from sparse_train.config import Config, ConfigError, compose_config
 from sparse_train.data.dataset import BatchSampler, TokenData, load_token_data, validation_batches
 from sparse_train.data.tokenizer import build_tokenizer
-from sparse_train.errors import CheckpointError, TrainingStopped
+from sparse_train.errors import CheckpointError, OutOfMemory, TrainingStopped
 from sparse_train.models.sparse import LOAD_NAMES
 from sparse_train.models.transformer import Transformer, count_parameters, materialize
 from sparse_train.parallel.runtime import DistributedRuntime, init_distributed
@@ -86,6 +86,8 @@ def first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> 
 
 
 class Trainer:
+    memory_prediction: memory.MemoryPrediction | None = None  # set by check_memory, before the first step
+
     def __init__(
         self,
         cfg: Config,
@@ -302,7 +304,16 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum micro-batches; returns its metrics."""
+        """One optimizer step over grad_accum micro-batches; returns its metrics. Running out of
+        memory ends it with one line (OutOfMemory) naming the layout and the measured peak."""
+        try:
+            return self._train_step()
+        except RuntimeError as err:  # torch.OutOfMemoryError is one
+            if not memory.is_out_of_memory(err):
+                raise
+            raise OutOfMemory(self._out_of_memory_message()) from None
+
+    def _train_step(self) -> dict[str, Any]:
         self.engine.module.train()
         batches = [self.sampler.next_batch() for _ in range(self.cfg.train.grad_accum)]
         result = self.engine.forward_backward(batches, self.autocast)
@@ -342,6 +353,37 @@ class Trainer:
                 record[f"{kind}/{name}/{key}"] = value
         return record
 
+    # ---- memory ---------------------------------------------------------------------------
+    def layout(self) -> str:
+        return self.runtime.dims.describe() if self.runtime is not None else "one process"
+
+    def predict_memory(self) -> memory.MemoryPrediction:
+        """This rank's predicted step peak (train/memory.py); the process's own cost measured now."""
+        return memory.predict(
+            self.engine.module,
+            self.cfg,
+            self.runtime.dims if self.runtime is not None else None,
+            pp_rank=self.runtime.pp_rank if self.runtime is not None else 0,
+            foreach=self.runtime is None and self.device.type == "cuda",  # build_optimizer's choice
+            baseline_mb=memory.process_baseline_mb(self.device, self.engine.module, self.optimizer),
+        )
+
+    def check_memory(self) -> memory.MemoryPrediction:
+        """Before the first step: warn (one line) when the predicted peak exceeds what this rank can have."""
+        self.memory_prediction = self.predict_memory()
+        message = memory.shortfall(self.memory_prediction, memory.capacity_mb(self.device), self.layout())
+        if message:
+            self.log(f"warning: rank {self.rank}: {message}")
+        return self.memory_prediction
+
+    def _out_of_memory_message(self) -> str:
+        predicted = self.memory_prediction.step_mb if self.memory_prediction else self.predict_memory().step_mb
+        return (
+            f"out of memory in step {self.step + 1} on rank {self.rank} ({self.layout()}): peak "
+            f"{memory.peak_mb(self.device):,.0f} MB measured, {predicted:,.0f} MB predicted per rank; lower "
+            "train.batch_size or data.seq_len, or shard over more ranks (sparse-train bench memory shows the split)"
+        )
+
     def evaluate(self) -> tuple[float, np.ndarray]:
         """Mean validation LM loss over the fixed validation batches, and expert load [layers, E]."""
         val_loss, loads = self.engine.evaluate(self.val_batches, self.autocast)
@@ -370,6 +412,8 @@ class Trainer:
             file=sys.stderr,
         )
         try:
+            if self.step < last:
+                self.check_memory()  # the predicted peak against what this rank can have
             if self.initialised_from_weights and self.step == 0:
                 self._evaluate_and_log()  # where the given weights start: step 0 of the loss curve
             while self.step < last:

@@ -1,0 +1,96 @@
+"""`sparse-train bench memory`: one JSON object per rank, measured against predicted; bad input in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparse_train.bench.memory import baseline_config, bench_config
+from sparse_train.cli import main
+from sparse_train.parallel.dims import ParallelDims
+from tests.conftest import tiny_overrides
+
+FIELDS = {
+    "rank", "layout", "full_param_mb", "shard_param_mb", "shard_grad_mb", "shard_optim_mb", "baseline_mb",
+    "build_peak_mb", "step_peak_mb", "predicted_step_mb", "precision", "predicted",
+}  # fmt: skip
+
+
+def _corpus(tmp_path: Path) -> Path:
+    """A small text corpus: the standard library's would take each rank seconds to tokenise."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(2000)))
+    return path
+
+
+def _bench(tmp_path: Path, capsys, nproc: int, *extra: str) -> list[dict]:
+    argv = ["bench", "memory", "--json", "--nproc", str(nproc), "--steps", "2"]
+    for override in tiny_overrides(f"data.path={_corpus(tmp_path)}", *extra):
+        argv += ["--set", override]
+    assert main(argv) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_bench_memory_prints_each_ranks_measured_and_predicted_memory(tmp_path, capsys):
+    (row,) = _bench(tmp_path, capsys, 1)
+    assert FIELDS <= set(row) and row["rank"] == 0 and row["layout"] == "one process"
+    # one process holds the whole model: parameters, gradients of the same size, AdamW's two moments
+    assert row["shard_param_mb"] == row["full_param_mb"] == row["shard_grad_mb"] > 0
+    assert row["shard_optim_mb"] == pytest.approx(2 * row["shard_param_mb"], abs=0.1)
+    assert row["predicted"]["params_mb"] == row["shard_param_mb"]
+    assert row["baseline_params"] < row["params_total"] / 10
+    assert 100 < row["baseline_mb"] <= row["step_peak_mb"]
+    assert row["build_peak_mb"] <= row["step_peak_mb"]
+    assert 0.7 < row["step_peak_mb"] / row["predicted_step_mb"] < 1.3
+
+
+@pytest.mark.slow
+def test_bench_memory_on_two_expert_parallel_ranks_predicts_a_model_that_dominates_the_process(tmp_path, capsys):
+    # ~17M parameters: the training state (~260 MB per rank) outweighs nothing the process holds
+    model = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", "moe.num_experts=8", "moe.expert_hidden=512"]
+    rows = _bench(tmp_path, capsys, 2, "parallel.ep=2", *model, "train.batch_size=8", "data.seq_len=32")
+    assert [r["rank"] for r in rows] == [0, 1]
+    for row in rows:
+        assert row["layout"].startswith("dp_replicate=1 dp_shard=2 ep=2")
+        assert row["shard_param_mb"] == pytest.approx(row["full_param_mb"] / 2, rel=0.05)
+        assert row["predicted"]["fsdp_buffers_mb"] > 0
+        assert 0.8 < row["step_peak_mb"] / row["predicted_step_mb"] < 1.3
+        assert row["build_peak_mb"] <= row["baseline_mb"] + 1.3 * row["shard_param_mb"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--nproc", "0"], "error: sparse-train bench memory: --nproc >= 1"),
+        (["--nproc", "1", "--steps", "0"], "error: sparse-train bench memory: --nproc >= 1, --steps >= 1"),
+        (["--nproc", "2", "--set", "train.batch_sise=4"], "config error: train.batch_sise: unknown key"),
+        (["--nproc", "2", "--set", "parallel.ep=3"], "config error: parallel.ep: must divide"),
+        (["--nproc", "3", "--set", "parallel.tp=2"], "config error: parallel: dp_replicate(1) * tp(2) * pp(1)"),
+        (["--config", "no/such.yaml", "--nproc", "1"], "config error: --config: no such file: no/such.yaml"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_process_starts(argv, expected, capsys):
+    assert main(["bench", "memory", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(expected), err
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.ep=8"],
+        ["parallel.tp=2", "parallel.ep=2"],
+        ["parallel.pp=2", "train.grad_accum=2", "model.sparse_layers=[3]"],
+        ["model.ffn=fff", "fff.depth=4", "fff.master_leaf=true", "parallel.ep=4"],
+        ["model.ffn=moe", "moe.num_shared_experts=1", "router.top_k=3", "parallel.ep=2"],
+    ],
+)
+def test_the_baseline_is_the_smallest_model_the_same_layout_accepts(layout):
+    nproc = 8
+    cfg = bench_config("configs/tiny-moe.yaml", [*layout, "train.batch_size=16"], 1, nproc)
+    small = baseline_config(cfg, nproc)
+    ParallelDims.from_config(small.parallel, nproc).check_model(small)  # a valid run in the same layout
+    assert small.parallel == cfg.parallel and small.train == cfg.train and small.data == cfg.data
+    assert small.model.d_model <= 2 * cfg.parallel.tp and small.model.n_layers == cfg.parallel.pp
