@@ -34,7 +34,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -193,15 +194,38 @@ def list_checkpoints(checkpoints_dir: Path) -> list[CheckpointInfo]:
 
 ALL_FILES = "all"
 SIZES_ONLY = "sizes"
-Checksums = str | int  # ALL_FILES, SIZES_ONLY, or a rank: the files that rank wrote
+SIDE_FILES = "side"  # the files outside the DCP directories: state, config, layout (a few KB)
+Checksums = str | int  # ALL_FILES, SIZES_ONLY, SIDE_FILES, or a rank: the files that rank wrote
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A file's contents differ from its manifest entry (or cannot be parsed), found while loading."""
+
+
+def _is_shard_data(name: str) -> bool:
+    """A DCP directory's file other than its index (`.metadata`), which every loading rank reads."""
+    top, _, rest = name.partition("/")
+    return top in (sharded.MODEL_DIR, sharded.OPTIM_DIR) and rest != sharded.METADATA
+
+
+def _hashed_here(name: str, meta: dict[str, Any], checksums: Checksums) -> bool:
+    """Whether `verify_checkpoint(..., checksums)` hashes the file `name`."""
+    if checksums == ALL_FILES:
+        return True
+    if checksums == SIZES_ONLY:
+        return False
+    if checksums == SIDE_FILES:
+        return "/" not in name
+    return meta.get("rank", 0) == checksums  # format 2 recorded no writer: rank 0 hashes those files
 
 
 def verify_checkpoint(path: Path, checksums: Checksums = ALL_FILES) -> dict[str, Any]:
     """Return the manifest, or raise CheckpointError saying what is wrong with the checkpoint.
 
     Every file's presence and size are checked; `checksums` says whose contents are hashed:
-    every file (ALL_FILES: single-process readers, `ckpt verify`), none (SIZES_ONLY), or those
-    rank N wrote (a rank resuming a run hashes its own share, not the whole checkpoint)."""
+    every file (ALL_FILES: `ckpt verify`, consolidation), none (SIZES_ONLY), those outside the
+    DCP directories (SIDE_FILES: before a load that checksums the rest, see load_verified), or
+    those rank N wrote."""
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -223,9 +247,7 @@ def verify_checkpoint(path: Path, checksums: Checksums = ALL_FILES) -> dict[str,
         if f.stat().st_size != meta["bytes"]:
             raise CheckpointError(f"{path}: {name} is truncated ({f.stat().st_size} of {meta['bytes']} bytes)")
     for name, meta in files.items():
-        # format 2 recorded no writer: rank 0 hashes those files
-        mine = checksums == ALL_FILES or (checksums != SIZES_ONLY and meta.get("rank", 0) == checksums)
-        if mine and _sha256(path / name) != meta["sha256"]:
+        if _hashed_here(name, meta, checksums) and _sha256(path / name) != meta["sha256"]:
             raise CheckpointError(f"{path}: {name} is corrupted (checksum mismatch)")
     return manifest
 
@@ -236,14 +258,18 @@ def latest_valid_checkpoint(
     *,
     checksums: Checksums = ALL_FILES,
     agree: Callable[[bool], bool] | None = None,
+    older_than: Path | None = None,
 ) -> Path | None:
     """The newest checkpoint that verifies; broken newer ones are reported and skipped.
 
     With `agree` (every rank calls this, each checking its share), a checkpoint counts only if
     it verified on every rank: `agree(ok)` returns whether all ranks' `ok` were true.
+    `older_than`: only those listed after that one (it failed to load).
     Raises if checkpoints exist but none verifies: starting over would silently discard them.
     """
     candidates = list_checkpoints(checkpoints_dir)
+    if older_than is not None:
+        candidates = candidates[[c.path for c in candidates].index(older_than) + 1 :]
     for info in candidates:
         try:
             verify_checkpoint(info.path, checksums)
@@ -282,22 +308,87 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Verify, then load weights (and optimizer state) into a single-process model; return the trainer state."""
-    verify_checkpoint(path)
-    load_sharded(path, model, optimizer, distributed=False)
+    """Verify, then load weights (and optimizer state) into a single-process model; return the
+    trainer state. The shards are checksummed by the load's own reads (load_verified)."""
+    verify_checkpoint(path, SIDE_FILES)
+    load_verified(path, model, optimizer, distributed=False)
     return read_trainer_state(path)
 
 
 def load_sharded(
-    path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None, *, distributed: bool, partial: bool = False
-) -> None:
-    """A checkpoint's weights (and optimizer state) into this rank's part of the model."""
+    path: Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    distributed: bool,
+    partial: bool = False,
+    hashed: Collection[str] = (),
+) -> sharded.FileDigests:
+    """A checkpoint's weights (and optimizer state) into this rank's part of the model; the
+    digests of the DCP indexes and of the files of `hashed`, from the load's own reads."""
     try:
-        sharded.load_model(path, module, distributed, partial=partial)
+        digests = sharded.load_model(path, module, distributed, partial=partial, hashed=hashed)
         if optimizer is not None:
-            sharded.load_optimizer(path, module, optimizer, distributed)
+            digests |= sharded.load_optimizer(path, module, optimizer, distributed, hashed=hashed)
     except sharded.ShapeMismatch as err:
         raise CheckpointError(f"{path}: {err}") from None
+    return digests
+
+
+def shards_to_hash(manifest: dict[str, Any], rank: int, world_size: int) -> list[str]:
+    """The DCP shard files a rank of `world_size` checksums while loading: those its writer
+    rank wrote (modulo the world size, so that a smaller world still covers every file)."""
+    return [
+        name
+        for name, meta in manifest["files"].items()
+        if _is_shard_data(name) and meta.get("rank", 0) % world_size == rank
+    ]
+
+
+def load_verified(
+    path: Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    distributed: bool,
+    partial: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    agree: Callable[[bool], bool] | None = None,
+) -> None:
+    """Load a checkpoint whose sizes and side files verified, checksumming the rest on the way.
+
+    Each rank hashes the DCP indexes and its share of the shard files (shards_to_hash) from
+    the load's own reads, plus whatever of those files the load skipped; with `agree`, the
+    ranks then agree on the verdict. Raises CorruptCheckpoint, on every rank, if any file
+    differs from the manifest: the module and optimizer then hold garbage and must be loaded
+    again (from an older checkpoint) before training."""
+    files = json.loads((path / MANIFEST).read_text())["files"]
+    error: str | None = None
+    try:
+        digests = load_sharded(
+            path,
+            module,
+            optimizer,
+            distributed=distributed,
+            partial=partial,
+            hashed=shards_to_hash({"files": files}, rank, world_size),
+        )
+        error = _first_mismatch(path, files, digests)
+    except CheckpointException as err:  # a record torch.load cannot parse, on any rank (DCP tells all)
+        error = f"{path}: unreadable shard ({str(err).splitlines()[0]})"
+    if agree is not None and not agree(error is None) and error is None:
+        error = f"{path}: corrupted on another rank (see its log)"
+    if error is not None:
+        raise CorruptCheckpoint(error)
+
+
+def _first_mismatch(path: Path, files: dict[str, Any], digests: sharded.FileDigests) -> str | None:
+    for name, got in sorted(digests.items()):
+        want = files.get(name)
+        if want is not None and (got["bytes"], got["sha256"]) != (want["bytes"], want["sha256"]):
+            return f"{path}: {name} is corrupted (checksum mismatch)"
+    return None
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

@@ -16,19 +16,22 @@ for the model and the optimizer state alike, so they load as any other.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import os
+import pickle
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter, _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -37,9 +40,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor
+from torch.futures import Future
 
 MODEL_DIR = "model"
 OPTIM_DIR = "optim"
+METADATA = ".metadata"  # DCP's index of a directory: every tensor's chunks and where they are stored
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
@@ -137,6 +142,97 @@ class _DigestingFileSystem(FileSystem):
             self.digests[str(new_path)] = self.digests.pop(str(path))
 
 
+class _RunningHash:
+    """sha256 of one file fed in file order: the slices a load reads (sorted by offset) and,
+    read for the hash alone, the gaps between them and the tail after the last."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.upto = 0  # bytes [0, upto) are hashed
+
+    def catch_up(self, stream: IO[bytes], offset: int) -> None:
+        """Hash the bytes up to `offset` the load does not need (another layout's pieces)."""
+        stream.seek(self.upto)
+        while self.upto < offset:
+            chunk = stream.read(min(_CHUNK, offset - self.upto))
+            if not chunk:
+                return  # shorter than the manifest says: the digest will differ
+            self.sha256.update(chunk)
+            self.upto += len(chunk)
+
+    def take(self, offset: int, data: bytes) -> None:
+        """Hash the part of a slice read at `offset` not hashed yet (a slice read twice counts once)."""
+        if offset <= self.upto < offset + len(data):
+            self.sha256.update(memoryview(data)[self.upto - offset :])
+            self.upto = offset + len(data)
+
+
+_CHUNK = 1 << 20
+
+
+class _VerifyingReader(FileSystemReader):
+    """DCP's file reader, changed in three ways that make a load's reads its checksums too:
+
+    - every stored item is read once, in one read, into memory, where torch.load parses it
+      (from the file, torch.load's zip reader re-reads parts of each small record: measured
+      ~1.3x the bytes on the model's shards, ~3x on the optimizer's scalars);
+    - a file's items are read in offset order, and the files in `hashed` are hashed as they
+      pass (`digests()` adds what the load skipped), so the rank that owns a file checksums it
+      without a second pass over it;
+    - the metadata is read (and hashed) once, however often DCP and the shape checks ask.
+    """
+
+    def __init__(self, directory: Path, hashed: Collection[str] = ()) -> None:
+        super().__init__(str(directory))
+        self.directory = directory
+        self._hashes = {name: _RunningHash() for name in hashed}
+        self._metadata: Metadata | None = None
+        self._metadata_digest: dict[str, Any] = {}
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:  # per-rank metadata of a save without collectives: not ours
+            return super().read_metadata(*args, **kwargs)
+        if self._metadata is None:
+            data = (self.directory / METADATA).read_bytes()
+            self._metadata_digest = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            self._metadata = pickle.loads(data)
+            if getattr(self._metadata, "storage_meta", None) is None:
+                self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        def position(item: ReadItem) -> tuple[str, int]:
+            info = self.storage_data[item.storage_index]
+            return info.relative_path, info.offset
+
+        return super().read_data(dataclasses.replace(plan, items=sorted(plan.items, key=position)), planner)
+
+    def _slice_file(self, file: IO[bytes], sinfo: _StorageInfo) -> IO[bytes]:
+        running = self._hashes.get(sinfo.relative_path)
+        if running is not None and running.upto < sinfo.offset:
+            running.catch_up(file, sinfo.offset)
+        file.seek(sinfo.offset)
+        data = file.read(sinfo.length)
+        if running is not None:
+            running.take(sinfo.offset, data)
+        return io.BytesIO(data)
+
+    def digests(self) -> FileDigests:
+        """Size and sha256 of `.metadata` and of every hashed file, whole: the bytes the load did
+        not read are read now, for the checksum alone."""
+        self.read_metadata()
+        out = {METADATA: self._metadata_digest}
+        for name, running in self._hashes.items():
+            path = self.directory / name
+            size = path.stat().st_size
+            if running.upto < size:  # parts of it the load did not need, or a file it never opened
+                with path.open("rb") as stream:
+                    running.catch_up(stream, size)
+            out[name] = {"bytes": running.upto, "sha256": running.sha256.hexdigest()}
+        return out
+
+
 def _save_digested(sd: dict[str, Any], directory: Path, distributed: bool) -> FileDigests:
     writer = FileSystemWriter(str(directory))
     writer.fs = file_system = _DigestingFileSystem()
@@ -154,16 +250,7 @@ def save(directory: Path, model_sd: dict[str, Any], optim_sd: dict[str, Any] | N
     return {str(Path(path).relative_to(directory)): meta for path, meta in digests.items()}
 
 
-def _stored_keys(directory: Path, what: str) -> dict[str, str]:
-    """The model's name -> the key stored in a DCP directory, for every entry of it."""
-    metadata = dcp.FileSystemReader(str(directory / what)).read_metadata()
-    return {current_name(key): key for key in metadata.state_dict_metadata}
-
-
-def stored_tensors(directory: Path, what: str = MODEL_DIR) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Global shape and dtype of every tensor in a DCP directory (from its metadata), by the
-    model's names."""
-    metadata = dcp.FileSystemReader(str(directory / what)).read_metadata()
+def _tensors_of(metadata: Metadata) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {
         current_name(key): (tuple(meta.size), meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -171,13 +258,19 @@ def stored_tensors(directory: Path, what: str = MODEL_DIR) -> dict[str, tuple[tu
     }
 
 
-def _load(sd: dict[str, Any], directory: Path, what: str, distributed: bool) -> None:
+def stored_tensors(directory: Path, what: str = MODEL_DIR) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Global shape and dtype of every tensor in a DCP directory (from its metadata), by the
+    model's names."""
+    return _tensors_of(dcp.FileSystemReader(str(directory / what)).read_metadata())
+
+
+def _load(sd: dict[str, Any], reader: _VerifyingReader, distributed: bool) -> None:
     """dcp.load into `sd` (the model's names), each entry read from the key it was stored under.
     Tensors load in place; other values (an optimizer's lr, step) are replaced, so copy them back."""
-    stored_key = _stored_keys(directory, what)
+    stored_key = {current_name(key): key for key in reader.read_metadata().state_dict_metadata}
     renamed = {stored_key.get(name, name): value for name, value in sd.items()}
     with _quiet(distributed):
-        dcp.load(renamed, checkpoint_id=str(directory / what), no_dist=not distributed)
+        dcp.load(renamed, storage_reader=reader, no_dist=not distributed)
     for name in sd:
         sd[name] = renamed[stored_key.get(name, name)]
 
@@ -204,30 +297,58 @@ def check_fits(
         raise ShapeMismatch("checkpoint does not fit the model: " + ", ".join(problems))
 
 
-def load_model(directory: Path, module: nn.Module, distributed: bool, *, partial: bool = False) -> None:
-    """Load the model shards this rank holds from any layout's checkpoint (collective when distributed)."""
+def _reader(directory: Path, what: str, hashed: Collection[str]) -> _VerifyingReader:
+    """The reader of one DCP directory, hashing those of `hashed` (paths relative to the
+    checkpoint, like a manifest's) that lie in it."""
+    prefix = what + "/"
+    return _VerifyingReader(directory / what, [n.removeprefix(prefix) for n in hashed if n.startswith(prefix)])
+
+
+def _relative(what: str, digests: FileDigests) -> FileDigests:
+    return {f"{what}/{name}": meta for name, meta in digests.items()}
+
+
+def load_model(
+    directory: Path, module: nn.Module, distributed: bool, *, partial: bool = False, hashed: Collection[str] = ()
+) -> FileDigests:
+    """Load the model shards this rank holds from any layout's checkpoint (collective when
+    distributed); the size and sha256 of `model/.metadata` and of the files of `hashed` under
+    `model/`, computed from the load's own reads."""
     sd = model_state(module)
-    check_fits(stored_tensors(directory), sd, partial)
-    _load(sd, directory, MODEL_DIR, distributed)
+    reader = _reader(directory, MODEL_DIR, hashed)
+    check_fits(_tensors_of(reader.read_metadata()), sd, partial)
+    _load(sd, reader, distributed)
     set_model_state_dict(module, sd, options=_OPTIONS)
+    return _relative(MODEL_DIR, reader.digests())
 
 
-def load_optimizer(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, distributed: bool) -> None:
-    """Load this rank's optimizer state from any layout's checkpoint (collective when distributed)."""
+def load_optimizer(
+    directory: Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    distributed: bool,
+    *,
+    hashed: Collection[str] = (),
+) -> FileDigests:
+    """Load this rank's optimizer state from any layout's checkpoint (collective when
+    distributed); digests as `load_model`'s, for `optim/`."""
     osd = optimizer_state(module, optimizer)  # builds the state's structure (a zero-lr step on a fresh optimizer)
-    stored = stored_tensors(directory, OPTIM_DIR)
+    reader = _reader(directory, OPTIM_DIR, hashed)
+    stored = _tensors_of(reader.read_metadata())
     wanted = {k: v for k, v in osd.items() if isinstance(v, torch.Tensor)}
     missing = sorted(set(wanted) - set(stored))
     if missing:
         raise ShapeMismatch(f"optimizer state does not fit the model: missing {missing[:3]}")
-    _load(osd, directory, OPTIM_DIR, distributed)
+    _load(osd, reader, distributed)
     set_optimizer_state_dict(module, optimizer, osd, options=_OPTIONS)
+    return _relative(OPTIM_DIR, reader.digests())
 
 
 def read_full(directory: Path, what: str = MODEL_DIR) -> dict[str, torch.Tensor]:
     """Every tensor of a DCP directory as a whole CPU tensor, in this one process."""
-    full = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in stored_tensors(directory, what).items()}
-    _load(full, directory, what, distributed=False)
+    reader = _VerifyingReader(directory / what)
+    full = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in _tensors_of(reader.read_metadata()).items()}
+    _load(full, reader, distributed=False)
     return full
 
 

@@ -202,15 +202,16 @@ class Trainer:
                     "pass --resume auto to continue it or pick another --run-dir",
                 )
             return None
-        # Verified once here: sizes of every file; the contents each rank wrote, by that rank.
-        checksums = self.runtime.rank if self.runtime is not None else ckpt.ALL_FILES
+        # Sizes of every file and the small side files here; the shards' contents are hashed by
+        # the load's own reads (ckpt.load_verified), which falls back to older ones if need be.
+        self._resume_auto = resume == "auto"
         agree = self._all_ranks_agree if self.runtime is not None else None
         if resume == "auto":
-            return ckpt.latest_valid_checkpoint(self.checkpoints_dir, self.log, checksums=checksums, agree=agree)
+            return ckpt.latest_valid_checkpoint(self.checkpoints_dir, self.log, checksums=ckpt.SIDE_FILES, agree=agree)
         path = Path(resume)
         error = None
         try:
-            ckpt.verify_checkpoint(path, checksums)
+            ckpt.verify_checkpoint(path, ckpt.SIDE_FILES)
         except CheckpointError as err:
             error = err
         if agree is not None and not agree(error is None) and error is None:
@@ -226,6 +227,28 @@ class Trainer:
         return bool(flag.item())
 
     def _load(self, path: Path) -> None:
+        """Resume from `path`; with --resume auto, from the next older checkpoint if its contents
+        turn out corrupted while loading (ckpt.load_verified)."""
+        while True:
+            try:
+                self._load_weights(path)
+                break
+            except ckpt.CorruptCheckpoint as err:
+                if not self._resume_auto:
+                    raise
+                self.log(f"skipping checkpoint: {err}")
+                path = ckpt.latest_valid_checkpoint(
+                    self.checkpoints_dir,
+                    self.log,
+                    checksums=ckpt.SIDE_FILES,
+                    agree=self._all_ranks_agree if self.runtime is not None else None,
+                    older_than=path,
+                )
+                if path is None:
+                    raise CheckpointError(f"{self.checkpoints_dir}: no checkpoint verifies") from None
+        self._load_state(path)
+
+    def _load_weights(self, path: Path) -> None:
         import yaml
 
         # through compose_config: keys renamed since the checkpoint was written compare under their new names
@@ -237,10 +260,19 @@ class Trainer:
             diff = first_difference(saved[section], current[section], section + ".")
             if diff:
                 raise ConfigError("--resume", f"{path} was trained with a different config: {diff}")
-        module = self.engine.module
         distributed = self.runtime is not None
-        partial = distributed and self.runtime.dims.pp > 1
-        ckpt.load_sharded(path, module, self.optimizer, distributed=distributed, partial=partial)
+        ckpt.load_verified(
+            path,
+            self.engine.module,
+            self.optimizer,
+            distributed=distributed,
+            partial=distributed and self.runtime.dims.pp > 1,
+            rank=self.rank,
+            world_size=self.runtime.dims.world_size if distributed else 1,
+            agree=self._all_ranks_agree if distributed else None,
+        )
+
+    def _load_state(self, path: Path) -> None:
         state = ckpt.read_trainer_state(path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])

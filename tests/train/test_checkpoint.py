@@ -302,3 +302,58 @@ def test_ckpt_verify_checks_every_checkpoint_of_a_run(tmp_path, capsys):
     assert reports[0]["ok"] and not reports[1]["ok"] and "is corrupted" in reports[1]["error"]
     assert main(["ckpt", "verify", str(older)]) == 1
     assert main(["ckpt", "verify", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_load_checksums_the_shards_with_its_own_reads(tmp_path, monkeypatch):
+    model, opt = _model_and_opt()
+    path = _save(tmp_path, 1, model, opt)
+    files = json.loads((path / ckpt.MANIFEST).read_text())["files"]
+    hashed = ckpt.shards_to_hash({"files": files}, rank=0, world_size=1)
+    assert sorted(hashed) == sorted(n for n in files if n.endswith(".distcp"))
+    opened: list[str] = []
+    real_open = type(path).open
+
+    def counting_open(self, mode="r", *args, **kwargs):
+        if "b" in mode and self.suffix == ".distcp":
+            opened.append(self.name)
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(type(path), "open", counting_open)
+    other, other_opt = _model_and_opt(1)
+    digests = ckpt.load_sharded(path, other, other_opt, distributed=False, hashed=hashed)
+    assert len(opened) == len(hashed), "each shard file opened once: by the load, hashed as it is read"
+    for name in [*hashed, "model/.metadata", "optim/.metadata"]:
+        assert (digests[name]["bytes"], digests[name]["sha256"]) == (files[name]["bytes"], files[name]["sha256"])
+
+
+def test_a_partial_load_still_hashes_the_whole_file(tmp_path):
+    model, opt = _model_and_opt()
+    path = _save(tmp_path, 1, model, opt)
+    files = json.loads((path / ckpt.MANIFEST).read_text())["files"]
+    first = nn.Sequential(nn.Linear(4, 4))  # reads only "0.*" of the stored tensors
+    digests = sharded.load_model(path, first, distributed=False, partial=True, hashed=["model/__0_0.distcp"])
+    assert digests["model/__0_0.distcp"]["sha256"] == files["model/__0_0.distcp"]["sha256"]
+    assert torch.equal(first[0].weight, model[0].weight)
+
+
+@pytest.mark.parametrize("where", ["model", "optim"])
+def test_a_shard_corrupted_on_disk_is_found_by_the_load(tmp_path, where):
+    model, opt = _model_and_opt()
+    path = _save(tmp_path, 1, model, opt)
+    shard = next((path / where).glob("*.distcp"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # same size: only a checksum sees it
+    shard.write_bytes(bytes(raw))
+    ckpt.verify_checkpoint(path, ckpt.SIDE_FILES)  # what a resume checks before loading
+    other, other_opt = _model_and_opt(1)
+    with pytest.raises(ckpt.CorruptCheckpoint, match=f"{where}/{shard.name} is (corrupted|unreadable)|unreadable"):
+        ckpt.load_checkpoint(path, other, other_opt)
+
+
+def test_each_shard_is_hashed_by_exactly_one_rank_of_any_world():
+    files = {f"model/__{r}_0.distcp": {"rank": r} for r in range(4)} | {"model/.metadata": {"rank": 0}}
+    files |= {"state.pt": {"rank": 0}, "optim/__1_0.distcp": {"rank": 1}}
+    for world in (1, 2, 3, 4, 8):
+        owners = [ckpt.shards_to_hash({"files": files}, r, world) for r in range(world)]
+        flat = sorted(n for names in owners for n in names)
+        assert flat == sorted(n for n in files if n.endswith(".distcp")), world
