@@ -26,3 +26,14 @@ def test_tuning_respects_opt_out_and_user_values():
     if sys.platform == "linux":
         env = tuned_allocator_env({"MALLOC_TOP_PAD_": "7"})
         assert env is not None and env["MALLOC_TOP_PAD_"] == "7" and env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+
+
+def test_cuda_runs_serve_cpu_tensors_too_and_cpu_runs_use_gloo():
+    """Decision 45: on CUDA every group serves CUDA tensors by NCCL and CPU ones by gloo."""
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    from sparse_train.parallel.runtime import process_group_backend
+
+    # what torch.distributed makes of the string (the device -> backend map every group gets)
+    assert BackendConfig(process_group_backend("cuda")).get_device_backend_map() == {"cuda": "nccl", "cpu": "gloo"}
+    assert BackendConfig(process_group_backend("cpu")).get_device_backend_map()["cpu"] == "gloo"

@@ -191,6 +191,8 @@ def run(job: RayJob, request: TrainRequest) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from sparse_train.parallel.runtime import process_group_backend
+
     # Every worker and the driver must agree on the run directory (the driver follows its metrics).
     run_dir = request.resolved_run_dir().resolve()
     request = dataclasses.replace(request, run_dir=run_dir)
@@ -208,7 +210,8 @@ def run(job: RayJob, request: TrainRequest) -> int:
         trainer = TorchTrainer(
             _worker,
             train_loop_config=config,
-            torch_config=TorchConfig(backend="nccl" if job.gpus_per_worker else "gloo"),
+            # the groups sparse_train starts itself under torchrun (decision 45)
+            torch_config=TorchConfig(backend=process_group_backend("cuda" if job.gpus_per_worker else "cpu")),
             scaling_config=ScalingConfig(
                 num_workers=job.num_workers,
                 use_gpu=bool(job.gpus_per_worker),

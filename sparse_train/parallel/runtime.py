@@ -74,13 +74,20 @@ def init_distributed(cfg: Config, device: torch.device, timeout_s: float | None 
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("SPARSE_TRAIN_DIST_TIMEOUT", 600)))
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = process_group_backend(device.type)
         store = _restart_safe_store(timeout)
         if store is None:
             dist.init_process_group(backend, timeout=timeout)
         else:
             dist.init_process_group(backend, store=store, rank=rank, world_size=world_from_env()[2], timeout=timeout)
     return DistributedRuntime(dims, dims.build_meshes(device.type), rank, local_rank, device)
+
+
+def process_group_backend(device_type: str) -> str:
+    """gloo on CPU. On CUDA, NCCL for CUDA tensors and gloo for CPU ones in the same groups
+    (decision 45): the training step keeps its collectives on the device, while object
+    collectives, DCP's planning and an asynchronous save's CPU-side traffic are served too."""
+    return "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
 
 
 def _restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
