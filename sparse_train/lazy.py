@@ -12,10 +12,12 @@ pieces of the matching experts.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -140,6 +142,36 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def write_safetensors(
+    path: Path,
+    shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    read: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """A safetensors file of the tensors `shapes` names, each obtained from `read(name)` just
+    before its bytes are written: the header is known from the shapes, so one tensor is held at
+    a time, however large the file. Laid out as safetensors.torch.save_file lays it out."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (shape, dtype) in shapes.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(encoded)))
+        fh.write(encoded)
+        for name, (shape, dtype) in shapes.items():
+            tensor = read(name)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{name}: read {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(shape)} {dtype}")
+            fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def read_safetensors_index(file: Path) -> dict[str, SafetensorsTensor]:
