@@ -8,7 +8,7 @@ import torch
 from sparse_train.bench.moe_layer import Shape, bench_shape
 from tests.kernels.helpers import requires_grouped_mm, requires_triton
 
-TINY = Shape("tiny", tokens=48, d_model=32, num_experts=4, top_k=2, expert_hidden=16)
+TINY = Shape("tiny", tokens=24, d_model=32, num_experts=4, top_k=2, expert_hidden=16)
 
 
 def _bench(shape: Shape, backends: tuple[str, ...], precision: str = "fp32") -> dict:

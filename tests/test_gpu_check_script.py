@@ -57,6 +57,7 @@ def test_without_nvidia_smi_it_refuses_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists(), "a refusal leaves nothing behind"
 
 
+@pytest.mark.slow  # imports torch in the script's subprocess: seconds
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no CUDA device")
 def test_with_nvidia_smi_but_no_cuda_torch_it_refuses_in_one_line(tmp_path):
     fake = tmp_path / "bin"
