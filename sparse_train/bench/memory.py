@@ -72,9 +72,12 @@ def baseline_config(cfg: Config, nproc: int) -> Config:
     return compose_config(data)
 
 
-def _measure(cfg: Config, run_dir: str, data: Any = None) -> tuple[dict[str, Any], Any]:
+def _measure(
+    cfg: Config, run_dir: str, data: Any = None, *, keep_process_group: bool = False
+) -> tuple[dict[str, Any], Any]:
     """Build the trainer (on `data` when given), train cfg.train.steps steps on this rank, and
-    read its memory; the result and the trainer's data."""
+    read its memory; the result and the trainer's data. `keep_process_group`: leave the process
+    group to the next trainer of this process (which reuses an initialised one)."""
     from sparse_train.train import memory
     from sparse_train.train.trainer import Trainer
 
@@ -111,6 +114,11 @@ def _measure(cfg: Config, run_dir: str, data: Any = None) -> tuple[dict[str, Any
         return result, trainer.data
     finally:
         trainer.metrics.close()
+        if keep_process_group:
+            # A second init_process_group on the same address races the first one's teardown
+            # (a fast rank reaches the old store before rank 0 has closed it, and the new
+            # group hangs: seen with 8 ranks). Without a runtime, close() closes only the log.
+            trainer.runtime = None
         trainer.close()
 
 
@@ -124,7 +132,7 @@ def _measure_baseline_then_run(baseline: Config, cfg: Config, run_dir: str) -> t
 
     import torch
 
-    first, data = _measure(baseline, str(Path(run_dir) / "baseline"))
+    first, data = _measure(baseline, str(Path(run_dir) / "baseline"), keep_process_group=True)
     gc.collect()  # the baseline's model and optimizer are gone before the real build
     if torch.cuda.is_available() and first["device"].startswith("cuda"):
         torch.cuda.empty_cache()
