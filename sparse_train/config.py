@@ -299,6 +299,13 @@ class CheckpointConfig(Section):
     every: int = option(100, "steps between checkpoints (0 = only the final one)")
     keep: int = option(3, "complete checkpoints kept; older ones are deleted")
     save_final: bool = option(True, "write a checkpoint when training ends")
+    # Named async_save: `async` is a Python keyword, so it cannot be a field (and keys are field names).
+    async_save: bool = option(
+        False,
+        "write checkpoints in the background (DCP async_save): training goes on while the shards are "
+        "written; each is published once complete, the next save and the end of training wait for it; "
+        "costs a CPU copy of the rank's state while it is written",
+    )
 
     def validate(self) -> None:
         _non_negative(self, "every")

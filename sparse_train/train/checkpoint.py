@@ -35,6 +35,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Collection
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,70 @@ def save_checkpoint(
     `weights` / `optim_state` hold this rank's part (DTensor shards, a pipeline stage's
     tensors; `sharded.model_state` / `sharded.optimizer_state`). When `distributed`, every rank
     calls this (collective); the main rank publishes and returns the path, the others None."""
+    tmp = _begin_save(checkpoints_dir, step, weights, distributed, is_main)
+    side = _side_files(state, config_yaml, layout)
+    # Each rank checksums the files it writes as it writes them; no rank reads back another's.
+    written = sharded.save(tmp, weights, optim_state, distributed)
+    return _finish_save(tmp, checkpoints_dir, step, written, side, keep, distributed, is_main, group=None)
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint being written in the background (start_checkpoint); `wait` returns what
+    save_checkpoint would have: the published path on the main rank, None on the others."""
+
+    step: int
+    path: Path  # where it is published once complete
+    future: futures.Future
+
+    def wait(self) -> Path | None:
+        return self.future.result()
+
+
+def checkpoint_groups(distributed: bool) -> tuple[Any, Any] | None:
+    """The process groups of asynchronous saves, one per DCP directory: gloo (DCP's background
+    writer needs a CPU backend) and used by nothing else, so a save's collectives never
+    interleave with the training loop's. A collective: every rank creates them, once."""
+    return (dist.new_group(backend="gloo"), dist.new_group(backend="gloo")) if distributed else None
+
+
+def start_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optim_state: dict[str, Any] | None,
+    state: dict[str, Any],
+    config_yaml: str,
+    *,
+    keep: int,
+    groups: tuple[Any, Any] | None,
+    layout: dict[str, Any] | None = None,
+    distributed: bool = False,
+    is_main: bool = True,
+) -> PendingSave:
+    """save_checkpoint, asynchronously: returns once this rank's state is copied (DCP's staging)
+    and its trainer state serialised; the shards are written by DCP's async_save, then a
+    background thread gathers the digests and publishes (manifest last, one rename) as soon as
+    every rank's files are on disk. Until then the previous checkpoints are the newest; a crash
+    leaves them intact. `groups`: checkpoint_groups(), used only by this save's collectives.
+    Wait for a pending save before starting the next one."""
+    tmp = _begin_save(checkpoints_dir, step, weights, distributed, is_main)
+    side = _side_files(state, config_yaml, layout)  # the state of this step, not of when it is written
+    shards = sharded.save_async(tmp, weights, optim_state, distributed, groups)
+    group = groups[0] if groups else None  # free again once the model's shards are written
+
+    def finish() -> Path | None:
+        return _finish_save(tmp, checkpoints_dir, step, shards.result(), side, keep, distributed, is_main, group)
+
+    executor = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-publish")
+    future = executor.submit(finish)
+    executor.shutdown(wait=False)  # the thread ends with `finish`
+    return PendingSave(step, checkpoints_dir / step_dir_name(step), future)
+
+
+def _begin_save(checkpoints_dir: Path, step: int, weights: dict[str, Any], distributed: bool, is_main: bool) -> Path:
+    """Refuse non-finite weights (on any rank), then create the step's temporary directory,
+    which every rank writes its shards into; returns it (a collective when distributed)."""
     bad = sharded.local_non_finite(weights)
     if distributed:
         # on the training device: NCCL serves device tensors only
@@ -123,27 +188,43 @@ def save_checkpoint(
         tmp.mkdir()
     if distributed:
         dist.barrier()
+    return tmp
+
+
+def _side_files(state: dict[str, Any], config_yaml: str, layout: dict[str, Any] | None) -> dict[str, bytes]:
+    """The main rank's small files, serialised now (an asynchronous save must record the step's
+    state, not the one training has reached when the shards are on disk)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    layout_json = json.dumps(layout or {"world_size": 1}, indent=1) + "\n"
+    return {"state.pt": buffer.getvalue(), "config.yaml": config_yaml.encode(), LAYOUT: layout_json.encode()}
+
+
+def _finish_save(
+    tmp: Path,
+    checkpoints_dir: Path,
+    step: int,
+    shard_digests: sharded.FileDigests,
+    side: dict[str, bytes],
+    keep: int,
+    distributed: bool,
+    is_main: bool,
+    group: Any,
+) -> Path | None:
+    """Once this rank's shards are written: gather every rank's digests on the main rank (the
+    barrier after which all shards are on disk), which writes its small files and the manifest
+    and publishes. `group`: the process group of these collectives (None: the default)."""
     rank = dist.get_rank() if distributed else 0
-    # Each rank checksums the files it writes as it writes them; no rank reads back another's.
-    written = {
-        name: {**meta, "rank": rank} for name, meta in sharded.save(tmp, weights, optim_state, distributed).items()
-    }
+    written = {name: {**meta, "rank": rank} for name, meta in shard_digests.items()}
     faults.fail_point("save", step=step, rank=rank, run_dir=checkpoints_dir.parent)  # SPARSE_TRAIN_FAIL_AT
-    if distributed:  # also the barrier after which every rank's shards are on disk
+    if distributed:
         parts: list[Any] | None = [None] * dist.get_world_size() if is_main else None
-        dist.gather_object(written, parts, dst=0)
+        dist.gather_object(written, parts, dst=0, group=group)
         for part in parts or []:
             written |= part
     if not is_main:
         return None
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    layout_json = json.dumps(layout or {"world_size": 1}, indent=1) + "\n"
-    for name, data in (
-        ("state.pt", buffer.getvalue()),
-        ("config.yaml", config_yaml.encode()),
-        (LAYOUT, layout_json.encode()),
-    ):
+    for name, data in side.items():
         (tmp / name).write_bytes(data)
         written[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rank": rank}
     files = dict(sorted(written.items()))

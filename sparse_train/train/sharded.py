@@ -23,6 +23,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Collection, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import IO, Any
 
@@ -248,6 +249,51 @@ def save(directory: Path, model_sd: dict[str, Any], optim_sd: dict[str, Any] | N
     if optim_sd:
         digests |= _save_digested(optim_sd, directory / OPTIM_DIR, distributed)
     return {str(Path(path).relative_to(directory)): meta for path, meta in digests.items()}
+
+
+class AsyncShards:
+    """Shards being written in the background by DCP's async_save: this rank's state was copied
+    (staged) when the save began, so training may change the live tensors meanwhile."""
+
+    def __init__(self, directory: Path, writes: list[tuple[futures.Future, _DigestingFileSystem]]) -> None:
+        self.directory = directory
+        self._writes = writes
+
+    def result(self) -> FileDigests:
+        """Block until this rank's files are written (and, DCP's last collective, every rank's
+        and the indexes); their sizes and checksums, as `save` returns them."""
+        digests: FileDigests = {}
+        for future, file_system in self._writes:
+            future.result()
+            digests |= file_system.digests
+        return {str(Path(path).relative_to(self.directory)): meta for path, meta in digests.items()}
+
+
+def save_async(
+    directory: Path,
+    model_sd: dict[str, Any],
+    optim_sd: dict[str, Any] | None,
+    distributed: bool,
+    groups: tuple[Any, Any] | None,
+) -> AsyncShards:
+    """`save`, in the background: returns once this rank's state is staged (copied to CPU
+    memory). The model and the optimizer state are written concurrently, each over its own
+    process group of `groups` (gloo: DCP's async save needs a CPU backend, and a group used by
+    one background writer only, never by the training loop's collectives)."""
+    if not distributed:
+        # Raised in DCP's writer thread, where no catch_warnings block of ours (_quiet) reaches:
+        # silenced for the process. One process on purpose; the warning is noise.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+    writes = []
+    for sd, what, group in ((model_sd, MODEL_DIR, groups and groups[0]), (optim_sd, OPTIM_DIR, groups and groups[1])):
+        if not sd:
+            continue
+        writer = FileSystemWriter(str(directory / what))
+        writer.fs = file_system = _DigestingFileSystem()
+        with _quiet(distributed):
+            future = dcp.async_save(sd, storage_writer=writer, process_group=group, no_dist=not distributed)
+        writes.append((future, file_system))
+    return AsyncShards(directory, writes)
 
 
 def _tensors_of(metadata: Metadata) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

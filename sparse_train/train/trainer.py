@@ -86,6 +86,8 @@ def first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> 
 
 
 class Trainer:
+    _pending_save: ckpt.PendingSave | None = None  # an asynchronous checkpoint being written
+    _checkpoint_groups: tuple[Any, Any] | None = None  # its process groups, made at the first one
     memory_prediction: memory.MemoryPrediction | None = None  # set by check_memory, before the first step
 
     def __init__(
@@ -185,7 +187,12 @@ class Trainer:
         return log
 
     def close(self) -> None:
-        """Release the process group and the per-rank log (no-op on one process)."""
+        """Finish an asynchronous save still in flight (a run that raised: its checkpoint was
+        taken before), then release the process group and the per-rank log."""
+        try:
+            self.wait_for_checkpoint()
+        except Exception as err:  # noqa: BLE001 - closing goes on; the run already failed or reported
+            self.log(f"the asynchronous checkpoint failed: {err}")
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -298,7 +305,10 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        """Write a checkpoint: every rank its own shards, the main rank the rest (collective)."""
+        """Write a checkpoint: every rank its own shards, the main rank the rest (collective).
+        With checkpoint.async_save, the shards are written in the background and this returns
+        the path the checkpoint is published under once complete (wait_for_checkpoint)."""
+        self.wait_for_checkpoint()  # one save at a time: the previous one is published first
         layout = {"world_size": 1}
         if self.runtime is not None:
             d = self.runtime.dims
@@ -310,21 +320,35 @@ class Trainer:
                 "tp": d.tp,
                 "pp": d.pp,
             }
-        path = ckpt.save_checkpoint(
+        distributed = self.runtime is not None
+        args = (
             self.checkpoints_dir,
             self.step,
             sharded.model_state(self.model),
             sharded.optimizer_state(self.model, self.optimizer),
             self._state(),
             self.cfg.to_yaml(),
-            keep=self.cfg.checkpoint.keep,
-            layout=layout,
-            distributed=self.runtime is not None,
-            is_main=self.is_main,
-        )  # SPARSE_TRAIN_FAIL_AT=STEP:RANK:save fires inside, once the shards are written
-        if self.runtime is not None:
+        )
+        kwargs = {
+            "keep": self.cfg.checkpoint.keep,
+            "layout": layout,
+            "distributed": distributed,
+            "is_main": self.is_main,
+        }
+        if self.cfg.checkpoint.async_save:
+            if self._checkpoint_groups is None:
+                self._checkpoint_groups = ckpt.checkpoint_groups(distributed)
+            self._pending_save = ckpt.start_checkpoint(*args, groups=self._checkpoint_groups, **kwargs)
+            return self._pending_save.path if self.is_main else None
+        path = ckpt.save_checkpoint(*args, **kwargs)  # SPARSE_TRAIN_FAIL_AT=STEP:RANK:save fires inside
+        if distributed:
             torch.distributed.barrier()  # no rank runs ahead of a checkpoint that is not yet published
         return path
+
+    def wait_for_checkpoint(self) -> Path | None:
+        """Block until the asynchronous save in flight, if any, is published; its path (main rank)."""
+        pending, self._pending_save = self._pending_save, None
+        return pending.wait() if pending is not None else None
 
     def _maybe_fail(self, where: str) -> None:
         faults.maybe_fail(self.failure_plan, step=self.step, rank=self.rank, where=where, run_dir=self.run_dir)
@@ -477,6 +501,7 @@ class Trainer:
                 if (every and self.step % every == 0) or (self.step == t.steps and self.cfg.checkpoint.save_final):
                     last_ckpt = self.save()
                 self._maybe_fail("step")
+            self.wait_for_checkpoint()  # the end of training: the last checkpoint is published
         finally:
             bar.close()
             self.metrics.close()

@@ -22,7 +22,10 @@ SETS = [
 ]
 
 
-def launch(run: Path, fail_at: str | None, max_restarts: int = 2) -> subprocess.CompletedProcess:
+def launch(
+    run: Path, fail_at: str | None, max_restarts: int = 2, sets: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """The job through `sparse-train launch` (torchrun); `sets`: more `--set` overrides."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("SPARSE_TRAIN_FAIL_AT", None)
     if fail_at:
@@ -40,6 +43,7 @@ def launch(run: Path, fail_at: str | None, max_restarts: int = 2) -> subprocess.
         "--resume",
         "auto",
         *SETS,
+        *(arg for o in sets for arg in ("--set", o)),
     ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
 

@@ -27,6 +27,21 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_never_interrupted(
 ):
     run = tmp_path / "run"
     done = launch(run, fail_at)
+    _assert_restarted(run, done, uninterrupted, resumed_from)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_killed_during_an_asynchronous_save_leaves_the_previous_checkpoint(tmp_path, uninterrupted, rank):
+    """checkpoint.async_save: the kill comes from the background writer once this rank's shards
+    of step 6 are on disk, while training has gone on; step 6 was never published, so the
+    restarted job resumes from step 3 and ends as the synchronous, uninterrupted run did."""
+    run = tmp_path / "run"
+    done = launch(run, f"6:{rank}:save", sets=("checkpoint.async_save=true",))
+    _assert_restarted(run, done, uninterrupted, resumed_from=3)
+
+
+def _assert_restarted(run, done, uninterrupted, resumed_from: int) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert list(run.glob(".injected-failure-*")), "the failure was injected"
     assert f"resumed from {run / 'checkpoints' / ckpt.step_dir_name(resumed_from)}" in done.stderr

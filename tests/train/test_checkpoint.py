@@ -357,3 +357,89 @@ def test_each_shard_is_hashed_by_exactly_one_rank_of_any_world():
         owners = [ckpt.shards_to_hash({"files": files}, r, world) for r in range(world)]
         flat = sorted(n for names in owners for n in names)
         assert flat == sorted(n for n in files if n.endswith(".distcp")), world
+
+
+def _start(dir_, step, model, opt, **kw):
+    weights, optim_state = sharded.model_state(model), sharded.optimizer_state(model, opt)
+    return ckpt.start_checkpoint(
+        dir_, step, weights, optim_state, {"step": step}, "train: {}\n", keep=10, groups=None, **kw
+    )
+
+
+def test_an_asynchronous_save_records_its_step_and_is_published_only_when_written(tmp_path, monkeypatch):
+    import threading
+
+    model, opt = _model_and_opt()
+    _save(tmp_path, 1, model, opt)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    release, publishing = threading.Event(), threading.Event()
+    publish = ckpt._publish_step
+
+    def held(tmp, checkpoints_dir, step):
+        publishing.set()
+        release.wait(30)
+        return publish(tmp, checkpoints_dir, step)
+
+    monkeypatch.setattr(ckpt, "_publish_step", held)
+    pending = _start(tmp_path, 2, model, opt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training goes on while the shards are written: the copy taken at the start is saved
+    assert publishing.wait(30)
+    assert (tmp_path / ".step_00000002.tmp" / "manifest.json").is_file()  # written, not yet published
+    assert ckpt.latest_valid_checkpoint(tmp_path, warn=print).name == "step_00000001"
+    release.set()
+    assert pending.wait() == tmp_path / "step_00000002" == pending.path
+    ckpt.verify_checkpoint(pending.path)  # digests made by the background writer
+    loaded = ckpt.read_weights(pending.path)
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    assert ckpt.read_trainer_state(pending.path) == {"step": 2}
+
+
+def test_a_crash_during_an_asynchronous_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, opt = _model_and_opt()
+    _save(tmp_path, 1, model, opt)
+
+    def crash(tmp, _checkpoints_dir, _step):
+        raise OSError("disk gone mid-save")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "_publish_step", crash)
+        pending = _start(tmp_path, 2, model, opt)
+        with pytest.raises(OSError, match="disk gone"):
+            pending.wait()  # the writer's failure reaches whoever waits: the next save, or the end of training
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert ckpt.latest_valid_checkpoint(tmp_path, warn=print).name == "step_00000001"
+    _start(tmp_path, 3, model, opt).wait()  # the next save cleans the leftover
+    assert not list(tmp_path.glob(".step_*"))
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [3, 1]
+
+
+def test_asynchronous_and_synchronous_training_write_the_same_checkpoints(tmp_path):
+    from sparse_train.train.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    runs = {}
+    for mode in ("false", "true"):
+        run = tmp_path / mode
+        trainer = Trainer(
+            tiny_config("train.steps=6", "checkpoint.every=2", f"checkpoint.async_save={mode}"), run, log=print
+        )
+        summary = trainer.fit()
+        trainer.close()
+        assert summary.checkpoint == run / "checkpoints" / "step_00000006" and summary.checkpoint.is_dir()
+        runs[mode] = run / "checkpoints"
+    for step in (2, 4, 6):
+        sync, background = (ckpt.verify_checkpoint(runs[m] / ckpt.step_dir_name(step)) for m in ("false", "true"))
+        shards = {n: m["sha256"] for n, m in sync["files"].items() if n.endswith(".distcp")}
+        assert shards == {n: m["sha256"] for n, m in background["files"].items() if n.endswith(".distcp")}, step
+        for path in (runs[m] / ckpt.step_dir_name(step) for m in ("false", "true")):
+            assert ckpt.read_trainer_state(path)["step"] == step
+
+
+def test_the_async_key_is_named_async_save():
+    from sparse_train.config import ConfigError, compose_config
+
+    assert compose_config({"checkpoint": {"async_save": True}}).checkpoint.async_save
+    with pytest.raises(ConfigError, match="checkpoint.async.*did you mean 'async_save'"):
+        compose_config({"checkpoint": {"async": True}})
