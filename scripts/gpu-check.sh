@@ -69,7 +69,10 @@ else
     refuse "$PY cannot import torch: install first (make venv TORCH_INDEX=...)"
   [ "$NGPU" -ge 1 ] 2>/dev/null || refuse "nvidia-smi sees GPUs but torch does not (a CPU build of torch?): reinstall with TORCH_INDEX"
   DEVICE=cuda
-  unset TRITON_INTERPRET # the compiled kernels are the point
+  unset TRITON_INTERPRET # the compiled kernels are the point; tests/conftest.py turns the
+  # interpreter on when it sees neither CUDA_VISIBLE_DEVICES nor /dev/nvidiactl (some containers)
+  CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((NGPU - 1)))}
+  export CUDA_VISIBLE_DEVICES
   BENCH_BACKENDS=triton,grouped_mm
   TRAIN_BACKEND=triton
   ALLOWED_SKIPS="compute capability" # grouped_mm on a GPU older than sm_80: refused, and that is tested

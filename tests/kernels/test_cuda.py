@@ -39,6 +39,14 @@ def _skip_unless_runs(backend: str) -> None:
         pytest.skip(f"compute capability {torch.cuda.get_device_capability()} < 8.0: grouped_mm refuses (tested)")
 
 
+@requires_triton
+def test_triton_kernels_are_compiled_not_interpreted():
+    """Under TRITON_INTERPRET the kernels would run on the CPU and these tests prove nothing."""
+    from sparse_train.kernels.triton_kernels import interpreting
+
+    assert not interpreting(), "TRITON_INTERPRET=1 is set: unset it to test the compiled kernels"
+
+
 @pytest.mark.parametrize(("backend", "dtype"), CASES)
 def test_grouped_gemm_on_cuda_matches_reference(backend, dtype):
     _skip_unless_runs(backend)
