@@ -12,7 +12,7 @@ import yaml
 from sparse_train.config import Config, compose_config
 from sparse_train.data.dataset import load_token_data, validation_batches
 from sparse_train.data.tokenizer import Tokenizer, build_tokenizer
-from sparse_train.models.transformer import Transformer
+from sparse_train.models.transformer import Transformer, materialize
 from sparse_train.train import checkpoint as ckpt
 from sparse_train.train.loss import lm_loss
 
@@ -30,7 +30,9 @@ def load_trained(path: Path, overrides: list[str] | tuple[str, ...] = (), device
     """Build the model a checkpoint (or a run directory's newest valid checkpoint) describes."""
     resolved = ckpt.resolve_checkpoint_path(path, warn=lambda msg: None)
     cfg = compose_config(yaml.safe_load(ckpt.read_checkpoint_config(resolved)), overrides)
-    model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff).to(device)
+    with torch.device("meta"):  # storage once, for the checkpoint's weights: nothing drawn to be overwritten
+        model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff)
+    materialize(model, cfg.model, torch.device(device), seed=None)
     ckpt.load_sharded(resolved, model, None, distributed=False)  # resolve_checkpoint_path verified it
     state = ckpt.read_trainer_state(resolved)
     model.eval()

@@ -31,7 +31,7 @@ from sparse_train.data.corpus import (
     text_files,
 )
 from sparse_train.data.tokenizer import Tokenizer
-from sparse_train.models.transformer import Transformer
+from sparse_train.models.transformer import Transformer, rotary_tables
 
 HELD_OUT_FRACTION = 0.25
 
@@ -119,8 +119,10 @@ def ffn_inputs(
             "--calib", f"{tokens.size} calibration tokens hold fewer than 2 sequences of {seq_len}; give more text"
         )
     batch = torch.from_numpy(tokens[: n_seq * seq_len].astype(np.int64)).view(n_seq, seq_len)
-    model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff)
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # the given weights become the parameters: no second copy, nothing drawn
+        model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rope_cos, model.rope_sin = rotary_tables(cfg.model.head_dim, cfg.model.max_seq_len, cfg.model.rope_theta)
     model.eval()
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     hooks = [
