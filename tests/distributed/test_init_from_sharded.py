@@ -31,34 +31,17 @@ def mixtral_dir(tmp_path) -> Path:
 def _start(source: str, overrides: list[str], run_dir: str, data) -> dict:
     """The run's starting weights (gathered whole) and the whole shapes of its partly held
     parameters that any operation created while the trainer was built."""
-    from torch.distributed.tensor import DTensor
-    from torch.utils import _pytree as pytree
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from sparse_train.train.trainer import Trainer
     from sparse_train.upcycle.init_from import init_from
-
-    created: set[tuple[int, ...]] = set()
-
-    class RecordCreated(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.is_view:  # allocates nothing (safetensors views its memory-mapped file, then slices)
-                return out
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and not t.is_meta:
-                    created.add(tuple((t.to_local() if isinstance(t, DTensor) else t).shape))
-            return out
+    from tests.distributed.created_tensors import RecordCreated, partial_whole_shapes
 
     cfg, weights = init_from(Path(source), None, overrides)
-    with RecordCreated():
+    with RecordCreated() as record:
         trainer = Trainer(cfg, Path(run_dir), init_weights=weights, data=data, log=lambda msg: None)
     try:
-        params = list(trainer.model.parameters())
-        local = {tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape) for p in params}
-        # whole shapes of the parameters held in part (one that is also another's local shape tells nothing)
-        partial = {tuple(p.shape) for p in params if isinstance(p, DTensor) and p.to_local().shape != p.shape} - local
-        return {"weights": trainer.engine.full_state_dict(), "partial": partial, "whole_copies": created & partial}
+        partial = partial_whole_shapes(trainer.model)
+        whole_copies = set(record.shapes) & partial
+        return {"weights": trainer.engine.full_state_dict(), "partial": partial, "whole_copies": whole_copies}
     finally:
         trainer.close()
 

@@ -35,38 +35,18 @@ SLOW = {"tp2-ep2", "hsdp2x2-ep2"}
 def _build(cfg, run_dir: str, data) -> dict:
     """The whole initial weights (gathered), and the whole-tensor shapes of the parameters this
     rank holds a part of that some operation created while the trainer was being built."""
-    from torch.distributed.tensor import DTensor
-    from torch.utils import _pytree as pytree
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from sparse_train.train.trainer import Trainer
+    from tests.distributed.created_tensors import RecordCreated, local_of, partial_whole_shapes
 
-    created: list[tuple[int, ...]] = []
-
-    class RecordCreated(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and not t.is_meta:
-                    created.append(tuple((t.to_local() if isinstance(t, DTensor) else t).shape))
-            return out
-
-    with RecordCreated():
+    with RecordCreated() as record:
         trainer = Trainer(cfg, Path(run_dir), data=data, log=lambda msg: None)
     try:
-        params = list(trainer.model.parameters())
-        local = {tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape) for p in params}
-        # whole shapes of the parameters held in part and larger than a tile (one that is also
-        # another parameter's local shape tells nothing)
-        partial_wholes = {
-            tuple(p.shape)
-            for p in params
-            if isinstance(p, DTensor) and p.to_local().shape != p.shape and p.numel() > TILE_ELEMENTS
-        } - local
-        largest_local = max((p.to_local() if isinstance(p, DTensor) else p).numel() for p in trainer.model.parameters())
+        partial_wholes = partial_whole_shapes(trainer.model, larger_than=TILE_ELEMENTS)
+        largest_local = max(local_of(p).numel() for p in trainer.model.parameters())
         weights = trainer.engine.full_state_dict()
     finally:
         trainer.close()
+    created = record.shapes
     return {
         "weights": weights,
         "sharded": sorted(partial_wholes),
