@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -99,7 +100,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def local_bytes(tensors) -> int:
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of this rank's parts of `tensors` (a DTensor's local shard, a plain tensor whole)."""
     return sum(local_tensor(t).numel() * local_tensor(t).element_size() for t in tensors)
 
 
@@ -117,15 +119,15 @@ def predict(
     multi-tensor implementation (torch's default for CUDA parameters)."""
     params = [p for p in module.parameters() if p.requires_grad]
     param_bytes = local_bytes(params)
-    fp32_elements = sum(local_tensor(p).numel() for p in params) * FP32
+    fp32_bytes = sum(local_tensor(p).numel() for p in params) * FP32  # AdamW keeps fp32 moments
     largest = max((local_bytes([p]) for p in params), default=0)
     return MemoryPrediction(
         params_mb=param_bytes / MB,
         grads_mb=param_bytes / MB,
-        optimizer_mb=2 * fp32_elements / MB,
+        optimizer_mb=2 * fp32_bytes / MB,
         fsdp_buffers_mb=fsdp_buffer_bytes(module, dims) / MB,
         activations_mb=activation_bytes(module, cfg, dims, pp_rank) / MB,
-        optimizer_step_mb=(fp32_elements if foreach else largest) / MB,
+        optimizer_step_mb=(fp32_bytes if foreach else largest) / MB,
         baseline_mb=baseline_mb,
     )
 
