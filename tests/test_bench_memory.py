@@ -94,3 +94,14 @@ def test_the_baseline_is_the_smallest_model_the_same_layout_accepts(layout):
     ParallelDims.from_config(small.parallel, nproc).check_model(small)  # a valid run in the same layout
     assert small.parallel == cfg.parallel and small.train == cfg.train and small.data == cfg.data
     assert small.model.d_model <= 2 * cfg.parallel.tp and small.model.n_layers == cfg.parallel.pp
+
+
+def test_a_rank_that_fails_is_one_line(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("x = 1\n")  # fewer tokens than one sequence: every rank's data loading fails
+    argv = ["bench", "memory", "--json", "--nproc", "1", "--steps", "1"]
+    for override in tiny_overrides(f"data.path={short}"):
+        argv += ["--set", override]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: bench memory on 1 processes failed: ") and "corpus too small" in err, err
