@@ -16,8 +16,11 @@ leaves either no new checkpoint or a complete one, the previous checkpoints unto
 `--resume auto` skips anything without a verifying manifest. Saving a step that already has a
 checkpoint (a run resumed from an older one reaches it again) publishes the new copy under a
 fresh name `step_XXXXXXXX.rN` that ranks above the old copy before the old copy is deleted
-(see _publish_step). Loading verifies sizes and checksums, so truncation or bit rot is
-reported instead of silently loaded, and reshards into the loading layout.
+(see _publish_step). With checkpoint.async_save the shards are written in the background
+(start_checkpoint) and the same publication follows once every rank's files are on disk.
+Loading verifies sizes and checksums, so truncation or bit rot is reported instead of silently
+loaded (a resume hashes each rank's share with the load's own reads: load_verified), and
+reshards into the loading layout.
 
 Formats: 3 names parameters without shape suffixes (`w_down`); 2, the first sharded format,
 named them with (`w_down_EFD`) and still loads, its names converted on read

@@ -4,7 +4,8 @@ The chosen rank (default 0) kills itself with SIGKILL — no cleanup, no flush, 
 lost node or an OOM kill looks like —
     WHERE=step  after finishing step STEP (and any checkpoint at that step);
     WHERE=save  in the middle of the checkpoint at step STEP: its own shards written, the
-                checkpoint not yet published.
+                checkpoint not yet published (with checkpoint.async_save, from the background
+                thread that publishes it, while training has gone on).
 It fires once per run directory (a marker file records it), so a job restarted by torchrun's
 `--max-restarts` or Ray's `max_failures` runs on past the step instead of failing again.
 Unset in normal use; never set it in production.

@@ -443,3 +443,32 @@ def test_the_async_key_is_named_async_save():
     assert compose_config({"checkpoint": {"async_save": True}}).checkpoint.async_save
     with pytest.raises(ConfigError, match="checkpoint.async.*did you mean 'async_save'"):
         compose_config({"checkpoint": {"async": True}})
+
+
+def test_an_explicit_resume_of_a_checkpoint_corrupted_inside_a_shard_stops_with_the_error(tmp_path):
+    from sparse_train.train.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    Trainer(tiny_config("train.steps=4", "checkpoint.every=2"), tmp_path, log=print).fit()
+    newest = tmp_path / "checkpoints" / "step_00000004"
+    shard = next((newest / "optim").glob("*.distcp"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # the sizes check out; the load's checksum does not
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CorruptCheckpoint, match="optim/.* is corrupted"):
+        Trainer(tiny_config("train.steps=6", "checkpoint.every=2"), tmp_path, resume=str(newest), log=print)
+    messages: list[str] = []
+    resumed = Trainer(tiny_config("train.steps=6", "checkpoint.every=2"), tmp_path, resume="auto", log=messages.append)
+    assert resumed.step == 2 and any("skipping checkpoint" in m and "corrupted" in m for m in messages)
+
+
+def test_close_publishes_an_asynchronous_save_still_in_flight(tmp_path):
+    from sparse_train.train.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    trainer = Trainer(tiny_config("checkpoint.async_save=true"), tmp_path, log=print)
+    trainer.train_step()
+    path = trainer.save()  # returns at once: the path it will be published under
+    trainer.close()  # e.g. after a failed step: the checkpoint taken before is still published
+    assert ckpt.latest_valid_checkpoint(tmp_path / "checkpoints", warn=print) == path
+    assert ckpt.read_trainer_state(path)["step"] == 1
