@@ -104,4 +104,4 @@ def test_a_rank_that_fails_is_one_line(tmp_path, capsys):
         argv += ["--set", override]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: bench memory on 1 processes failed: ") and "corpus too small" in err, err
+    assert err.startswith("error: bench memory on 1 process failed: ") and "corpus too small" in err, err

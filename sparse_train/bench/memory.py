@@ -149,7 +149,11 @@ def _launch(nproc: int, baseline: Config, cfg: Config, timeout: float) -> list[t
             return run_ranks(_measure_baseline_then_run, nproc, baseline, cfg, tmp, timeout=timeout)
         except AssertionError as err:  # run_ranks: a rank's traceback, or ranks that never reported
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            raise TrainingStopped(f"bench memory on {nproc} processes failed: {lines[-1]}") from None
+            raise TrainingStopped(f"bench memory on {_processes(nproc)} failed: {lines[-1]}") from None
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
 
 
 def _row(run: dict[str, Any], baseline: dict[str, Any], cfg: Config, nproc: int) -> dict[str, Any]:
@@ -201,7 +205,7 @@ def run(
 ) -> list[dict[str, Any]]:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     cfg = bench_config(config, overrides, steps, nproc)
-    log(f"{nproc} processes: {steps} steps of a minimal model in the same layout, then of {config or 'the defaults'}")
+    log(f"{_processes(nproc)}: {steps} steps of a minimal model in the same layout, then of {config or 'the defaults'}")
     rows = [
         _row(run, baseline, cfg, nproc) for baseline, run in _launch(nproc, baseline_config(cfg, nproc), cfg, timeout)
     ]
