@@ -92,7 +92,9 @@ def test_the_baseline_is_the_smallest_model_the_same_layout_accepts(layout):
     cfg = bench_config("configs/tiny-moe.yaml", [*layout, "train.batch_size=16"], 1, nproc)
     small = baseline_config(cfg, nproc)
     ParallelDims.from_config(small.parallel, nproc).check_model(small)  # a valid run in the same layout
-    assert small.parallel == cfg.parallel and small.train == cfg.train and small.data == cfg.data
+    assert small.parallel == cfg.parallel and small.data == cfg.data
+    assert small.train.batch_size == ParallelDims.from_config(cfg.parallel, nproc).dp  # one sequence per dp rank
+    assert small.train.steps == cfg.train.steps and small.train.grad_accum == cfg.train.grad_accum
     assert small.model.d_model <= 2 * cfg.parallel.tp and small.model.n_layers == cfg.parallel.pp
 
 

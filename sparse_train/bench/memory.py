@@ -8,9 +8,9 @@ layout and train a few steps; one JSON object per rank:
   shard_grad_mb       its gradients, measured when the optimizer step starts
   shard_optim_mb      its AdamW state (exp_avg, exp_avg_sq, step), measured after the last step
   baseline_mb         the same process with the same layout, data and steps but a model of a few
-                      thousand parameters (`baseline_config`): interpreter, torch, process group,
-                      data; measured in the same process before the real model is built, after
-                      its steps (`baseline_build_mb`: after its build);
+                      thousand parameters and one sequence per rank (`baseline_config`): interpreter,
+                      torch, process group, data; measured in the same process before the real
+                      model is built, after its steps (`baseline_build_mb`: after its build);
                       `build_over_baseline_mb` = build_peak_mb - baseline_build_mb
   build_peak_mb       peak after building model, optimizer and data (CPU: peak RSS; CUDA: max allocated)
   step_peak_mb        peak after the last step
@@ -58,8 +58,12 @@ def bench_config(config: str | None, overrides: list[str], steps: int, nproc: in
 def baseline_config(cfg: Config, nproc: int) -> Config:
     """The same run with the smallest model its layout accepts: width 2 per attention head, one
     head, dense-FFN unit and expert-hidden unit per TP rank, one block per pipeline stage, one
-    routed expert (FFF leaf) per EP rank (at least top_k). What is left is the process's fixed
-    cost: the embedding and output projection of vocab x d_model are a few thousand parameters."""
+    routed expert (FFF leaf) per EP rank (at least top_k), and one sequence per data-parallel
+    rank and micro-batch: the logits of a large vocabulary, which the prediction counts, would
+    otherwise be counted here as well (one sequence's, seq_len x vocab x ~12 bytes, still are).
+    The sequence length stays: the sampler's window permutation (8 bytes per window of seq_len
+    tokens) is part of the process's fixed cost. The embedding and output projection of vocab x
+    d_model are a few thousand parameters."""
     dims = ParallelDims.from_config(cfg.parallel, nproc)
     data = cfg.to_dict()
     tp, ep = dims.tp, dims.ep
@@ -69,6 +73,7 @@ def baseline_config(cfg: Config, nproc: int) -> Config:
     data["moe"].update(num_experts=experts, expert_hidden=tp, shared_expert_hidden=tp)
     depth = max(1, math.ceil(math.log2(max(ep, cfg.fff.top_k))))
     data["fff"].update(depth=depth, leaf_width=tp, master_leaf_width=tp)
+    data["train"]["batch_size"] = dims.dp
     return compose_config(data)
 
 
