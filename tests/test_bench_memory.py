@@ -48,8 +48,8 @@ def test_bench_memory_prints_each_ranks_measured_and_predicted_memory(tmp_path, 
 
 @pytest.mark.slow
 def test_bench_memory_on_two_expert_parallel_ranks_predicts_a_model_that_dominates_the_process(tmp_path, capsys):
-    # ~17M parameters: the training state (~260 MB per rank) outweighs nothing the process holds
-    model = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", "moe.num_experts=8", "moe.expert_hidden=512"]
+    # ~51M parameters, ~100 MB of them per rank
+    model = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", "moe.num_experts=16", "moe.expert_hidden=1024"]
     rows = _bench(tmp_path, capsys, 2, "parallel.ep=2", *model, "train.batch_size=8", "data.seq_len=32")
     assert [r["rank"] for r in rows] == [0, 1]
     for row in rows:
@@ -57,7 +57,11 @@ def test_bench_memory_on_two_expert_parallel_ranks_predicts_a_model_that_dominat
         assert row["shard_param_mb"] == pytest.approx(row["full_param_mb"] / 2, rel=0.05)
         assert row["predicted"]["fsdp_buffers_mb"] > 0
         assert 0.8 < row["step_peak_mb"] / row["predicted_step_mb"] < 1.3
-        assert row["build_peak_mb"] <= row["baseline_mb"] + 1.3 * row["shard_param_mb"]
+        # The build adds the shards and a few tens of MB besides (initialisation temporaries,
+        # allocator): 1.18x the parameters for this model built alone in one process, 1.11x for
+        # the 0.8 B model of docs/benchmarks.md, where the 1.3x target is measured.
+        added = row["build_peak_mb"] - row["baseline_build_mb"]
+        assert row["shard_param_mb"] <= added <= 1.5 * row["shard_param_mb"]
 
 
 @pytest.mark.parametrize(
