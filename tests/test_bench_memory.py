@@ -57,9 +57,10 @@ def test_bench_memory_on_two_expert_parallel_ranks_predicts_a_model_that_dominat
         assert row["shard_param_mb"] == pytest.approx(row["full_param_mb"] / 2, rel=0.05)
         assert row["predicted"]["fsdp_buffers_mb"] > 0
         assert 0.8 < row["step_peak_mb"] / row["predicted_step_mb"] < 1.3
-        # The build adds the shards and a few tens of MB besides (initialisation temporaries,
-        # allocator): 1.18x the parameters for this model built alone in one process, 1.11x for
-        # the 0.8 B model of docs/benchmarks.md, where the 1.3x target is measured.
+        # The build adds the shards and a few tens of MB besides (models/init.py draws each local
+        # parameter into a temporary of its size before copying it in: the largest one, 16 MB
+        # here, twice for a moment): 1.18x the parameters for this model built alone in one
+        # process, 1.11x for the 0.8 B model of docs/benchmarks.md, where the 1.3x target is measured.
         added = row["build_peak_mb"] - row["baseline_build_mb"]
         assert row["shard_param_mb"] <= added <= 1.5 * row["shard_param_mb"]
 
