@@ -9,7 +9,8 @@ and no rank draws or holds another rank's part on the way (decision 40).
 How: each whole tensor is cut into a fixed grid of tiles of at most `TILE_ELEMENTS` elements
 (a function of the tensor's shape alone). Tile t of parameter `name` is drawn from its own
 CPU generator, seeded with a hash of (seed, name, t). A shard draws the tiles it overlaps and
-keeps the overlap: its extra work and memory are at most one row of tiles at each edge.
+keeps the overlap: its extra work and memory are one tile at a time (drawn straight into a CPU
+fp32 shard; a shard on another device or dtype is drawn on the CPU, then copied over).
 
 Parameters may be DTensors (tensor-, expert- or FSDP-sharded): their local shard's place in
 the whole tensor comes from the same function DCP uses to save them. No process group is
@@ -66,10 +67,17 @@ def _tiles(shape: tuple[int, ...], offset: tuple[int, ...], size: tuple[int, ...
 
 
 def draw_region(
-    name: str, seed: int, shape: tuple[int, ...], offset: tuple[int, ...], size: tuple[int, ...], fill: TileFill
+    name: str,
+    seed: int,
+    shape: tuple[int, ...],
+    offset: tuple[int, ...],
+    size: tuple[int, ...],
+    fill: TileFill,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The box [offset, offset + size) of the whole tensor `name` of `shape` (CPU, fp32)."""
-    out = torch.empty(size)
+    """The box [offset, offset + size) of the whole tensor `name` of `shape`, drawn into `out`
+    (a CPU fp32 tensor of that size) or a new one."""
+    out = torch.empty(size) if out is None else out
     if out.numel() == 0:
         return out
     edges = tile_shape(shape)
@@ -114,7 +122,11 @@ def init_parameters(module: nn.Module, m: ModelConfig, seed: int) -> None:
     """Every parameter of `module` (whole, a pipeline stage, or sharded) from the seed."""
     for name, param in module.named_parameters():
         local, shape, offset, size = local_region(param)
-        local.copy_(draw_region(name, seed, shape, offset, size, init_rule(name, param, m)))
+        rule = init_rule(name, param, m)
+        if local.device.type == "cpu" and local.dtype == torch.float32:
+            draw_region(name, seed, shape, offset, size, rule, out=local)  # in place: no copy of the shard
+        else:  # drawn on the CPU in fp32 (the same values on every device), then one copy over
+            local.copy_(draw_region(name, seed, shape, offset, size, rule))
 
 
 @torch.no_grad()
