@@ -81,7 +81,7 @@ def _layer_cases(cases: list[tuple]) -> dict[str, dict[str, float]]:
     return out
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 processes: slow suite
 def test_sharded_leaves_match_the_unsharded_layer(world):
     per_rank = run_ranks(_layer_cases, world, CASES)
     for rank, results in enumerate(per_rank):

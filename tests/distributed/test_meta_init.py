@@ -29,7 +29,7 @@ LAYOUTS = {
     "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"], []),
     "hsdp2x2-ep2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"], []),
 }
-SLOW = {"tp2-ep2", "hsdp2x2-ep2"}
+FAST = {"ep2-dp_shard2"}  # FSDP2 and experts sharded together; the others run in the slow suite
 
 
 def _build(cfg, run_dir: str, data) -> dict:
@@ -56,7 +56,7 @@ def _build(cfg, run_dir: str, data) -> dict:
     }
 
 
-@pytest.mark.parametrize("layout", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in LAYOUTS])
+@pytest.mark.parametrize("layout", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow]) for n in LAYOUTS])
 def test_every_layout_starts_from_the_same_weights_without_whole_copies(layout, tmp_path):
     from sparse_train.train.trainer import Trainer
 
