@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from sparse_train import atomic
 from sparse_train.errors import CheckpointError
+from sparse_train.lazy import write_safetensors
 from sparse_train.train import faults, sharded
 
 FORMAT_VERSION = 3
@@ -557,27 +558,15 @@ def describe(path: Path) -> dict[str, Any]:
 
 def consolidate(path: Path, out: Path, *, overwrite: bool = False) -> Path:
     """The whole model's weights of a checkpoint (any layout, any readable format) as one
-    safetensors file, published atomically when complete."""
-    from safetensors.torch import save_file
-
+    safetensors file, published atomically when complete. Written one tensor at a time (each
+    read through DCP just before its bytes go out), so the model is never whole in memory."""
     verify_checkpoint(path)
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
-    weights = {k: v.contiguous() for k, v in read_weights(path).items()}
     step = str(read_trainer_state(path).get("step", ""))
     metadata = {"format": "pt", "sparse_train_step": step, "sparse_train_config": (path / "config.yaml").read_text()}
+    shapes = sharded.stored_tensors(path)
     with atomic.writing(out) as tmp:
-        save_file(_distinct_storage(weights), str(tmp), metadata=metadata)
-    return out
-
-
-def _distinct_storage(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing memory (tied weights): copy the later ones."""
-    seen: set[int] = set()
-    out = {}
-    for name, t in weights.items():
-        ptr = t.untyped_storage().data_ptr()
-        out[name] = t.clone() if ptr in seen else t
-        seen.add(ptr)
+        write_safetensors(tmp, shapes, lambda name: sharded.read_tensor(path, name), metadata)
     return out

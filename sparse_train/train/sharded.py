@@ -398,6 +398,15 @@ def read_full(directory: Path, what: str = MODEL_DIR) -> dict[str, torch.Tensor]
     return full
 
 
+def read_tensor(directory: Path, name: str, what: str = MODEL_DIR) -> torch.Tensor:
+    """One tensor of a DCP directory, whole, in this one process; no other tensor is read."""
+    reader = _VerifyingReader(directory / what)
+    shape, dtype = _tensors_of(reader.read_metadata())[name]
+    one = {name: torch.empty(shape, dtype=dtype)}
+    _load(one, reader, distributed=False)
+    return one[name]
+
+
 def local_non_finite(sd: dict[str, Any]) -> str | None:
     """The first floating-point tensor with a non-finite value in this rank's shards, if any."""
     for name, t in sd.items():

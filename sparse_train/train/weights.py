@@ -12,15 +12,12 @@ whole anywhere.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from sparse_train.lazy import LazyTensor, Region
 from sparse_train.models.init import load_parameters
@@ -61,20 +58,7 @@ class CheckpointTensor(LazyTensor):
         self.path, self.name, self.shape, self.dtype = path, name, torch.Size(shape), dtype
 
     def read(self, region: Region) -> torch.Tensor:
-        return read_stored_tensor(self.path, self.name)[region]
-
-
-def read_stored_tensor(path: Path, name: str) -> torch.Tensor:
-    """One model tensor of a checkpoint, whole, in this process; no other tensor is read."""
-    reader = dcp.FileSystemReader(str(path / sharded.MODEL_DIR))
-    for key, meta in reader.read_metadata().state_dict_metadata.items():
-        if sharded.current_name(key) == name and isinstance(meta, TensorStorageMetadata):
-            one = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)}
-            with warnings.catch_warnings():  # one process on purpose: DCP's "distributed is disabled" notice
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(one, storage_reader=reader, no_dist=True)
-            return one[key]
-    raise KeyError(f"{path}: no tensor {name}")
+        return sharded.read_tensor(self.path, self.name)[region]
 
 
 class CheckpointWeights:

@@ -472,3 +472,24 @@ def test_close_publishes_an_asynchronous_save_still_in_flight(tmp_path):
     trainer.close()  # e.g. after a failed step: the checkpoint taken before is still published
     assert ckpt.latest_valid_checkpoint(tmp_path / "checkpoints", warn=print) == path
     assert ckpt.read_trainer_state(path)["step"] == 1
+
+
+def test_consolidating_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """`ckpt convert`: each tensor read through DCP just before it is written, never the whole model."""
+    from safetensors.torch import load_file
+
+    model, opt = _model_and_opt()
+    path = _save(tmp_path / "ckpts", 4, model, opt)
+    reads: list[str] = []
+    read_tensor = sharded.read_tensor
+
+    def counting(directory, name, *args):
+        reads.append(name)
+        return read_tensor(directory, name, *args)
+
+    monkeypatch.setattr(sharded, "read_tensor", counting)
+    monkeypatch.setattr(sharded, "read_full", lambda *a, **k: pytest.fail("the whole model was read"))
+    out = ckpt.consolidate(path, tmp_path / "whole.safetensors")
+    whole = load_file(str(out))
+    assert sorted(reads) == sorted(model.state_dict()), "each tensor read once"
+    assert all(torch.equal(whole[name], t) for name, t in model.state_dict().items())
