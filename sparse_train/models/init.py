@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from sparse_train.config import ModelConfig
+from sparse_train.lazy import Region
 
 TILE_ELEMENTS = 1 << 16
 
@@ -38,7 +39,6 @@ TILE_ELEMENTS = 1 << 16
 OUTPUT_PROJECTIONS = ("wo.weight", "w_down.weight", "w_down", "w_out.weight", "w_out")
 ZERO_INIT = ("node_bias", "master_logit", ".bias")  # undecided FFF nodes, an even master blend, biases
 
-Region = tuple[slice, ...]
 # fill(out, generator): draw one tile's values into `out` (a CPU fp32 tensor of the tile's shape)
 TileFill = Callable[[torch.Tensor, torch.Generator], Any]
 
