@@ -57,12 +57,13 @@ def test_bench_memory_on_two_expert_parallel_ranks_predicts_a_model_that_dominat
         assert row["shard_param_mb"] == pytest.approx(row["full_param_mb"] / 2, rel=0.05)
         assert row["predicted"]["fsdp_buffers_mb"] > 0
         assert 0.8 < row["step_peak_mb"] / row["predicted_step_mb"] < 1.3
-        # The build adds the shards and a few tens of MB besides (models/init.py draws each local
-        # parameter into a temporary of its size before copying it in: the largest one, 16 MB
-        # here, twice for a moment): 1.18x the parameters for this model built alone in one
-        # process, 1.11x for the 0.8 B model of docs/benchmarks.md, where the 1.3x target is measured.
+        # What building adds over the baseline run in the same process: at most the shards and
+        # a few tens of MB (a rank building the whole model would add twice the shards). Not at
+        # least the shards: peak RSS is a high-water mark, and the kept heap the baseline run
+        # freed (decision 13) is reused by the build, which can then add nothing visible.
         added = row["build_peak_mb"] - row["baseline_build_mb"]
-        assert row["shard_param_mb"] <= added <= 1.5 * row["shard_param_mb"]
+        assert added <= 1.5 * row["shard_param_mb"]
+        assert row["build_peak_mb"] <= row["baseline_mb"] + 1.5 * row["shard_param_mb"]
 
 
 @pytest.mark.parametrize(
