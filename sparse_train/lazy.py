@@ -50,9 +50,6 @@ class LazyTensor(ABC):
     def numel(self) -> int:
         return self.shape.numel()
 
-    def dim(self) -> int:
-        return len(self.shape)
-
 
 class SafetensorsTensor(LazyTensor):
     """One tensor of a safetensors file; a region reads only its rows (safetensors' get_slice)."""

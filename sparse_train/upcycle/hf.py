@@ -318,14 +318,6 @@ def hf_config_dict(cfg: Config, arch: str) -> dict[str, Any]:
     }
 
 
-def from_native(state: Mapping[str, torch.Tensor], cfg: Config, arch: str) -> dict[str, torch.Tensor]:
-    """HF tensors (the files' per-expert keys) of a native state dict, the whole model."""
-    out = _hf_outer(state, cfg)
-    for i in range(cfg.model.n_layers):
-        out.update(_hf_block(state, cfg, arch, i))
-    return out
-
-
 def _hf_outer(state: Mapping[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
     """The HF tensors outside the blocks: embeddings, final norm, output projection."""
     out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
