@@ -33,13 +33,19 @@ def _copies(grad: torch.Tensor, holders: int) -> int:
     return replicated * holders // mesh.size()  # copies within its mesh, times the meshes beside it
 
 
-def global_grad_norm(params: Iterable[nn.Parameter], pipeline_stages: int = 1) -> torch.Tensor:
+def global_grad_norm(
+    params: Iterable[nn.Parameter], pipeline_stages: int = 1, poison: torch.Tensor | None = None
+) -> torch.Tensor:
     """L2 norm over every gradient of the whole model, however it is sharded (fp32 scalar on the
     gradients' device), in one all-reduce over all ranks whatever the number of parameters.
 
     Each rank sums the squares of the pieces it holds, each weighted by 1 / (ranks holding the
     same piece): summed over all ranks, every distinct piece then counts exactly once (pipeline
-    stages hold disjoint parameters, shards disjoint pieces, replicas the same one)."""
+    stages hold disjoint parameters, shards disjoint pieces, replicas the same one).
+
+    `poison` (a bool scalar on the device, this rank's own) makes the norm infinite on every
+    rank when it is true on any: a non-finite loss seen by one rank reaches all of them through
+    the all-reduce the norm needs anyway, without a host read."""
     distributed = dist.is_available() and dist.is_initialized()
     holders = dist.get_world_size() // pipeline_stages if distributed else 1
     by_copies: dict[int, list[torch.Tensor]] = {}
@@ -56,6 +62,8 @@ def global_grad_norm(params: Iterable[nn.Parameter], pipeline_stages: int = 1) -
     total = torch.zeros((), dtype=torch.float32, device=device)
     for copies, grads in by_copies.items():
         total += get_total_norm(grads, 2.0).float().square() / copies
+    if poison is not None:
+        total += torch.where(poison.to(device), math.inf, 0.0)
     if distributed:
         dist.all_reduce(total)
     for grad in partial:  # exact, one collective each
@@ -63,19 +71,26 @@ def global_grad_norm(params: Iterable[nn.Parameter], pipeline_stages: int = 1) -
     return total.sqrt()
 
 
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float | None, pipeline_stages: int = 1) -> float:
-    """Clip gradients to a global norm of `max_norm` (None: measure only); returns the norm before.
+def clip_grad_norm_(
+    params: list[nn.Parameter],
+    max_norm: float | None,
+    pipeline_stages: int = 1,
+    poison: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Clip gradients to a global norm of `max_norm` (None: measure only); returns the norm
+    before, a device scalar (read it on the host only when it is logged). `poison`: as in
+    global_grad_norm.
 
     torch.nn.utils.clip_grads_with_norm_ would do the scaling, but refuses a mix of DTensor and
     plain gradients; the local pieces are scaled here the same way (one foreach multiply)."""
-    norm = global_grad_norm(params, pipeline_stages)
+    norm = global_grad_norm(params, pipeline_stages, poison)
     if max_norm is not None:
         # a non-finite norm leaves the gradients as they are: the step is skipped
         coef = torch.where(torch.isfinite(norm), torch.clamp(max_norm / (norm + 1e-6), max=1.0), 1.0)
         grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, coef.to(grads[0].device))
-    return float(norm)
+    return norm
 
 
 def full_state_dict(module: nn.Module, pp_group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:

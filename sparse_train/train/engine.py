@@ -8,7 +8,9 @@ how a step's micro-batches reach the model:
     expert parallel the data-parallel ranks); FSDP2 reduces gradients on the last micro-batch
     pipeline        all micro-batches through the 1F1B schedule of this rank's stage
 
-and reduces what every rank measured into the step's metrics, identical on every rank.
+and, when asked (Engine.reduce, at logging steps), reduces what every rank measured into the
+step's metrics, identical on every rank. Until then a step's measurements stay on the device,
+unreduced: a step that is not logged costs no collective and no host read for them.
 
 Global batch: `train.batch_size` sequences per micro-batch in total, whatever the layout, so
 one config trains the same model on 1 or N processes.
@@ -34,6 +36,16 @@ from sparse_train.parallel.state import clip_grad_norm_, full_gradients, full_st
 from sparse_train.train.loss import aux_loss_names, lm_loss, total_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class LocalStep:
+    """What one step (or evaluation) measured on this rank, on the device and not reduced."""
+
+    sums: dict[str, torch.Tensor]  # per loss key, summed over micro-batches (fp64 scalars)
+    finite: torch.Tensor  # bool scalar: every micro-batch's loss on this rank was finite
+    per_layer: list[list[SparseAux]]  # per micro-batch, this rank's sparse layers' aux
+    micro_batches: int
 
 
 @dataclass
@@ -93,15 +105,18 @@ class Engine:
                 m.count_sync.reset()
 
     # ---- one step -------------------------------------------------------------------------
-    def forward_backward(self, micro_batches: list[Batch], autocast: Callable[[], contextlib.AbstractContextManager]):
-        """Gradients of the step's mean loss accumulated into .grad; the reduced metrics."""
+    def forward_backward(
+        self, micro_batches: list[Batch], autocast: Callable[[], contextlib.AbstractContextManager]
+    ) -> LocalStep:
+        """Gradients of the step's mean loss accumulated into .grad; what this rank measured,
+        left on the device (reduce() makes metrics of it)."""
         self.reset_balance_counts()
         micro_batches = [tuple(t.to(self.device) for t in self.local_share(b)) for b in micro_batches]
         if self.schedule is not None:
             sums, finite, per_layer = self._pipelined(micro_batches, autocast)
         else:
             sums, finite, per_layer = self._direct(micro_batches, autocast)
-        return self._reduce(sums, finite, per_layer, len(micro_batches))
+        return LocalStep(sums, finite, per_layer, len(micro_batches))
 
     def _zeros(self) -> dict[str, torch.Tensor]:
         return {key: torch.zeros((), dtype=torch.float64, device=self.device) for key in self.loss_keys}
@@ -158,12 +173,12 @@ class Engine:
                     sums[name] += a.losses[name].double()
         return sums, finite, list(stage.recorded_aux)
 
-    def _reduce(
-        self, sums: dict[str, torch.Tensor], finite: torch.Tensor, per_layer: list[list[SparseAux]], accum: int
-    ) -> StepResult:
-        """Means over micro-batches, layers and data-parallel ranks; pipeline stages' parts summed.
-        The one place a step reads values back to the host: once, after its reductions."""
-        stats = _layer_stats(per_layer, accum)
+    def reduce(self, local: LocalStep) -> StepResult:
+        """Means over micro-batches, layers and data-parallel ranks; pipeline stages' parts summed
+        (collective). The one place a step's metrics are read back to the host: once, after
+        their reductions."""
+        sums, finite, accum = local.sums, local.finite, local.micro_batches
+        stats = _layer_stats(local.per_layer, accum)
         n_losses = len(self.loss_keys)
         n_layers = max(self.num_sparse_layers, 1)
         if self.schedule is None:  # per micro-batch means over layers already (total_loss)
@@ -222,8 +237,11 @@ class Engine:
         return [n for part in gathered for n in part]
 
     # ---- gradients, evaluation, state -----------------------------------------------------
-    def clip_grad_norm(self, max_norm: float | None) -> float:
-        return clip_grad_norm_(self.parameters(), max_norm, self.runtime.dims.pp if self.runtime else 1)
+    def clip_grad_norm(self, max_norm: float | None, poison: torch.Tensor | None = None) -> torch.Tensor:
+        """The global gradient norm (a device scalar) after clipping to `max_norm`; infinite on
+        every rank when `poison` (this rank's non-finite flag) is true on any."""
+        pipeline_stages = self.runtime.dims.pp if self.runtime else 1
+        return clip_grad_norm_(self.parameters(), max_norm, pipeline_stages, poison)
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch], autocast) -> tuple[float, list[torch.Tensor]]:
@@ -246,7 +264,7 @@ class Engine:
             self.module.train()
         sums = {**self._zeros(), "loss": total, "lm_loss": total}
         finite = torch.ones((), dtype=torch.bool, device=self.device)
-        result = self._reduce(sums, finite, per_layer, len(batches))
+        result = self.reduce(LocalStep(sums, finite, per_layer, len(batches)))
         return result.losses["lm_loss"], [s["load"] for s in result.layer_stats]
 
     def _evaluate_pipelined(self, batches: list[Batch], autocast) -> tuple[torch.Tensor, list[list[SparseAux]]]:

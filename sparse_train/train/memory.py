@@ -13,8 +13,8 @@ measurement of the step itself. In MiB per rank:
     fsdp_buffers  FSDP2's unsharded copies during forward and backward (`fsdp_buffer_bytes`)
     activations   what one micro-batch's forward leaves for its backward, times the micro-
                   batches a pipeline stage holds at once (`activation_bytes`)
-    optimizer_step  temporaries of the optimizer step (foreach AdamW: one fp32 copy of the
-                  parameters; the per-parameter loop: the largest parameter)
+    optimizer_step  temporaries of the optimizer step: fused AdamW updates in place, so only an
+                  allowance of the largest parameter is kept
 
     step = baseline + params + grads + optimizer + max(activations + fsdp_buffers, optimizer_step)
 
@@ -111,12 +111,10 @@ def predict(
     dims: ParallelDims | None,
     *,
     pp_rank: int = 0,
-    foreach: bool = False,
     baseline_mb: float = 0.0,
 ) -> MemoryPrediction:
     """The predicted peak of one training step on this rank (module docstring). `module` is this
-    rank's part of the model (sharded, or a pipeline stage); `foreach` says whether AdamW runs its
-    multi-tensor implementation (torch's default for CUDA parameters)."""
+    rank's part of the model (sharded, or a pipeline stage)."""
     params = [p for p in module.parameters() if p.requires_grad]
     param_bytes = local_bytes(params)
     fp32_bytes = sum(local_tensor(p).numel() for p in params) * FP32  # AdamW keeps fp32 moments
@@ -127,7 +125,7 @@ def predict(
         optimizer_mb=2 * fp32_bytes / MB,
         fsdp_buffers_mb=fsdp_buffer_bytes(module, dims) / MB,
         activations_mb=activation_bytes(module, cfg, dims, pp_rank) / MB,
-        optimizer_step_mb=(fp32_bytes if foreach else largest) / MB,
+        optimizer_step_mb=largest / MB,
         baseline_mb=baseline_mb,
     )
 

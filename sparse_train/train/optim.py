@@ -16,6 +16,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from sparse_train.config import OptimizerConfig
 
@@ -24,17 +25,20 @@ from sparse_train.config import OptimizerConfig
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.RMSNorm, nn.LayerNorm, nn.GroupNorm)
 
 
-def build_optimizer(
-    model: nn.Module, cfg: OptimizerConfig, *, foreach: bool | None = None, node_lr_scale: float = 1.0
-) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters: weight matrices decayed, norms and vectors
-    (biases, blend logits) not (module docstring); FFF node neurons (FFFLayer.node_parameters)
-    in their own groups at `node_lr_scale * lr`. `foreach=False` for sharded models, whose
-    DTensor parameters live on different meshes (experts vs the rest) that one foreach kernel
-    cannot mix.
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, *, node_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """Fused AdamW over the model's trainable parameters: weight matrices decayed, norms and
+    vectors (biases, blend logits) not (module docstring); FFF node neurons
+    (FFFLayer.node_parameters) in their own groups at `node_lr_scale * lr`.
 
-    Groups, in this order (optimizer checkpoints are matched by it): decayed, not decayed, and
-    when the model has FFF layers, decayed nodes, not decayed nodes."""
+    Fused, because its kernel takes `optimizer.found_inf` (a device flag) and then leaves
+    weights, moments and step counts exactly as they were: the trainer skips a non-finite step
+    without reading the flag on the host (docs/decisions.md, "A step with no host reads").
+    One fused kernel cannot mix DTensors of different meshes (experts vs the rest) or DTensors
+    with plain tensors, so each group is split by mesh.
+
+    Groups, in this order, each split by mesh in order of first appearance: decayed, not
+    decayed, and when the model has FFF layers, decayed nodes, not decayed nodes. Checkpoints
+    store hyperparameters per parameter name (flattened), so the split does not bind them."""
     from sparse_train.models.fff import FFFLayer
 
     node_ids = {id(p) for m in model.modules() if isinstance(m, FFFLayer) for p in m.node_parameters()}
@@ -45,7 +49,19 @@ def build_optimizer(
     groups = _decay_groups(plain, exempt_ids, cfg.weight_decay, cfg.lr)
     if nodes:
         groups += _decay_groups(nodes, exempt_ids, cfg.weight_decay, cfg.lr * node_lr_scale)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=foreach)
+    groups = [part for group in groups for part in _split_by_mesh(group)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+def _split_by_mesh(group: dict) -> list[dict]:
+    """`group` as one group per device mesh of its parameters (plain tensors: one more), in
+    order of first appearance; an empty group stays one empty group."""
+    by_mesh: dict[int | None, list[nn.Parameter]] = {}
+    for p in group["params"]:
+        by_mesh.setdefault(id(p.device_mesh) if isinstance(p, DTensor) else None, []).append(p)
+    if not by_mesh:
+        return [group]
+    return [dict(group, params=params) for params in by_mesh.values()]
 
 
 def no_decay_parameter_ids(model: nn.Module) -> set[int]:
@@ -76,3 +92,15 @@ def lr_factor(completed_steps: int, cfg: OptimizerConfig, total_steps: int) -> f
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, saved: dict) -> None:
+    """Resume `scheduler` at the saved step. The schedule is a function of the step, and the
+    number of parameter groups depends on the layout (groups are split by mesh), so only the
+    step counters are taken from `saved`; each group's lr is set from this run's own groups."""
+    counters = {k: v for k, v in saved.items() if k in ("last_epoch", "_step_count")}
+    scheduler.load_state_dict({**counters, "lr_lambdas": [None] * len(scheduler.lr_lambdas)})  # plain functions
+    for group, base_lr, factor in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)

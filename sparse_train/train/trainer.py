@@ -30,7 +30,8 @@ from sparse_train.train import checkpoint as ckpt
 from sparse_train.train import faults, memory, sharded
 from sparse_train.train.engine import Engine
 from sparse_train.train.metrics import MetricsLogger
-from sparse_train.train.optim import build_optimizer, build_scheduler
+from sparse_train.train.optim import build_optimizer, build_scheduler, load_scheduler_state
+from sparse_train.train.skips import SkipCounts, SkippedSteps
 from sparse_train.train.summary import RunSummary
 from sparse_train.train.weights import WeightSource
 
@@ -140,18 +141,16 @@ class Trainer:
             init_weights.load_into(
                 self.model, distributed=distributed, partial=distributed and self.runtime.dims.pp > 1
             )
-        # One foreach kernel cannot mix DTensors of different meshes (experts vs the rest).
-        foreach = None if self.runtime is None else False
         self.optimizer = build_optimizer(
-            self.engine.module, self.cfg.optimizer, foreach=foreach, node_lr_scale=self.cfg.fff.node_lr_scale
+            self.engine.module, self.cfg.optimizer, node_lr_scale=self.cfg.fff.node_lr_scale
         )
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.cfg.train.steps)
         t = self.cfg.train
         self.sampler = BatchSampler(self.data.train, self.cfg.data.seq_len, t.batch_size, t.seed)
         self.val_batches = validation_batches(self.data.val, self.cfg.data.seq_len, t.batch_size, t.eval_batches)
         self.step = 0
-        self.nonfinite_total = 0
-        self.nonfinite_streak = 0
+        self.skips = SkippedSteps(self.device)
+        self.nonfinite_total = 0  # as of the last read of self.skips
         if resume_path is not None:
             self._load(resume_path)
         if self.is_main:
@@ -281,16 +280,18 @@ class Trainer:
 
     def _load_state(self, path: Path) -> None:
         state = ckpt.read_trainer_state(path)
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_scheduler_state(self.scheduler, state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.nonfinite_total = int(state["nonfinite_total"])
+        self.skips = SkippedSteps(self.device, self.nonfinite_total)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_as_python_rng_state(state["rng"]["python"]))
         np.random.set_state(_as_numpy_rng_state(state["rng"]["numpy"]))
         self.log(f"resumed from {path} at step {self.step}")
 
     def _state(self) -> dict[str, Any]:
+        self.check_skipped_steps()  # the count on the host (and no save after too many skips)
         np_state = np.random.get_state()
         return {
             "step": self.step,
@@ -359,47 +360,44 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum micro-batches; returns its metrics. Running out of
-        memory ends it with one line (OutOfMemory) naming the layout and the measured peak."""
+    def train_step(self, report: bool = True) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches. With `report`, returns its metrics
+        (collectives and host reads); without, only {"step": n}, and the step neither waits for
+        the device nor adds a collective for metrics. Running out of memory ends it with one
+        line (OutOfMemory) naming the layout and the measured peak."""
         try:
-            return self._train_step()
+            return self._train_step(report)
         except RuntimeError as err:  # torch.OutOfMemoryError is one
             if not memory.is_out_of_memory(err):
                 raise
             raise OutOfMemory(self._out_of_memory_message()) from None
 
-    def _train_step(self) -> dict[str, Any]:
+    def _train_step(self, report: bool) -> dict[str, Any]:
         self.engine.module.train()
         batches = [self.sampler.next_batch() for _ in range(self.cfg.train.grad_accum)]
-        result = self.engine.forward_backward(batches, self.autocast)
-        grad_norm = self.engine.clip_grad_norm(self.cfg.optimizer.grad_clip)
-        finite = result.finite and np.isfinite(grad_norm)
+        local = self.engine.forward_backward(batches, self.autocast)
+        # A non-finite loss on any rank makes the global norm infinite on all of them.
+        grad_norm = self.engine.clip_grad_norm(self.cfg.optimizer.grad_clip, poison=~local.finite)
+        skipped = ~torch.isfinite(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        if finite:
-            self.optimizer.step()
-            self.nonfinite_streak = 0
-        else:
-            self.nonfinite_total += 1
-            self.nonfinite_streak += 1
+        self.optimizer.found_inf = skipped.float()  # fused AdamW leaves everything as it was when set
+        self.optimizer.step()
+        self.skips.record(skipped)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        if not finite:
-            self.log(f"step {self.step}: non-finite loss or gradient, step skipped ({self.nonfinite_streak} in a row)")
-            if self.nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
-                raise TrainingStopped(
-                    f"stopped at step {self.step}: {self.nonfinite_streak} non-finite steps in a row "
-                    f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); weights were not updated "
-                    "by any of them and the last checkpoint is intact. Lower optimizer.lr or check the data."
-                )
-            return {"step": self.step, "skipped": True, "lr": lr, "nonfinite_steps": self.nonfinite_total}
+        if not report:
+            return {"step": self.step}
+        result = self.engine.reduce(local)
+        counts = self.check_skipped_steps()
+        if counts.streak:
+            return {"step": self.step, "skipped": True, "lr": lr, "nonfinite_steps": counts.total}
         record = {
             "step": self.step,
             **result.losses,
             "lr": lr,
-            "grad_norm": grad_norm,
-            "nonfinite_steps": self.nonfinite_total,
+            "grad_norm": grad_norm.item(),
+            "nonfinite_steps": counts.total,
         }
         for name, stats in zip(result.layer_names, result.layer_stats, strict=True):
             kind, load = stats["kind"], stats["load"].tolist()  # a CPU tensor already: no device read
@@ -408,6 +406,25 @@ class Trainer:
             for key, value in stats["metrics"].items():
                 record[f"{kind}/{name}/{key}"] = value
         return record
+
+    def check_skipped_steps(self) -> SkipCounts:
+        """Read the skipped-step counts (one host read), log skips since the last read, and stop
+        the run when train.max_nonfinite_steps were skipped in a row."""
+        counts = self.skips.read()
+        self.nonfinite_total = counts.total
+        if counts.since_last_read:
+            self.log(
+                f"step {self.step}: non-finite loss or gradient, {counts.since_last_read} step(s) skipped since "
+                f"the last report ({counts.streak} in a row now, {counts.total} in the run)"
+            )
+        limit = self.cfg.train.max_nonfinite_steps
+        if counts.longest_streak >= limit:
+            raise TrainingStopped(
+                f"stopped at step {self.step}: {counts.longest_streak} non-finite steps in a row "
+                f"(train.max_nonfinite_steps={limit}); weights were not updated by any of them and the last "
+                "checkpoint is intact. Lower optimizer.lr or check the data."
+            )
+        return counts
 
     # ---- memory ---------------------------------------------------------------------------
     def layout(self) -> str:
@@ -420,7 +437,6 @@ class Trainer:
             self.cfg,
             self.runtime.dims if self.runtime is not None else None,
             pp_rank=self.runtime.pp_rank if self.runtime is not None else 0,
-            foreach=self.runtime is None and self.device.type == "cuda",  # build_optimizer's choice
             baseline_mb=memory.process_baseline_mb(self.device, self.engine.module, self.optimizer),
         )
 
@@ -473,8 +489,12 @@ class Trainer:
             if self.initialised_from_weights and self.step == 0:
                 self._evaluate_and_log()  # where the given weights start: step 0 of the loss curve
             while self.step < last:
+                upcoming = self.step + 1
+                logged = upcoming % t.log_every == 0 or upcoming == t.steps
+                # Only reported steps read metrics back (the run's first for the summary, its last).
+                report = logged or upcoming == start_step + 1 or upcoming == last
                 started = time.perf_counter()
-                record = self.train_step()
+                record = self.train_step(report=report)
                 elapsed = time.perf_counter() - started
                 window_tokens += tokens_per_step
                 window_time += elapsed
@@ -487,7 +507,7 @@ class Trainer:
                     bar.set_postfix(
                         loss=f"{record['loss']:.3f}", tok_s=f"{window_tokens / max(window_time, 1e-9):,.0f}"
                     )
-                if self.step % t.log_every == 0 or self.step == t.steps or record.get("skipped"):
+                if logged:
                     record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
                     window_tokens, window_time = 0, 0.0
                     self.metrics.log(record)

@@ -1,6 +1,7 @@
 """The collectives of one training step do not grow with the model: apart from the per-layer
 traffic (the dispatcher's all-to-alls, tensor-parallel all-reduces, FSDP2's gathers and
-reduce-scatters), a step's reductions (losses, load statistics, gradient norm) are a fixed few.
+reduce-scatters), a step's reductions (losses, load statistics, gradient norm) are a fixed few;
+a step that is not reported (not a logging step) has only the gradient norm's.
 
 Every c10d collective the step issues is seen by a dispatch mode (`torch.distributed` calls and
 DTensor's functional collectives alike) and attributed to its Python call site."""
@@ -30,13 +31,14 @@ PER_LAYER = (
 BACKWARD = "_engine_run_backward"  # torch's frame around every backward pass
 
 
-def _step_collectives(cfg, run_dir: str, data) -> dict[str, int]:
-    """Collectives of one training step outside the per-layer traffic, by call site (op @ file:function)."""
+def _step_collectives(cfg, run_dir: str, data) -> dict[str, dict[str, int]]:
+    """Collectives of one reported and one unreported training step outside the per-layer
+    traffic, by call site (op @ file:function)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from sparse_train.train.trainer import Trainer
 
-    seen: Counter[str] = Counter()
+    seen: Counter[str] = Counter()  # the step being recorded
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -52,13 +54,17 @@ def _step_collectives(cfg, run_dir: str, data) -> dict[str, int]:
             return func(*args, **(kwargs or {}))
 
     trainer = Trainer(cfg, Path(run_dir), data=data, log=lambda msg: None)
+    by_kind: dict[str, dict[str, int]] = {}
     try:
         trainer.train_step()  # warm-up: one-time setup collectives are not the step's
-        with Record():
-            trainer.train_step()
+        for kind, report in (("reported", True), ("unreported", False)):
+            seen.clear()
+            with Record():
+                trainer.train_step(report=report)
+            by_kind[kind] = dict(seen)
     finally:
         trainer.close()
-    return dict(seen)
+    return by_kind
 
 
 LAYOUTS = {"ep2": (2, ["parallel.ep=2"]), "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"])}
@@ -71,6 +77,9 @@ def test_step_collectives_do_not_grow_with_depth(layout, tmp_path):
     for depth in (2, 4):
         cfg = _config([f"model.n_layers={depth}", "train.grad_accum=2"], [*parallel, "train.log_every=1"])
         counts[depth] = run_ranks(_step_collectives, world, cfg, str(tmp_path / f"d{depth}"), _data())[0]
-    assert counts[2], "the step's own reductions must be seen (losses, gradient norm)"
+    assert counts[2]["reported"], "the step's own reductions must be seen (losses, gradient norm)"
     assert counts[4] == counts[2], f"{layout}: step collectives by call site, depth 2 vs 4: {counts}"
-    assert sum(counts[2].values()) <= 6, counts[2]
+    assert sum(counts[2]["reported"].values()) <= 6, counts[2]
+    # unreported: the gradient norm's all-reduce alone (it also carries every rank's non-finite flag)
+    assert list(counts[2]["unreported"].values()) == [1], counts[2]
+    assert "global_grad_norm" in next(iter(counts[2]["unreported"])), counts[2]

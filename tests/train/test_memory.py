@@ -122,7 +122,7 @@ def test_a_run_predicted_not_to_fit_warns_once_with_the_numbers_before_the_first
     monkeypatch.setattr(memory, "_mem_available_mb", lambda: 1.0)  # 1 MB of RAM left on this machine
     steps_seen = []
     train_step = trainer.train_step
-    monkeypatch.setattr(trainer, "train_step", lambda: (steps_seen.append(len(lines)), train_step())[1])
+    monkeypatch.setattr(trainer, "train_step", lambda **kw: (steps_seen.append(len(lines)), train_step(**kw))[1])
     trainer.fit()
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "\n" not in warnings[0]

@@ -127,6 +127,38 @@ def test_too_many_non_finite_steps_stop_and_keep_the_last_good_checkpoint(tmp_pa
     assert [c.step for c in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [10]
 
 
+def test_steps_that_are_not_reported_skip_on_the_device_and_count(tmp_path):
+    """Unreported steps never read their non-finite flag on the host: the skip happens on the
+    device and the count reaches the next reported step."""
+    trainer = Trainer(tiny_config("train.steps=8", "checkpoint.every=0"), tmp_path, log=lambda m: None)
+    _poison(trainer, {2, 3})
+    trainer.train_step(report=False)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    moments = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.model.parameters()]
+    assert trainer.train_step(report=False) == {"step": 2}
+    assert trainer.train_step(report=False) == {"step": 3}
+    after = [p.detach() for p in trainer.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # weights untouched
+    assert all(
+        torch.equal(m, trainer.optimizer.state[p]["exp_avg"])
+        for m, p in zip(moments, trainer.model.parameters(), strict=True)
+    )
+    r4 = trainer.train_step()
+    assert "loss" in r4 and r4["nonfinite_steps"] == 2
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+
+
+def test_a_streak_of_non_finite_steps_stops_the_run_at_the_next_report(tmp_path):
+    """With log_every=4, steps 6-8 are skipped unread; step 8 is reported and stops the run."""
+    logs: list[str] = []
+    cfg = tiny_config("train.max_nonfinite_steps=3", "train.log_every=4", "checkpoint.every=0")
+    trainer = Trainer(cfg, tmp_path, log=logs.append)
+    _poison(trainer, {6, 7, 8})
+    with pytest.raises(TrainingStopped, match="stopped at step 8: 3 non-finite steps in a row"):
+        trainer.fit()
+    assert any("3 step(s) skipped since the last report" in line for line in logs), logs
+
+
 def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     common = (
         "router.aux_loss_coef=0",
