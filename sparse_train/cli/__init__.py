@@ -13,7 +13,20 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from sparse_train.cli import bench, ckpt, config, evaluate, generate, info, launch, plot_runs, sweep, train, upcycle
+from sparse_train.cli import (
+    bench,
+    ckpt,
+    config,
+    dryrun,
+    evaluate,
+    generate,
+    info,
+    launch,
+    plot_runs,
+    sweep,
+    train,
+    upcycle,
+)
 from sparse_train.cli.common import ArgumentParser
 from sparse_train.errors import (
     TRAINING_STOPPED,
@@ -26,7 +39,7 @@ from sparse_train.errors import (
     UsageError,
 )
 
-COMMANDS = (train, launch, evaluate, generate, bench, upcycle, ckpt, sweep, plot_runs, info, config)
+COMMANDS = (train, launch, evaluate, generate, bench, upcycle, ckpt, sweep, plot_runs, info, config, dryrun)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning  # a user reads "warning: ...", not our source line
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that runs itself again
         return args.run(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -5,7 +5,8 @@ differentiable end to end (tokens, routing weights), work when a rank receives n
 and under any skew.
 
 AllToAllDispatcher
-  1. exchange how many rows and assignments each rank will send to each other rank;
+  1. exchange how many rows and assignments each rank will send to each other rank (with
+     step 3's bookkeeping, this is `plan`: the only data-dependent part, swappable);
   2. send the token rows with one uneven `all_to_all_single`. With `dedup` (default) a token
      routed to several experts that live on the same rank is sent there once and fanned out on
      arrival: rows sent = distinct (token, destination rank) pairs, the minimum possible;
@@ -67,6 +68,20 @@ class DispatchStats:
 
 
 @dataclass
+class DispatchPlan:
+    """Where one all-to-all dispatch sends every row and assignment (AllToAllDispatcher.plan)."""
+
+    pair_token_P: torch.Tensor  # [P] token of each row sent, grouped by destination rank
+    meta_A2: torch.Tensor  # [A, 2] per assignment sent: row within its destination's block, local expert
+    weight_A: torch.Tensor  # [A] routing weight per assignment sent (differentiable)
+    recv_counts: torch.Tensor  # [ep, 2] (rows, assignments) received from each rank, on the device
+    send_rows: list[int]  # the same counts on the host: all_to_all_single's split sizes
+    recv_rows: list[int]
+    send_assign: list[int]
+    recv_assign: list[int]
+
+
+@dataclass
 class _A2AHandle:
     pair_token_P: torch.Tensor
     send_rows: list[int]
@@ -117,7 +132,11 @@ class AllToAllDispatcher:
         self.dedup = dedup
         self.stats = DispatchStats()
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[ExpertInput, _A2AHandle]:
+    def plan(self, x_TD: torch.Tensor, routing: Routing) -> DispatchPlan:
+        """Where every row and assignment goes (steps 1 and 3 of the module docstring, before any
+        token moves). The one data-dependent part of the dispatcher: the split sizes are read
+        back to the host here. The GPU dry run (sparse_train.dryrun.balanced) replaces it with
+        a balanced plan of the same form."""
         T = x_TD.shape[0]
         experts_A, token_A, weight_A, _ = sort_assignments(routing)  # sorted by expert, so by rank
         dest_A = experts_A // self.num_local
@@ -134,32 +153,40 @@ class AllToAllDispatcher:
         rows_per_dest = count_per_expert(pair_dest_P, self.ep)
         assignments_per_dest = count_per_expert(dest_A, self.ep)
 
-        # 1. counts: [ep, 2] (rows, assignments) to each destination
+        # counts: [ep, 2] (rows, assignments) to each destination
         send_counts = torch.stack([rows_per_dest, assignments_per_dest], dim=1)
         recv_counts = _all_to_all_nograd(send_counts, [1] * self.ep, [1] * self.ep, self.group, self.stats)
         send_rows, send_assign = rows_per_dest.tolist(), assignments_per_dest.tolist()
         recv_rows, recv_assign = recv_counts[:, 0].tolist(), recv_counts[:, 1].tolist()
         self._record_bytes(x_TD, send_rows, sum(recv_rows), dest_A, token_A[order_A])
 
-        # 2. token rows
-        recv_x_RD = _all_to_all(permute(x_TD, pair_token_P), recv_rows, send_rows, self.group, self.stats)
-
-        # 3. per assignment: row within the sender's block, local expert; and the routing weight
+        # per assignment: row within the sender's block, local expert
         first_row_of_dest = torch.cumsum(rows_per_dest, 0) - rows_per_dest
         meta_A2 = torch.stack([pair_of_A - first_row_of_dest[dest_A], experts_A - dest_A * self.num_local], dim=1)
-        recv_meta = _all_to_all_nograd(meta_A2, recv_assign, send_assign, self.group, self.stats)
-        recv_weight = _all_to_all(weight_A, recv_assign, send_assign, self.group, self.stats)
-        source_of_assignment = torch.repeat_interleave(
-            torch.arange(self.ep, device=x_TD.device), torch.tensor(recv_assign, device=x_TD.device)
+        return DispatchPlan(
+            pair_token_P, meta_A2, weight_A, recv_counts, send_rows, recv_rows, send_assign, recv_assign
         )
-        first_recv_row = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[ExpertInput, _A2AHandle]:
+        plan = self.plan(x_TD, routing)
+        # token rows
+        recv_x_RD = _all_to_all(
+            permute(x_TD, plan.pair_token_P), plan.recv_rows, plan.send_rows, self.group, self.stats
+        )
+        # per assignment: (row, local expert), and the routing weight
+        recv_meta = _all_to_all_nograd(plan.meta_A2, plan.recv_assign, plan.send_assign, self.group, self.stats)
+        recv_weight = _all_to_all(plan.weight_A, plan.recv_assign, plan.send_assign, self.group, self.stats)
+        source_of_assignment = torch.repeat_interleave(
+            torch.arange(self.ep, device=x_TD.device), plan.recv_counts[:, 1], output_size=sum(plan.recv_assign)
+        )
+        first_recv_row = torch.cumsum(plan.recv_counts[:, 0], 0) - plan.recv_counts[:, 0]
         rows_recv = recv_meta[:, 0] + first_recv_row[source_of_assignment]
         local_expert = recv_meta[:, 1]
         by_expert = torch.argsort(local_expert, stable=True)
         expert_input = ExpertInput(
             recv_x_RD, rows_recv[by_expert], count_per_expert(local_expert, self.num_local), recv_weight[by_expert]
         )
-        return expert_input, _A2AHandle(pair_token_P, send_rows, recv_rows, T)
+        return expert_input, _A2AHandle(plan.pair_token_P, plan.send_rows, plan.recv_rows, x_TD.shape[0])
 
     def combine(self, y_RD: torch.Tensor, handle: _A2AHandle) -> torch.Tensor:
         back_PD = _all_to_all(y_RD, handle.send_rows, handle.recv_rows, self.group, self.stats)

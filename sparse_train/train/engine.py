@@ -60,6 +60,8 @@ class Engine:
     def __init__(self, model: Transformer, cfg: Config, runtime: DistributedRuntime | None) -> None:
         self.cfg = cfg
         self.runtime = runtime
+        # the whole model's sparse layers, named before a pipeline split keeps only this stage's
+        self.all_sparse_names = _sparse_layer_names(model)
         self.schedule = None
         self.stage = None
         if runtime is None:
@@ -71,11 +73,7 @@ class Engine:
             self.module, self.schedule, self.stage = parallel.module, parallel.schedule, parallel.stage
         self.aux_names = aux_loss_names(cfg)
         self.loss_keys = ("loss", "lm_loss", *self.aux_names)
-        self.sparse_names = [
-            f"block{name.split('.')[1]}" for name, m in self.module.named_modules() if isinstance(m, SparseFFN)
-        ]
         self.num_sparse_layers = len(model.sparse_layers)
-        self.all_sparse_names = self._gather_sparse_names()  # once: a collective under pp, constant after
 
     # ---- layout helpers -------------------------------------------------------------------
     @property
@@ -229,13 +227,6 @@ class Engine:
         """Names of the whole model's sparse layers ("block<i>"), in block order."""
         return self.all_sparse_names
 
-    def _gather_sparse_names(self) -> list[str]:
-        if (pp := self._group("pp")) is None:
-            return self.sparse_names
-        gathered: list[Any] = [None] * dist.get_world_size(pp)
-        dist.all_gather_object(gathered, self.sparse_names, group=pp)
-        return [n for part in gathered for n in part]
-
     # ---- gradients, evaluation, state -----------------------------------------------------
     def clip_grad_norm(self, max_norm: float | None, poison: torch.Tensor | None = None) -> torch.Tensor:
         """The global gradient norm (a device scalar) after clipping to `max_norm`; infinite on
@@ -313,6 +304,11 @@ class Engine:
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_full_state_dict(self.module, state)
+
+
+def _sparse_layer_names(module: nn.Module) -> list[str]:
+    """"block<i>" of every sparse layer of `module`, in block order."""
+    return [f"block{name.split('.')[1]}" for name, m in module.named_modules() if isinstance(m, SparseFFN)]
 
 
 def _cpu(v: Any) -> Any:

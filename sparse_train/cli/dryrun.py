@@ -1,0 +1,65 @@
+"""`sparse-train dry-run`: ranks of a planned layout run on fake CUDA tensors, to find what
+would stop or stall a GPU run before any GPU is rented (sparse_train.dryrun, docs/gpu.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from sparse_train.cli.common import add_config_args, add_json_flag
+from sparse_train.errors import UsageError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "dry-run",
+        help="run a layout's step on fake CUDA tensors: host reads, CPU tensors, collectives on the wrong device",
+    )
+    p.set_defaults(run=run)
+    add_config_args(p)
+    p.add_argument("--world", type=int, required=True, help="ranks of the planned run (the layout's world size)")
+    p.add_argument(
+        "--rank",
+        type=int,
+        action="append",
+        help="rank to run (repeatable; default: the first rank of each pipeline stage)",
+    )
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="the planned run's device (default cuda)")
+    p.add_argument("--backend", help="process-group backend of the planned run (default: the trainer's for the device)")
+    p.add_argument("--devices-per-node", type=int, default=8, help="GPUs per node (LOCAL_RANK = rank %% this)")
+    add_json_flag(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparse_train.config import load_config
+    from sparse_train.dryrun import fake_cuda
+
+    if args.world < 1 or args.devices_per_node < 1:
+        raise UsageError("dry-run: --world and --devices-per-node must be at least 1")
+    cfg = load_config(args.config, args.overrides)
+    if args.device == "cuda" and not fake_cuda.is_loaded():
+        # the fake device must be in place before torch starts: run again with it preloaded
+        try:
+            env = fake_cuda.preload_environment(args.devices_per_node)
+        except fake_cuda.FakeCudaUnavailable as err:
+            raise UsageError(f"dry-run: {err}") from None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "sparse_train", *args.argv], env)
+    from sparse_train.dryrun.run import dry_run, stage_ranks
+
+    ranks = args.rank or stage_ranks(cfg, args.world)
+    if bad := [r for r in ranks if not 0 <= r < args.world]:
+        raise UsageError(f"dry-run: --rank {bad[0]} is outside the world of {args.world} ranks")
+    failed = False
+    for rank in ranks:
+        report = dry_run(
+            cfg, args.world, rank, device=args.device, backend=args.backend, devices_per_node=args.devices_per_node
+        )
+        failed |= not report.ok
+        print(json.dumps(report.as_dict()))
+        if not args.json:
+            print(report.summary(), file=sys.stderr)
+    return 1 if failed else 0

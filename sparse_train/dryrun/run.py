@@ -1,0 +1,216 @@
+"""One rank of a planned run, executed on fake tensors: the real trainer, no memory, no GPU.
+
+`dry_run(cfg, world, rank)` starts a fake process group of `world` ranks (collectives return
+at once, moving nothing), builds the trainer as a real run would (meta construction, the
+layout, this rank's shards materialised as fake CUDA tensors), and runs, op by op under
+`checks.Checks`:
+
+    first step        a step that is not reported, with its one-time set-up (a pipeline's
+                      shape vote, the optimizer's state); host reads allowed
+    train step        forward, backward, gradient norm, optimizer step; not reported, so no
+                      host read and no CPU tensor is allowed, and collectives only on the device
+    reported step     the same with its metrics reduced and read (a logging step)
+    evaluation        the validation forward and its reduced loss
+    checkpoint state  the model and optimizer state dicts a save collects (DCP's inputs)
+
+Routing is balanced where the real split sizes are data-dependent (dryrun.balanced).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from sparse_train.config import Config, compose_config
+from sparse_train.data.dataset import TokenData
+from sparse_train.dryrun import balanced, fake_cuda
+from sparse_train.dryrun.checks import Checks, Finding, served_devices, traceback_site
+from sparse_train.parallel.dims import ParallelDims
+from sparse_train.parallel.runtime import process_group_backend
+
+
+@dataclass
+class DryRunReport:
+    world: int
+    rank: int
+    device: str
+    backend: str
+    layout: str = ""
+    phases: list[str] = field(default_factory=list)  # those that ran to the end
+    findings: list[Finding] = field(default_factory=list)
+    collectives: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> op -> calls
+    host_reads: dict[str, int] = field(default_factory=dict)  # phase -> reads seen
+    local_parameters: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def summary(self) -> str:
+        """For a person: one line when clean, else one line per finding."""
+        head = f"dry run, rank {self.rank} of {self.world} ({self.layout or 'layout not built'}, {self.device}):"
+        if self.ok:
+            per_step = sum(self.collectives.get("train step", {}).values())
+            return f"{head} ok ({', '.join(self.phases)}; {per_step} collectives in an unreported step)"
+        return "\n".join(f"{head} {finding.line()}" for finding in self.findings)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "world": self.world,
+            "rank": self.rank,
+            "device": self.device,
+            "backend": self.backend,
+            "layout": self.layout,
+            "phases": self.phases,
+            "findings": [f.line() for f in self.findings],
+            "collectives": self.collectives,
+            "host_reads": self.host_reads,
+            "local_parameters": self.local_parameters,
+        }
+
+
+def synthetic_data(seq_len: int, sequences: int) -> TokenData:
+    """Token ids (below 32: valid for any tokenizer) for a few steps' batches; the dry run never
+    looks at their values."""
+    tokens = (sequences + 1) * (seq_len + 1) * 4
+    ids = (np.arange(tokens) % 32).astype(np.uint16)
+    return TokenData(ids, ids.copy(), "dry run")
+
+
+@contextlib.contextmanager
+def _fake_world(world: int, rank: int, devices_per_node: int):
+    """A fake process group, with the environment torchrun would give this rank."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank % devices_per_node)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():  # Trainer.close() ends it
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def dry_run(
+    cfg: Config,
+    world: int,
+    rank: int = 0,
+    *,
+    device: str = "cuda",
+    backend: str | None = None,
+    devices_per_node: int = 8,
+) -> DryRunReport:
+    """Run `rank` of a `world`-rank layout of `cfg` on fake tensors (module docstring)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+
+    from sparse_train.train.trainer import Trainer
+
+    backend = backend or process_group_backend(device)
+    report = DryRunReport(world=world, rank=rank, device=device, backend=backend)
+    on_device = {device}
+    served = served_devices(backend)
+    checks = Checks(device_type=device)
+    patches = contextlib.ExitStack()
+    if device == "cuda":
+        patches.enter_context(fake_cuda.patched(devices_per_node))
+    # the meshes hold real rank tables: built with fake mode off
+    patches.enter_context(mock.patch("torch.distributed.all_gather_object", _all_gather_object_locally))
+    patches.enter_context(mock.patch("torch.distributed.broadcast_object_list", _broadcast_object_list_locally))
+    patches.enter_context(
+        mock.patch.object(ParallelDims, "build_meshes", fake_cuda.real_values(ParallelDims.build_meshes))
+    )
+    overrides = [f"train.device={device}", "logging.tensorboard=false", "logging.plots=false", "logging.progress=false"]
+    cfg = compose_config(yaml.safe_load(cfg.to_yaml()), overrides)
+    data = synthetic_data(cfg.data.seq_len, cfg.train.batch_size * cfg.train.grad_accum)
+    with tempfile.TemporaryDirectory(prefix="sparse-train-dry-run-") as run_dir:
+        with _fake_world(world, rank, devices_per_node), patches:
+            trainer: Trainer | None = None
+
+            def build() -> None:
+                nonlocal trainer
+                trainer = Trainer(cfg, Path(run_dir), data=data, log=lambda msg: None)
+                report.layout = trainer.layout()
+                balanced.install(trainer.model)
+                report.local_parameters = sum(_local_numel(p) for p in trainer.model.parameters())
+
+            def evaluate() -> None:
+                trainer.engine.evaluate(trainer.val_batches, trainer.autocast)
+
+            phases = [  # name, what runs, host reads allowed, devices collectives may use, CPU tensors allowed
+                ("build", build, True, served, True),
+                # one-time set-up (a pipeline's shape vote, the optimizer's state) may read, once
+                ("first step", lambda: trainer.train_step(report=False), True, on_device, True),
+                ("train step", lambda: trainer.train_step(report=False), False, on_device, False),
+                ("reported step", lambda: trainer.train_step(report=True), True, on_device, True),
+                ("evaluation", evaluate, True, on_device, True),
+                ("checkpoint state", lambda: _checkpoint_state(trainer), True, served, True),
+            ]  # fmt: skip
+            with FakeTensorMode(allow_non_fake_inputs=True), checks:
+                for name, run, reads, devices, cpu_tensors in phases:
+                    try:
+                        with checks.phase(name, reads=reads, collective_devices=devices, cpu_tensors=cpu_tensors):
+                            run()
+                    except (DataDependentOutputException, DynamicOutputShapeException) as err:
+                        # a read the checks could not answer: the shape of a result depends on values
+                        checks.findings.append(
+                            Finding(name, "data-dependent shape", str(err.func), traceback_site(err))
+                        )
+                        break
+                    report.phases.append(name)
+            if trainer is not None:
+                trainer.close()
+    report.findings = list(checks.findings)
+    report.host_reads = dict(checks.host_reads)
+    for (phase, op), calls in checks.collectives.items():
+        report.collectives.setdefault(phase, {})[op] = calls
+    return report
+
+
+def stage_ranks(cfg: Config, world: int) -> list[int]:
+    """The first rank of every pipeline stage: the ranks whose code differs (stages hold different
+    blocks; the ranks within a stage differ only in their shards)."""
+    pp = ParallelDims.from_config(cfg.parallel, world).pp
+    return [stage * (world // pp) for stage in range(pp)]
+
+
+def _all_gather_object_locally(object_list: list[Any], obj: Any, group: Any = None) -> None:
+    """all_gather_object on a fake group: pickled objects cannot travel as fake tensors, and no
+    other rank exists to send one, so every rank's slot gets this rank's object (under a
+    pipeline, the other stages' layer statistics are then this stage's: shapes only matter).
+    Object collectives are therefore not checked for their device; the training step has none."""
+    object_list[:] = [obj] * len(object_list)
+
+
+def _broadcast_object_list_locally(object_list: list[Any], *args: Any, **kwargs: Any) -> None:
+    """broadcast_object_list on a fake group: every rank keeps its own objects (see above)."""
+
+
+def _checkpoint_state(trainer) -> None:
+    from sparse_train.train import sharded
+
+    sharded.model_state(trainer.model)
+    sharded.optimizer_state(trainer.model, trainer.optimizer)
+
+
+def _local_numel(t: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return (t.to_local() if isinstance(t, DTensor) else t).numel()
