@@ -1,17 +1,22 @@
-"""Balanced routing for the dry run: the dispatcher's split sizes without reading the router.
+"""Balanced routing for the dry run: the dispatchers' sizes without reading the router.
 
-A dropless all-to-all dispatch needs, on the host, how many rows each rank sends to each
-other rank (`AllToAllDispatcher.plan` reads them back): data that fake tensors do not have. The
-dry run supplies them as if routing were perfectly balanced: each of this rank's T tokens
-sends its k assignments to k consecutive ranks (mod ep), so every rank sends and receives
-T·k/ep assignments from every other (the remainder spread over the first ranks), one row per
-assignment (no token is deduplicated), spread evenly over each rank's local experts. Every
-tensor of the plan is built on the device from shapes alone; the routing weights are still
+Expert-parallel dispatch is data-dependent by design: the all-to-all needs, on the host, how
+many rows each rank sends to each other rank (`AllToAllDispatcher.plan` reads them back), and
+the all-gather dispatcher how many gathered assignments its experts serve
+(`AllGatherDispatcher.local_assignments`). Fake tensors have no such values, so the dry run
+supplies them as if routing were perfectly balanced:
+
+- all-to-all: this rank's T·k assignments are dealt out in contiguous blocks of T·k/ep to the ep
+  ranks (the remainder to the first ones), one row per assignment (nothing deduplicated), spread
+  over each rank's local experts; every rank sends this rank as many as it sends each one;
+- all-gather: each rank's experts serve T·k of the ep·T·k gathered assignments.
+
+Every tensor of a plan is built on the device from shapes alone; the routing weights are still
 the router's, so the backward reaches the router as in a real step.
 
 What this cannot show: a skewed step's sizes (the memory of the busiest rank under skew is
-`sparse-train bench memory`'s business), and the dispatcher's own host read of the split
-sizes, which is by design (docs/gpu.md).
+`sparse-train bench memory`'s business), and the dispatchers' own host reads, which are by
+design (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from sparse_train.models.routers import Routing
-from sparse_train.parallel.dispatch import AllToAllDispatcher, DispatchPlan
+from sparse_train.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher, DispatchPlan
 
 
 def balanced_counts(tokens: int, top_k: int, ep: int) -> list[int]:
@@ -56,12 +61,26 @@ def balanced_plan(dispatcher: AllToAllDispatcher, x_TD: torch.Tensor, routing: R
     )
 
 
+def balanced_local_assignments(
+    dispatcher: AllGatherDispatcher, all_e: torch.Tensor, all_kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T·k (gathered token, slot) pairs for this rank's experts, of the ep·T·k gathered; no host read."""
+    gathered_tokens, k = all_e.shape
+    served = gathered_tokens * k // dispatcher.ep
+    n = torch.arange(served, device=all_e.device)
+    return n % gathered_tokens, (n // gathered_tokens) % k
+
+
 def install(module: torch.nn.Module) -> int:
-    """Give every all-to-all dispatcher in `module` the balanced plan; how many there were."""
+    """Give every expert-parallel dispatcher in `module` its balanced stand-in; how many there were."""
     count = 0
     for sub in module.modules():
         dispatcher = getattr(sub, "dispatcher", None)
         if isinstance(dispatcher, AllToAllDispatcher):
             dispatcher.plan = lambda x, routing, d=dispatcher: balanced_plan(d, x, routing)
-            count += 1
+        elif isinstance(dispatcher, AllGatherDispatcher):
+            dispatcher.local_assignments = lambda e, kept, d=dispatcher: balanced_local_assignments(d, e, kept)
+        else:
+            continue
+        count += 1
     return count

@@ -18,7 +18,8 @@ AllToAllDispatcher
 
 AllGatherDispatcher
   For small EP groups: gather every rank's tokens and routing, run the local experts on the
-  assignments that chose them, and reduce-scatter the partial outputs back. More bytes, two
+  assignments that chose them (`local_assignments`, the data-dependent part), and
+  reduce-scatter the partial outputs back. More bytes, two
   collectives of fixed size, no count exchange.
 
 Shape legend: T tokens on this rank, D width, A kept assignments, P rows sent, R rows received.
@@ -225,9 +226,7 @@ class AllGatherDispatcher:
         all_e = funcol.all_gather_single(routing.experts_Tk.contiguous(), gather_dim=0, group=self.group)
         kept = routing.kept_Tk if routing.kept_Tk is not None else torch.ones_like(routing.experts_Tk, dtype=torch.bool)
         all_kept = funcol.all_gather_single(kept.contiguous(), gather_dim=0, group=self.group)
-        all_e, all_kept = funcol.wait_tensor(all_e), funcol.wait_tensor(all_kept)
-        local = all_kept & (all_e // self.num_local == self.rank)
-        token_n, slot_n = torch.nonzero(local, as_tuple=True)
+        token_n, slot_n = self.local_assignments(funcol.wait_tensor(all_e), funcol.wait_tensor(all_kept))
         local_e = all_e[token_n, slot_n] - self.rank * self.num_local
         order = torch.argsort(local_e, stable=True)
         row_bytes = x_TD.shape[1] * x_TD.element_size()
@@ -237,6 +236,14 @@ class AllGatherDispatcher:
             all_x, token_n[order], count_per_expert(local_e, self.num_local), all_w[token_n, slot_n][order]
         )
         return expert_input, _AGHandle(T)
+
+    def local_assignments(self, all_e: torch.Tensor, all_kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gathered token, slot) of every kept assignment this rank's experts serve. The one
+        data-dependent part (how many there are is read back to the host); the GPU dry run
+        (sparse_train.dryrun.balanced) replaces it with a balanced selection of the same form."""
+        local = all_kept & (all_e // self.num_local == self.rank)
+        token_n, slot_n = torch.nonzero(local, as_tuple=True)
+        return token_n, slot_n
 
     def combine(self, y_all: torch.Tensor, handle: _AGHandle) -> torch.Tensor:
         return funcol.reduce_scatter_single_autograd(y_all, "sum", scatter_dim=0, group=self.group)
