@@ -35,10 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparse_train.config import load_config
     from sparse_train.dryrun import fake_cuda
+    from sparse_train.parallel.dims import ParallelDims
 
     if args.world < 1 or args.devices_per_node < 1:
         raise UsageError("dry-run: --world and --devices-per-node must be at least 1")
     cfg = load_config(args.config, args.overrides)
+    ParallelDims.from_config(cfg.parallel, args.world).check_model(cfg)  # a bad layout fails here, in one line
+    if bad := [r for r in args.rank or [] if not 0 <= r < args.world]:
+        raise UsageError(f"dry-run: --rank {bad[0]} is outside the world of {args.world} ranks")
     if args.device == "cuda" and not fake_cuda.is_loaded():
         # the fake device must be in place before torch starts: run again with it preloaded
         try:
@@ -50,16 +54,13 @@ def run(args: argparse.Namespace) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "sparse_train", *args.argv], env)
     from sparse_train.dryrun.run import dry_run, stage_ranks
 
-    ranks = args.rank or stage_ranks(cfg, args.world)
-    if bad := [r for r in ranks if not 0 <= r < args.world]:
-        raise UsageError(f"dry-run: --rank {bad[0]} is outside the world of {args.world} ranks")
     failed = False
-    for rank in ranks:
+    for rank in args.rank or stage_ranks(cfg, args.world):
         report = dry_run(
             cfg, args.world, rank, device=args.device, backend=args.backend, devices_per_node=args.devices_per_node
         )
         failed |= not report.ok
         print(json.dumps(report.as_dict()))
-        if not args.json:
+        if not args.json or not report.ok:  # findings always reach stderr, one line each
             print(report.summary(), file=sys.stderr)
     return 1 if failed else 0

@@ -109,7 +109,7 @@ class Checks(TorchDispatchMode):
                 self.report("host read", name)
             return _placeholder(name, args)
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if phase is not None and name.startswith(("c10d::", "_c10d_functional::")):
+        if phase is not None and name.startswith(("c10d::", "_c10d_functional::")) and "wait_tensor" not in name:
             self.collectives[(phase.name, name)] += 1
             for device in {t.device.type for t in tensors} - phase.collective_devices:
                 self.report("collective device", f"{name} on a {device} tensor")

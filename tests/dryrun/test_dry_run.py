@@ -126,3 +126,19 @@ def test_backend_strings_name_the_devices_they_serve():
     assert served_devices("nccl") == {"cuda"}
     assert served_devices("gloo") == {"cpu"}
     assert served_devices("cuda:nccl,cpu:gloo") == {"cuda", "cpu"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--world", "0"], "--world and --devices-per-node must be at least 1"),
+        (["--world", "8", "--rank", "8"], "--rank 8 is outside the world of 8 ranks"),
+        (["--world", "8", "--set", "parallel.ep=3"], "parallel.ep"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line_before_anything_starts(argv, expected, capsys):
+    from sparse_train.cli import main
+
+    assert main(["dry-run", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err, err
