@@ -307,7 +307,7 @@ class Engine:
 
 
 def _sparse_layer_names(module: nn.Module) -> list[str]:
-    """"block<i>" of every sparse layer of `module`, in block order."""
+    """Names ("block<i>") of the sparse layers of `module`, in block order."""
     return [f"block{name.split('.')[1]}" for name, m in module.named_modules() if isinstance(m, SparseFFN)]
 
 
