@@ -11,7 +11,9 @@ layout, this rank's shards materialised as fake CUDA tensors), and runs, op by o
                       host read and no CPU tensor is allowed, and collectives only on the device
     reported step     the same with its metrics reduced and read (a logging step)
     evaluation        the validation forward and its reduced loss
-    checkpoint state  the model and optimizer state dicts a save collects (DCP's inputs)
+    checkpoint save   the trainer's save: the non-finite check, the state dicts DCP would write,
+                      the digests gathered and the manifest; only the shards' bytes are not
+                      written (fake tensors have none)
 
 Routing is balanced where the real split sizes are data-dependent (dryrun.balanced).
 """
@@ -37,6 +39,8 @@ from sparse_train.dryrun import balanced, fake_cuda
 from sparse_train.dryrun.checks import Checks, Finding, served_devices, traceback_site
 from sparse_train.parallel.dims import ParallelDims
 from sparse_train.parallel.runtime import process_group_backend
+from sparse_train.train import checkpoint as ckpt
+from sparse_train.train import sharded
 
 
 @dataclass
@@ -134,6 +138,9 @@ def dry_run(
     # the meshes hold real rank tables: built with fake mode off
     patches.enter_context(mock.patch("torch.distributed.all_gather_object", _all_gather_object_locally))
     patches.enter_context(mock.patch("torch.distributed.broadcast_object_list", _broadcast_object_list_locally))
+    patches.enter_context(mock.patch("torch.distributed.gather_object", _gather_object_locally))
+    patches.enter_context(mock.patch.object(sharded, "save", _collect_shards))
+    patches.enter_context(mock.patch.object(ckpt, "_side_files", _side_files_of_real_values(ckpt._side_files)))
     patches.enter_context(
         mock.patch.object(ParallelDims, "build_meshes", fake_cuda.real_values(ParallelDims.build_meshes))
     )
@@ -161,7 +168,7 @@ def dry_run(
                 ("train step", lambda: trainer.train_step(report=False), False, on_device, False),
                 ("reported step", lambda: trainer.train_step(report=True), True, on_device, True),
                 ("evaluation", evaluate, True, on_device, True),
-                ("checkpoint state", lambda: _checkpoint_state(trainer), True, served, True),
+                ("checkpoint save", lambda: trainer.save(), True, served, True),
             ]  # fmt: skip
             with FakeTensorMode(allow_non_fake_inputs=True), checks:
                 for name, run, reads, devices, cpu_tensors in phases:
@@ -203,11 +210,32 @@ def _broadcast_object_list_locally(object_list: list[Any], *args: Any, **kwargs:
     """broadcast_object_list on a fake group: every rank keeps its own objects (see above)."""
 
 
-def _checkpoint_state(trainer) -> None:
-    from sparse_train.train import sharded
+def _collect_shards(tmp: Path, weights: dict, optim_state: dict | None, distributed: bool) -> dict:
+    """sharded.save in the dry run: the state dicts are collected (by the caller), their bytes
+    not written; no file, so no digest."""
+    return {}
 
-    sharded.model_state(trainer.model)
-    sharded.optimizer_state(trainer.model, trainer.optimizer)
+
+def _side_files_of_real_values(side_files):
+    """checkpoint._side_files for the dry run: the trainer state holds fake tensors (its RNG
+    states, made under fake mode), which cannot be pickled; zeros of their shape are."""
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+    from torch.utils._pytree import tree_map
+
+    def real(value: Any) -> Any:
+        return torch.zeros(value.shape, dtype=value.dtype) if isinstance(value, FakeTensor) else value
+
+    def call(state: dict[str, Any], *args: Any) -> dict[str, bytes]:
+        with unset_fake_temporarily():
+            return side_files(tree_map(real, state), *args)
+
+    return call
+
+
+def _gather_object_locally(obj: Any, object_gather_list: list[Any] | None = None, *args: Any, **kwargs: Any) -> None:
+    """gather_object on a fake group: the destination's slots get its own object (see above)."""
+    if object_gather_list is not None:
+        object_gather_list[:] = [obj] * len(object_gather_list)
 
 
 def _local_numel(t: torch.Tensor) -> int:

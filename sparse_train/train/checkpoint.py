@@ -178,9 +178,9 @@ def _begin_save(checkpoints_dir: Path, step: int, weights: dict[str, Any], distr
     if distributed:
         # on the training device: NCCL serves device tensors only
         device = next((t.device for t in weights.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
-        flag = torch.tensor([int(bad is not None)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and bad is None:
+        all_finite = torch.tensor([int(bad is None)], device=device)  # 1 = good, as every agreement flag
+        dist.all_reduce(all_finite, op=dist.ReduceOp.MIN)
+        if not all_finite.item() and bad is None:
             bad = "(on another rank)"
     if bad is not None:
         raise CheckpointError(f"refusing to save step {step}: parameter {bad} is not finite")

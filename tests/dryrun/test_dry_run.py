@@ -74,7 +74,7 @@ def _dry_runs(cases: list[tuple[int, list[str], str | None]]) -> list[dict]:
 
 def _assert_clean(report: dict, name: str) -> None:
     assert report["ok"], f"{name}: {report['findings']}"
-    assert report["phases"] == ["build", "first step", "train step", "reported step", "evaluation", "checkpoint state"]
+    assert report["phases"] == ["build", "first step", "train step", "reported step", "evaluation", "checkpoint save"]
     step = report["collectives"]["train step"]
     # the step's gradient norm, at least, and the reported step's metric reductions on top
     assert step.get("c10d::allreduce_", 0) >= 1, step
