@@ -75,10 +75,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     repro.add_argument("--seeds", type=int, default=5, help="runs per (depth, variant), seeds 0..N-1")
     repro.add_argument("--epochs", type=int, default=150)
 
+    kernels = bench_sub.add_parser(
+        "kernels", help="every Triton kernel compiled ahead of time for GPU targets (no GPU needed): resources"
+    )
+    add_json_flag(kernels)
+    kernels.add_argument("--aot", action="store_true", help="compile for the targets (the only mode without a GPU)")
+    kernels.add_argument("--targets", default="all", help="comma list of sm_80, sm_90, sm_100, sm_121, gfx942; or all")
+    kernels.add_argument("--dtypes", default="all", help="comma list of fp32, bf16, fp16; or all")
+    kernels.add_argument(
+        "--quick", action="store_true", help="each kernel once per target: bf16, its largest configuration"
+    )
+    kernels.add_argument("--jobs", type=int, help="compiler processes (default: one per core)")
+
 
 def run(args: argparse.Namespace) -> int:
     commands = {"moe-layer": _moe_layer, "dispatch": _dispatch, "fff-infer": _fff_infer, "fff-repro": _fff_repro}
     commands["memory"] = _memory
+    if args.bench == "kernels":
+        return _kernels(args)
     commands[args.bench](args)
     return 0
 
@@ -195,3 +209,31 @@ def _memory(args: argparse.Namespace) -> None:
     if args.nproc < 1 or args.steps < 1 or args.timeout <= 0:
         raise UsageError("sparse-train bench memory: --nproc >= 1, --steps >= 1 and --timeout > 0 required")
     memory.run(args.config, args.overrides, args.nproc, steps=args.steps, timeout=args.timeout, as_json=args.json)
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    """0 when every configuration compiles and fits its target's shared memory, 1 otherwise."""
+    from sparse_train.bench import kernels
+    from sparse_train.kernels import aot, triton_available
+
+    if not args.aot:
+        raise UsageError("sparse-train bench kernels: pass --aot (compiling for GPU targets is the only mode for now)")
+    targets = _choices(args.targets, [t.name for t in aot.TARGETS], "--targets")
+    dtypes = _choices(args.dtypes, list(aot.DTYPES), "--dtypes")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("sparse-train bench kernels: --jobs >= 1 required")
+    if not triton_available():
+        raise UsageError("sparse-train bench kernels: needs triton: pip install 'sparse_train[triton]'")
+    rows = kernels.run(targets, dtypes, quick=args.quick, jobs=args.jobs, as_json=args.json)
+    # Spills cost speed and are reported; a kernel that does not compile or fit cannot run.
+    cannot_run = [p for row in rows for p in aot.problems(row) if not p.startswith("spills")]
+    return 1 if cannot_run else 0
+
+
+def _choices(text: str, allowed: list[str], flag: str) -> list[str]:
+    chosen = allowed if text == "all" else list(dict.fromkeys(c for c in text.split(",") if c))
+    if not chosen or set(chosen) - set(allowed):
+        raise UsageError(
+            f"sparse-train bench kernels: {flag} takes all or a comma list of {', '.join(allowed)}; got {text!r}"
+        )
+    return chosen

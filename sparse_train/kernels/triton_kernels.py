@@ -121,7 +121,17 @@ _GMM_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bn, bk, w, s in [(128, 32, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3)]
 ]
-_gmm_autotuned = triton.autotune(configs=_GMM_CONFIGS, key=["N", "K", "GATHER_A", "SCATTER_C"])(_gmm_kernel)
+# AMD (ROCm): the same tiles in at most 2 stages. In 3, fp32 128x64 takes 96 KiB of LDS where a
+# CDNA3 workgroup has 64 KiB (found by compiling for gfx942: sparse_train/kernels/aot.py); 2 is the
+# HIP backend's default number of stages. Tiles and stages on AMD are otherwise unmeasured.
+_GMM_CONFIGS_HIP = [
+    triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=min(c.num_stages, 2)) for c in _GMM_CONFIGS
+]
+GMM_CONFIGS = {"cuda": _GMM_CONFIGS, "hip": _GMM_CONFIGS_HIP}  # by triton backend
+_gmm_autotuned = {
+    backend: triton.autotune(configs=configs, key=["N", "K", "GATHER_A", "SCATTER_C"])(_gmm_kernel)
+    for backend, configs in GMM_CONFIGS.items()
+}
 
 
 def tile_schedule(counts: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, ...]:
@@ -196,7 +206,7 @@ def grouped_gemm_triton(
         _gmm_kernel[grid](*args, **flags, **sizes)
     else:
         grid = lambda meta: (tile_group.numel(), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-        _gmm_autotuned[grid](*args, **flags, BLOCK_M=block_m)
+        _gmm_autotuned["hip" if torch.version.hip else "cuda"][grid](*args, **flags, BLOCK_M=block_m)
     return out.to(result_dtype)
 
 
@@ -274,6 +284,14 @@ def _gmm_dw_kernel(
     )
 
 
+# The weight gradient is not autotuned: one block shape on GPUs (smaller ones when a caller fixes
+# them, and under the interpreter), in 8 warps: in 4, the exact fp32 path (FP32_IEEE, fp32 without
+# TF32, torch's default) with a gather compiled for sm_80 to 32 registers and ~10 KB of spills per
+# thread, and others spilled too (compiled ahead of time, sparse_train/kernels/aot.py).
+_DW_BLOCKS = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 64}
+_DW_OPTIONS = {"num_warps": 8}
+
+
 def grouped_gemm_dw_triton(
     x: torch.Tensor,
     dy: torch.Tensor,
@@ -290,8 +308,9 @@ def grouped_gemm_dw_triton(
     counts = counts.to(torch.int64)
     group_end = torch.cumsum(counts, 0)
     sizes = {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32, **(block_sizes or {})}
+    options: dict[str, int] = {}
     if block_sizes is None and not interpreting():
-        sizes = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 64}
+        sizes, options = dict(_DW_BLOCKS), dict(_DW_OPTIONS)
     dummy = group_end
     grid = (G, triton.cdiv(K, sizes["BLOCK_K"]), triton.cdiv(N, sizes["BLOCK_N"]))
     _gmm_dw_kernel[grid](
@@ -315,6 +334,7 @@ def grouped_gemm_dw_triton(
         GATHER_B=dy_index is not None,
         **_flags(x, dy),
         **sizes,
+        **options,
     )
     return out.to(x.dtype)
 
