@@ -19,7 +19,7 @@ TORCH_INDEX=${TORCH_INDEX:-}
 TORCH_WHEEL_DIRS=${TORCH_WHEEL_DIRS:-${PIP_FIND_LINKS:-} /opt/wheels}
 
 stamp="$VENV/.sparse-train-installed"
-fingerprint="$(cat pyproject.toml | sha256sum | cut -c1-16) extras=$EXTRAS torch=$TORCH_VERSION index=$TORCH_INDEX"
+fingerprint="$(cat pyproject.toml scripts/ensure-venv.sh | sha256sum | cut -c1-16) extras=$EXTRAS torch=$TORCH_VERSION index=$TORCH_INDEX"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fingerprint" ]; then
   exit 0
 fi
@@ -48,4 +48,9 @@ fi
 installed_torch=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')
 echo "torch==$installed_torch" > "$VENV/torch-constraint.txt"
 "${pip[@]}" install -c "$VENV/torch-constraint.txt" -e ".[$EXTRAS]"
+if [[ ",$EXTRAS," == *,dev,* ]]; then
+  # Test oracles only, never imported by the package: megatron-core's pure-torch routing and
+  # balancing functions (its models need CUDA, its dependencies are heavy: --no-deps, own folder).
+  "${pip[@]}" install --quiet --no-deps --upgrade --target "$VENV/test-oracles" megatron-core==0.16.1
+fi
 echo "$fingerprint" > "$stamp"

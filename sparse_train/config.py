@@ -144,9 +144,26 @@ class MoEConfig(Section):
 
 @dataclass
 class RouterConfig(Section):
-    type: Literal["topk_softmax"] = option("topk_softmax", "router kind")
+    type: Literal["topk", "topk_softmax"] = option(
+        "topk", "router kind: topk = token choice, each token picks its top_k experts (topk_softmax: the old name)"
+    )
     top_k: int = option(2, "experts per token")
-    renormalize: bool = option(True, "renormalise the top-k weights to sum to 1 (Mixtral)")
+    score: Literal["softmax", "sigmoid"] = option(
+        "softmax", "expert scores: softmax over the experts, or an independent sigmoid per expert (DeepSeek-V3)"
+    )
+    renormalize: bool = option(True, "renormalise the top-k weights to sum to 1 (Mixtral; DeepSeek-V3 with sigmoid)")
+    scaling_factor: float = option(1.0, "multiplies the routing weights (DeepSeek-V3's routed scaling factor)")
+    num_groups: int | None = option(
+        None, "group-limited routing: experts in this many equal groups (the EP ranks, to bound a token's peers)"
+    )
+    group_top_k: int | None = option(
+        None, "groups each token may use; a group's score is the sum of its top top_k/group_top_k expert scores"
+    )
+    bias_update_rate: float = option(
+        0.0,
+        "aux-loss-free balancing: after each step, expert bias += rate * sign(mean load - load), loads over the "
+        "global batch; the bias shifts selection only, never the weights (0 = off)",
+    )
     combine: Literal["weights", "unit"] = option(
         "weights",
         "how selected experts' outputs add up: weighted by the router, or unit (each weight exactly 1, "
@@ -162,7 +179,29 @@ class RouterConfig(Section):
 
     def validate(self) -> None:
         _positive(self, "top_k")
-        _non_negative(self, "aux_loss_coef", "z_loss_coef")
+        _non_negative(self, "aux_loss_coef", "z_loss_coef", "bias_update_rate")
+        if self.type == "topk_softmax":
+            warnings.warn("router.type=topk_softmax is deprecated: use router.type=topk", FutureWarning, stacklevel=2)
+        if self.scaling_factor <= 0:
+            raise ConfigError("scaling_factor", f"must be > 0, got {self.scaling_factor}")
+        if (self.num_groups is None) != (self.group_top_k is None):
+            raise ConfigError(
+                "group_top_k", "group-limited routing needs both router.num_groups and router.group_top_k"
+            )
+        if self.num_groups is not None:
+            _positive(self, "num_groups", "group_top_k")
+            if self.group_top_k > self.num_groups:
+                raise ConfigError(
+                    "group_top_k", f"must be <= router.num_groups ({self.num_groups}), got {self.group_top_k}"
+                )
+            if self.top_k % self.group_top_k:
+                raise ConfigError("group_top_k", f"must divide router.top_k ({self.top_k}), got {self.group_top_k}")
+        if self.score == "sigmoid" and self.top_k == 1 and self.renormalize:
+            raise ConfigError(
+                "renormalize",
+                "with router.score=sigmoid and top_k=1 every weight would be exactly 1 and the router untrained; "
+                "set router.renormalize=false",
+            )
         if self.top_k == 1 and self.renormalize and self.combine == "weights":
             # p_i / p_i = 1: the LM loss sends the router no gradient, only the auxiliary losses
             # train it, and routing stays near random (measured: docs/benchmarks.md, sweeps)
@@ -361,6 +400,11 @@ class Config(Section):
             raise ConfigError(
                 "router.top_k",
                 f"must be <= moe.num_experts ({self.moe.num_experts}), got {self.router.top_k}",
+            )
+        groups = self.router.num_groups
+        if self.model.ffn == "moe" and groups is not None and self.moe.num_experts % groups:
+            raise ConfigError(
+                "router.num_groups", f"must divide moe.num_experts ({self.moe.num_experts}), got {groups}"
             )
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(

@@ -11,7 +11,7 @@ from torch import nn
 from sparse_train.config import MoEConfig, RouterConfig
 from sparse_train.models.experts import SwiGLU, SwiGLUExperts
 from sparse_train.models.losses import expert_counts, load_balancing_loss, router_entropy, router_z_loss
-from sparse_train.models.routers import Routing, TopKSoftmaxRouter, apply_capacity
+from sparse_train.models.routers import Routing, TopKRouter, apply_capacity
 from sparse_train.models.sparse import SparseAux, SparseFFN
 
 
@@ -58,7 +58,7 @@ class MoELayer(SparseFFN):
         self.router_cfg = router
         self.capacity_factor = moe.capacity_factor
         self.drop_policy = moe.drop_policy
-        self.router = TopKSoftmaxRouter(d_model, moe.num_experts, router.top_k, router.renormalize, router.combine)
+        self.router = TopKRouter(d_model, moe.num_experts, router)
         self.experts = SwiGLUExperts(moe.num_experts, d_model, moe.expert_hidden, moe.kernel_backend)
         shared_hidden = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
         self.shared_experts = SwiGLU(d_model, shared_hidden) if shared_hidden else None
@@ -66,6 +66,8 @@ class MoELayer(SparseFFN):
 
     def route(self, x_TD: torch.Tensor) -> Routing:
         routing = self.router(x_TD)
+        if self.training and self.router.expert_bias_E is not None:
+            self._count_for_bias(routing.experts_Tk)
         if self.capacity_factor is not None:
             routing = apply_capacity(routing, self.num_experts, self.capacity_factor, self.drop_policy)
         return routing
@@ -79,6 +81,29 @@ class MoELayer(SparseFFN):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_output(x_TD)
         return y_TD.reshape(B, S, D), self.aux(routing, seq_len=S)
+
+    # ---- aux-loss-free balancing (router.bias_update_rate) ---------------------------------
+    def _count_for_bias(self, experts_Tk: torch.Tensor) -> None:
+        """Add this micro-batch's selections per expert to the step's counts (on the device)."""
+        counts_E = expert_counts(experts_Tk, self.num_experts).float()
+        self.bias_counts_E = counts_E if getattr(self, "bias_counts_E", None) is None else self.bias_counts_E + counts_E
+
+    def take_bias_counts(self) -> torch.Tensor:
+        """The step's selections per expert on this rank (zeros if none), and a fresh start."""
+        counts_E = getattr(self, "bias_counts_E", None)
+        self.bias_counts_E = None
+        if counts_E is None:
+            return torch.zeros(self.num_experts, device=self.router.weight.device)
+        return counts_E
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts_E: torch.Tensor, skipped: torch.Tensor | None = None) -> None:
+        """bias += rate * sign(mean load - load) for the step's global counts (Wang et al. 2024,
+        DeepSeek-V3): under-loaded experts become likelier to be picked. Not on a skipped step."""
+        delta_E = self.router_cfg.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
+        if skipped is not None:
+            delta_E = torch.where(skipped, torch.zeros_like(delta_E), delta_E)
+        self.router.expert_bias_E += delta_E
 
     def shared_output(self, x_TD: torch.Tensor) -> torch.Tensor:
         shared_TD = self.shared_experts(x_TD)

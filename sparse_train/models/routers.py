@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_train.config import RouterConfig
 from sparse_train.kernels import count_per_expert
 
 
@@ -53,38 +54,98 @@ def straight_through_one(p: torch.Tensor) -> torch.Tensor:
     return _StraightThroughOne.apply(p)
 
 
-class TopKSoftmaxRouter(nn.Module):
-    """Softmax over expert logits (fp32), keep the k largest; optionally renormalise them (Mixtral).
+def expert_scores(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
+    """Per-expert scores (fp32): a softmax over the experts, or an independent sigmoid each."""
+    if score == "softmax":
+        return logits_TE.float().softmax(dim=-1)
+    if score == "sigmoid":
+        return torch.sigmoid(logits_TE.float())
+    raise ValueError(f"unknown router score {score!r}; allowed: softmax, sigmoid")
+
+
+def group_limited_topk(scores_TE: torch.Tensor, top_k: int, num_groups: int, group_top_k: int) -> torch.Tensor:
+    """Top-k experts of each token among its `group_top_k` best groups (DeepSeek-V3): the
+    experts form `num_groups` equal consecutive groups; a group's score is the sum of its top
+    `top_k / group_top_k` expert scores. Returns experts_Tk (int64)."""
+    T, E = scores_TE.shape
+    per_group = top_k // group_top_k
+    group_scores_TG = scores_TE.view(T, num_groups, E // num_groups).topk(per_group, dim=-1).values.sum(dim=-1)
+    groups_Tg = group_scores_TG.topk(group_top_k, dim=-1, sorted=False).indices
+    group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, groups_Tg, True)
+    allowed_TE = group_mask_TG.repeat_interleave(E // num_groups, dim=1)
+    return scores_TE.masked_fill(~allowed_TE, float("-inf")).topk(top_k, dim=-1).indices
+
+
+def select_experts(
+    logits_TE: torch.Tensor, cfg: RouterConfig, *, expert_bias_E: torch.Tensor | None = None, training: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k family's routing as a function: (weights_Tk fp32, experts_Tk int64).
+
+    scores = softmax or sigmoid of the logits (cfg.score); experts = the top_k of scores +
+    expert_bias (the bias of aux-loss-free balancing picks experts and is never a weight),
+    among each token's best groups when cfg.num_groups is set; weights = the chosen experts'
+    scores, renormalised to sum to 1 when cfg.renormalize, times cfg.scaling_factor.
+    `training` is where routers that balance only in training (Sinkhorn) will differ."""
+    if cfg.type not in ("topk", "topk_softmax"):
+        raise ValueError(f"select_experts computes the top-k routers; router.type={cfg.type!r} is not one")
+    return _choose(expert_scores(logits_TE, cfg.score), cfg, expert_bias_E)
+
+
+def _choose(
+    scores_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    selection_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E.float()
+    if cfg.num_groups is not None:
+        experts_Tk = group_limited_topk(selection_TE, cfg.top_k, cfg.num_groups, cfg.group_top_k)
+    else:
+        experts_Tk = selection_TE.topk(cfg.top_k, dim=-1).indices
+    weights_Tk = scores_TE.gather(1, experts_Tk)
+    if cfg.renormalize:
+        weights_Tk = weights_Tk / (weights_Tk.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights_Tk * cfg.scaling_factor, experts_Tk
+
+
+def balancing_probs(scores_TE: torch.Tensor, score: str) -> torch.Tensor:
+    """The per-token expert distribution the balancing loss and the entropy metric use: the
+    softmax itself, or sigmoid scores normalised to sum to 1 (as Megatron-Core does)."""
+    return scores_TE if score == "softmax" else scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+class TopKRouter(nn.Module):
+    """Token choice: a linear map to expert logits (fp32), then select_experts (`cfg`).
 
     combine="unit" gives every selected expert weight exactly 1 (straight-through to its
-    probability): the experts' outputs are summed, so experts carved out of one dense FFN by
-    a neuron partition add up to it when all are selected (sparse_train.upcycle).
+    weight): the experts' outputs are summed, so experts carved out of one dense FFN by a
+    neuron partition add up to it when all are selected (sparse_train.upcycle).
+
+    With cfg.bias_update_rate > 0 the router holds `expert_bias_E` (a buffer, saved in
+    checkpoints), which update_expert_bias moves after each optimizer step.
     """
 
-    def __init__(
-        self, d_model: int, num_experts: int, top_k: int, renormalize: bool = True, combine: str = "weights"
-    ) -> None:
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig) -> None:
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if not 1 <= cfg.top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {cfg.top_k}")
         self.num_experts = num_experts
-        self.top_k = top_k
-        self.renormalize = renormalize
-        self.combine = combine
+        self.cfg = cfg
+        self.top_k = cfg.top_k
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.expert_bias_E: torch.Tensor | None
+        if cfg.bias_update_rate > 0:
+            self.register_buffer("expert_bias_E", torch.zeros(num_experts))
+        else:
+            self.expert_bias_E = None
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         # Routing decisions are made in fp32 even under bf16 autocast: top-k on bf16 ties and
         # flips between steps, which makes the expert assignment noisy.
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1)
-        weights_Tk, experts_Tk = probs_TE.topk(self.top_k, dim=-1)
-        if self.renormalize:
-            weights_Tk = weights_Tk / weights_Tk.sum(dim=-1, keepdim=True)
-        if self.combine == "unit":
+        scores_TE = expert_scores(logits_TE, self.cfg.score)
+        weights_Tk, experts_Tk = _choose(scores_TE, self.cfg, self.expert_bias_E)  # select_experts, scores kept
+        if self.cfg.combine == "unit":
             weights_Tk = straight_through_one(weights_Tk)
-        return Routing(experts_Tk, weights_Tk, RoutingStats(logits_TE, probs_TE))
+        return Routing(experts_Tk, weights_Tk, RoutingStats(logits_TE, balancing_probs(scores_TE, self.cfg.score)))
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

@@ -151,12 +151,14 @@ def materialize(module: nn.Module, m: ModelConfig, device: torch.device, seed: i
     """Give a model built on the meta device (whole, a pipeline stage, or sharded by the layout)
     storage on `device`: only this rank's parts are allocated, and drawn from `seed`
     (sparse_train.models.init) unless it is None, when the caller loads every parameter. The
-    rotary tables are recomputed."""
+    rotary tables are recomputed and the routers' expert biases start at zero."""
     module.to_empty(device=device)
     cos, sin = rotary_tables(m.head_dim, m.max_seq_len, m.rope_theta)
     for sub in module.modules():
         if "rope_cos" in sub._buffers:
             sub.rope_cos, sub.rope_sin = cos.to(device), sin.to(device)
+        elif getattr(sub, "expert_bias_E", None) is not None:
+            sub.expert_bias_E.zero_()  # aux-loss-free balancing starts unbiased (a checkpoint loads its own)
     if seed is not None:
         init_parameters(module, m, seed)
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from sparse_train.config import Config
 from sparse_train.models.losses import GlobalBatchCounts
+from sparse_train.models.moe import MoELayer
 from sparse_train.models.sparse import SparseAux, SparseFFN
 from sparse_train.models.transformer import Transformer
 from sparse_train.parallel.runtime import DistributedRuntime
@@ -226,6 +227,19 @@ class Engine:
     def layer_names(self) -> list[str]:
         """Names of the whole model's sparse layers ("block<i>"), in block order."""
         return self.all_sparse_names
+
+    def update_expert_bias(self, skipped: torch.Tensor) -> None:
+        """After the optimizer step: every biased router's counts of the step, summed over the
+        data-parallel ranks (one all-reduce for all layers, on the device; the global batch, so
+        every layout updates alike), move its expert bias. Nothing when no router has one."""
+        layers = [m for m in self.module.modules() if isinstance(m, MoELayer) and m.router.expert_bias_E is not None]
+        if not layers:
+            return
+        counts_LE = torch.stack([layer.take_bias_counts() for layer in layers])
+        if (dp := self._group("dp")) is not None:
+            dist.all_reduce(counts_LE, group=dp)
+        for layer, counts_E in zip(layers, counts_LE, strict=True):
+            layer.update_expert_bias(counts_E, skipped)
 
     # ---- gradients, evaluation, state -----------------------------------------------------
     def clip_grad_norm(self, max_norm: float | None, poison: torch.Tensor | None = None) -> torch.Tensor:

@@ -382,6 +382,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.found_inf = skipped.float()  # fused AdamW leaves everything as it was when set
         self.optimizer.step()
+        self.engine.update_expert_bias(skipped)  # aux-loss-free balancing, when a router has a bias
         self.skips.record(skipped)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

@@ -277,6 +277,15 @@ def export_arch(cfg: Config) -> str:
         raise ConfigError("moe.capacity_factor", "HF MoE blocks are dropless: export a model with capacity_factor null")
     if cfg.router.combine != "weights":
         raise ConfigError("router.combine", "HF MoE blocks weight experts by the router: export needs combine: weights")
+    r = cfg.router
+    for key, value, plain in (
+        ("score", r.score, "softmax"),
+        ("scaling_factor", r.scaling_factor, 1.0),
+        ("num_groups", r.num_groups, None),
+        ("bias_update_rate", r.bias_update_rate, 0.0),
+    ):
+        if value != plain:  # Mixtral and Qwen2-MoE route by a plain softmax top-k
+            raise ConfigError(f"router.{key}", "the Mixtral and Qwen2-MoE formats cannot hold it; keep --format native")
     all_moe = all(m.is_sparse_layer(i) for i in range(m.n_layers))
     if all_moe and not moe.num_shared_experts and cfg.router.renormalize and not m.qkv_bias:
         return "MixtralForCausalLM"

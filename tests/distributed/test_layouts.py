@@ -61,6 +61,10 @@ FFF = [
     "fff.kernel_backend=torch",
 ]
 
+# DeepSeek-V3's routing: sigmoid scores, group-limited, scaled, with aux-loss-free bias balancing
+DEEPSEEK_ROUTER = ["router.score=sigmoid", "router.num_groups=2", "router.group_top_k=1", "router.scaling_factor=2.0",
+                   "router.bias_update_rate=0.01"]  # fmt: skip
+
 LAYOUTS = {
     # name: (processes, parallel overrides, extra model overrides)
     "ep2-dp_replicate2": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.ep=2"], []),
@@ -73,6 +77,8 @@ LAYOUTS = {
     "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"], ["moe.num_shared_experts=1"]),
     "pp2-ep2": (4, ["parallel.pp=2", "parallel.ep=2"], []),
     "hsdp2x2-ep2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"], []),
+    "ep2-deepseek-router": (2, ["parallel.ep=2"], DEEPSEEK_ROUTER),
+    "tp2-ep2-deepseek-router": (4, ["parallel.tp=2", "parallel.ep=2"], DEEPSEEK_ROUTER),
     # FFF trees: leaves sharded over EP ranks like experts, node neurons replicated
     "fff-hard-ep2": (2, ["parallel.ep=2"], [*FFF, "fff.mode=hard", "fff.master_leaf=true"]),
     "fff-topk-ep2-gelu": (2, ["parallel.ep=2"], [*FFF, "fff.mode=topk_paths", "fff.leaf_activation=gelu"]),

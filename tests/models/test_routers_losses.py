@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from sparse_train.models.losses import load_balancing_loss, router_entropy, router_z_loss
-from sparse_train.models.routers import Routing, RoutingStats, TopKSoftmaxRouter, apply_capacity, expert_capacity
+from sparse_train.config import RouterConfig
+from sparse_train.models.routers import Routing, RoutingStats, TopKRouter, apply_capacity, expert_capacity
 
 
-def _router(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[TopKSoftmaxRouter, Routing]:
+def _router(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[TopKRouter, Routing]:
     """A router whose logits equal `logits` exactly: identity input, weight = logits^T."""
     T, E = logits.shape
-    router = TopKSoftmaxRouter(d_model=T, num_experts=E, top_k=top_k, renormalize=renormalize)
+    router = TopKRouter(d_model=T, num_experts=E, cfg=RouterConfig(top_k=top_k, renormalize=renormalize))
     with torch.no_grad():
         router.weight.copy_(logits.t())
     return router, router(torch.eye(T))
@@ -38,7 +39,7 @@ def test_renormalised_weights_sum_to_one_for_any_k():
 
 
 def test_router_is_fp32_under_bf16_autocast():
-    router = TopKSoftmaxRouter(8, 4, 2)
+    router = TopKRouter(8, 4, RouterConfig(top_k=2))
     torch.nn.init.normal_(router.weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r = router(torch.randn(5, 8))
@@ -47,7 +48,7 @@ def test_router_is_fp32_under_bf16_autocast():
 
 def test_router_rejects_bad_k():
     with pytest.raises(ValueError, match="top_k"):
-        TopKSoftmaxRouter(4, 3, 4)
+        TopKRouter(4, 3, RouterConfig(top_k=4))
 
 
 def _routing(experts, weights) -> Routing:
