@@ -193,6 +193,7 @@ DISPATCH_KEYS = {
     "tokens_per_s",
     "single_process_tokens_per_s",
     "speedup_vs_single_process",
+    "remote_peers_per_token",
 }
 
 
@@ -224,6 +225,23 @@ def test_dispatch_benchmark_reports_bytes_at_the_minimum_with_deduplication():
     assert dedup["dedup"] and dedup["bytes_ratio_vs_min"] == 1.0 and dedup["bytes_sent_per_step"] > 0
     assert not plain["dedup"] and plain["bytes_ratio_vs_min"] > 1.0
     assert 0 < dedup["all_to_all_share"] < 1
+
+
+@pytest.mark.slow
+def test_group_limited_routing_sends_a_token_to_at_most_group_top_k_ranks():
+    """Groups = the EP ranks (4 groups of 2 experts on 4 ranks), one group per token: a token
+    has at most one remote peer; plain top-2 routing of this model averages 1.37 (benchmarks)."""
+    base = [sys.executable, "-m", "sparse_train", "bench", "dispatch", "--json", "--ep", "4", "--steps", "3"]
+    proc = subprocess.run(
+        [*base, "--warmup", "1", "--set", "router.num_groups=4", "--set", "router.group_top_k=1"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (grouped,) = (json.loads(line) for line in proc.stdout.splitlines())
+    assert grouped["overrides"] == ["router.num_groups=4", "router.group_top_k=1"]
+    assert 0 < grouped["remote_peers_per_token"] <= 1.0
 
 
 def test_bad_dispatch_bench_arguments_exit_2(capsys):

@@ -10,6 +10,8 @@ alone for comparison. One JSON object per case:
   bytes_min_per_step      the least any dispatcher could send: each token once per distinct
                           remote rank holding one of its experts, there and back
   bytes_ratio_vs_min      bytes_sent_per_step / bytes_min_per_step (1.00 with deduplication)
+  remote_peers_per_token  distinct other ranks a token is sent to, mean over tokens (at most
+                          router.group_top_k with group-limited routing whose groups are the ranks)
   all_to_all_share        wall time inside the token all-to-alls (counts, rows, routing
                           weights, combine; forward and backward) / step time, mean over ranks
   tokens_per_s            global tokens per second, median step after warm-up
@@ -33,7 +35,7 @@ from typing import Any
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-moe.yaml"
 
 
-def _overrides(steps: int, ep: int, dedup: bool) -> list[str]:
+def _overrides(steps: int, ep: int, dedup: bool, extra: list[str]) -> list[str]:
     return [
         f"train.steps={steps}",
         "train.eval_every=0",
@@ -45,6 +47,7 @@ def _overrides(steps: int, ep: int, dedup: bool) -> list[str]:
         "router.balance_scope=global_batch",
         f"parallel.ep={ep}",
         f"parallel.ep_dedup={str(dedup).lower()}",
+        *extra,
     ]
 
 
@@ -59,7 +62,7 @@ def _measure(config_path: str, overrides: list[str], run_dir: str, steps: int, w
     trainer = Trainer(load_config(config_path, overrides), Path(run_dir), log=lambda msg: None)
     dispatchers = [m.dispatcher for m in trainer.engine.module.modules() if hasattr(m, "dispatcher")]
     dispatchers = [d for d in dispatchers if isinstance(d, AllToAllDispatcher)]
-    step_s, comm_s, sent, least = [], [], [], []
+    step_s, comm_s, sent, least, pairs, tokens_sent = [], [], [], [], [], []
     try:
         for i in range(steps):
             for d in dispatchers:
@@ -74,24 +77,30 @@ def _measure(config_path: str, overrides: list[str], run_dir: str, steps: int, w
                 comm_s.append(sum(d.stats.comm_seconds for d in dispatchers))
                 sent.append(2 * sum(d.stats.total_bytes_sent for d in dispatchers))  # forward + backward
                 least.append(2 * sum(d.stats.total_bytes_min for d in dispatchers))
+                pairs.append(sum(d.stats.total_remote_pairs for d in dispatchers))
+                tokens_sent.append(sum(d.stats.total_tokens for d in dispatchers))
         cfg = trainer.cfg
         tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
     finally:
         trainer.metrics.close()
         trainer.close()
-    return {"step_s": step_s, "comm_s": comm_s, "sent": sent, "min": least, "tokens_per_step": tokens}
+    return {"step_s": step_s, "comm_s": comm_s, "sent": sent, "min": least, "pairs": pairs, "tokens": tokens_sent,
+            "tokens_per_step": tokens}  # fmt: skip
 
 
-def _case(config: Path, ep: int, dedup: bool, steps: int, warmup: int, single_tps: float) -> dict[str, Any]:
+def _case(
+    config: Path, ep: int, dedup: bool, steps: int, warmup: int, single_tps: float, extra: list[str]
+) -> dict[str, Any]:
     from sparse_train.launch.local import run_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
-        ranks = run_ranks(_measure, ep, str(config), _overrides(steps, ep, dedup), tmp, steps, warmup)
+        ranks = run_ranks(_measure, ep, str(config), _overrides(steps, ep, dedup, extra), tmp, steps, warmup)
     n = len(ranks[0]["step_s"])
     step_s = [max(r["step_s"][i] for r in ranks) for i in range(n)]  # a step ends when its slowest rank does
     sent = statistics.median(sum(r["sent"][i] for r in ranks) for i in range(n))
     least = statistics.median(sum(r["min"][i] for r in ranks) for i in range(n))
     share = statistics.mean(sum(r["comm_s"]) / sum(r["step_s"]) for r in ranks)
+    peers = sum(sum(r["pairs"]) for r in ranks) / max(1, sum(sum(r["tokens"]) for r in ranks))
     tps = ranks[0]["tokens_per_step"] / statistics.median(step_s)
     return {
         "layout": f"ep={ep}",
@@ -102,6 +111,8 @@ def _case(config: Path, ep: int, dedup: bool, steps: int, warmup: int, single_tp
         "bytes_sent_per_step": int(sent),
         "bytes_min_per_step": int(least),
         "bytes_ratio_vs_min": round(sent / least, 4) if least else None,
+        "remote_peers_per_token": round(peers, 4),
+        "overrides": extra,
         "all_to_all_share": round(share, 4),
         "tokens_per_s": round(tps, 1),
         "single_process_tokens_per_s": round(single_tps, 1),
@@ -111,22 +122,31 @@ def _case(config: Path, ep: int, dedup: bool, steps: int, warmup: int, single_tp
 
 
 def run(
-    eps: list[int], *, config: Path = CONFIG, steps: int, warmup: int, dedup_off: bool, as_json: bool
+    eps: list[int],
+    *,
+    config: Path = CONFIG,
+    steps: int,
+    warmup: int,
+    dedup_off: bool,
+    as_json: bool,
+    overrides: list[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """`overrides` (`a.b=value`) apply to every case, the single process included."""
+    extra = list(overrides or [])
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     log(f"single process: {steps} steps of {config.name}")
     with tempfile.TemporaryDirectory() as tmp:
-        single = _measure(str(config), _overrides(steps, 1, True), tmp, steps, warmup)
+        single = _measure(str(config), _overrides(steps, 1, True, extra), tmp, steps, warmup)
     single_tps = single["tokens_per_step"] / statistics.median(single["step_s"])
     results = []
     for ep in eps:
         for dedup in (True, False) if dedup_off else (True,):
             log(f"ep={ep} dedup={dedup}: {ep} processes, {steps} steps")
-            result = _case(config, ep, dedup, steps, warmup, single_tps)
+            result = _case(config, ep, dedup, steps, warmup, single_tps, extra)
             results.append(result)
             print(json.dumps(result), flush=True)
     if not as_json:
-        cols = ["layout", "dedup", "bytes_ratio_vs_min", "all_to_all_share", "tokens_per_s"]
+        cols = ["layout", "dedup", "bytes_sent_per_step", "remote_peers_per_token", "all_to_all_share", "tokens_per_s"]
         cols.append("speedup_vs_single_process")
         log(" | ".join(cols))
         for r in results:

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparse_train.cli.common import ArgumentParser, add_config_args, add_json_flag
+from sparse_train.cli.common import ArgumentParser, add_config_args, add_json_flag, add_overrides
 from sparse_train.errors import UsageError
 
 if TYPE_CHECKING:  # --help and argument errors import no torch
@@ -50,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     disp.add_argument("--warmup", type=int, default=2)
     disp.add_argument("--compare-no-dedup", action="store_true", help="also run each EP size without deduplication")
     disp.add_argument("--config", help="model recipe (default: configs/tiny-moe.yaml of this checkout)")
+    add_overrides(disp, "override config fields in every case, e.g. --set router.num_groups=4 (repeatable)")
 
     infer = bench_sub.add_parser("fff-infer", help="hard FFF inference vs a dense FFN of the same width")
     add_json_flag(infer)
@@ -165,6 +166,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         warmup=args.warmup,
         dedup_off=args.compare_no_dedup,
         as_json=args.json,
+        overrides=args.overrides,
     )
 
 

@@ -47,8 +47,10 @@ class DispatchStats:
                              ranks, and the minimum possible: each token once per distinct
                              remote rank that holds one of its experts, there and back
     received_rows            token rows this rank's experts received in the last dispatch
-    total_* / comm_seconds   running sums since `reset()`: bytes as above, and wall time spent
-                             inside the token collectives, forward and backward
+    total_* / comm_seconds   running sums since `reset()`: bytes as above, distinct (token,
+                             remote rank) pairs and tokens dispatched (their ratio: the remote
+                             peers of a token), and wall time spent inside the token
+                             collectives, forward and backward
     """
 
     bytes_sent: int = 0
@@ -56,15 +58,19 @@ class DispatchStats:
     received_rows: int = 0
     total_bytes_sent: int = 0
     total_bytes_min: int = 0
+    total_remote_pairs: int = 0
+    total_tokens: int = 0
     comm_seconds: float = 0.0
 
-    def record(self, sent: int, minimum: int, received_rows: int) -> None:
+    def record(self, sent: int, minimum: int, received_rows: int, remote_pairs: int = 0, tokens: int = 0) -> None:
         self.bytes_sent, self.bytes_min, self.received_rows = sent, minimum, received_rows
         self.total_bytes_sent += sent
         self.total_bytes_min += minimum
+        self.total_remote_pairs += remote_pairs
+        self.total_tokens += tokens
 
     def reset(self) -> None:
-        self.total_bytes_sent = self.total_bytes_min = 0
+        self.total_bytes_sent = self.total_bytes_min = self.total_remote_pairs = self.total_tokens = 0
         self.comm_seconds = 0.0
 
 
@@ -199,7 +205,7 @@ class AllToAllDispatcher:
         # the minimum: distinct (token, remote rank) pairs, whatever `dedup` is
         remote = dest_A != self.rank
         distinct = torch.unique(dest_A[remote] * x.shape[0] + token_A[remote]).numel()
-        self.stats.record(2 * remote_rows * row_bytes, 2 * distinct * row_bytes, received)  # there and back
+        self.stats.record(2 * remote_rows * row_bytes, 2 * distinct * row_bytes, received, distinct, x.shape[0])
 
 
 @dataclass
