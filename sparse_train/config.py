@@ -159,6 +159,13 @@ class RouterConfig(Section):
     group_top_k: int | None = option(
         None, "groups each token may use; a group's score is the sum of its top top_k/group_top_k expert scores"
     )
+    collapse_share: float = option(
+        0.5, "warn (once per layer) when one expert takes more than this share of a layer's assignments ..."
+    )
+    collapse_entropy: float = option(
+        0.25, "... or the entropy of the layer's expert load falls below this fraction of log(num_experts) ..."
+    )
+    collapse_steps: int = option(3, "... at this many logged steps in a row")
     bias_update_rate: float = option(
         0.0,
         "aux-loss-free balancing: after each step, expert bias += rate * sign(mean load - load), loads over the "
@@ -180,6 +187,10 @@ class RouterConfig(Section):
     def validate(self) -> None:
         _positive(self, "top_k")
         _non_negative(self, "aux_loss_coef", "z_loss_coef", "bias_update_rate")
+        _positive(self, "collapse_steps")
+        for name in ("collapse_share", "collapse_entropy"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(name, f"must be in (0, 1], got {getattr(self, name)}")
         if self.type == "topk_softmax":
             warnings.warn("router.type=topk_softmax is deprecated: use router.type=topk", FutureWarning, stacklevel=2)
         if self.scaling_factor <= 0:

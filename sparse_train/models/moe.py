@@ -19,13 +19,22 @@ class MoEAux(SparseAux):
     """The MoE layer's SparseAux, with its parts by name."""
 
     @classmethod
-    def build(cls, lb_loss, z_loss, expert_load_E, dropped_fraction, router_entropy, router: RouterConfig) -> MoEAux:
+    def build(
+        cls,
+        lb_loss,
+        z_loss,
+        expert_load_E,
+        dropped_fraction,
+        router_entropy,
+        router: RouterConfig,
+        extra_metrics: dict[str, torch.Tensor] | None = None,
+    ) -> MoEAux:
         return cls(
             kind="moe",
             objective=router.aux_loss_coef * lb_loss + router.z_loss_coef * z_loss,
             losses={"aux_loss": lb_loss, "z_loss": z_loss},
             load=expert_load_E,  # fraction of assignments per expert, before capacity drops
-            metrics={"dropped_fraction": dropped_fraction, "router_entropy": router_entropy},
+            metrics={"dropped_fraction": dropped_fraction, "router_entropy": router_entropy, **(extra_metrics or {})},
         )
 
     @property
@@ -121,8 +130,13 @@ class MoELayer(SparseFFN):
             load_E = load_E / load_E.sum()
             kept = routing.kept_Tk
             dropped = load_E.new_zeros(()) if kept is None else 1.0 - kept.float().mean()
+            # experts that compute for a token, after drops (top_k when dropless)
+            per_token = load_E.new_tensor(float(routing.top_k)) if kept is None else kept.float().sum(-1).mean()
+            extra = {"experts_per_token": per_token}
+            if (bias_E := self.router.expert_bias_E) is not None:
+                extra["expert_bias_range"] = (bias_E.max() - bias_E.min()).float()
         z = router_z_loss(stats.logits_TE)
-        return MoEAux.build(lb, z, load_E, dropped, router_entropy(stats.probs_TE), self.router_cfg)
+        return MoEAux.build(lb, z, load_E, dropped, router_entropy(stats.probs_TE), self.router_cfg, extra)
 
 
 def moe_reference_forward(layer: MoELayer, x_BSD: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from sparse_train.models.transformer import Transformer, count_parameters, mater
 from sparse_train.parallel.runtime import DistributedRuntime, init_distributed
 from sparse_train.train import checkpoint as ckpt
 from sparse_train.train import faults, memory, sharded
+from sparse_train.train.collapse import CollapseWatch
 from sparse_train.train.engine import Engine
 from sparse_train.train.metrics import MetricsLogger
 from sparse_train.train.optim import build_optimizer, build_scheduler, load_scheduler_state
@@ -150,6 +151,7 @@ class Trainer:
         self.val_batches = validation_batches(self.data.val, self.cfg.data.seq_len, t.batch_size, t.eval_batches)
         self.step = 0
         self.skips = SkippedSteps(self.device)
+        self.collapse = CollapseWatch(self.cfg.router, self.log)
         self.nonfinite_total = 0  # as of the last read of self.skips
         if resume_path is not None:
             self._load(resume_path)
@@ -509,6 +511,7 @@ class Trainer:
                         loss=f"{record['loss']:.3f}", tok_s=f"{window_tokens / max(window_time, 1e-9):,.0f}"
                     )
                 if logged:
+                    self.collapse.check(self.step, record)
                     record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
                     window_tokens, window_time = 0, 0.0
                     self.metrics.log(record)

@@ -165,3 +165,35 @@ def test_hf_export_refuses_routing_its_formats_cannot_hold(overrides):
     with pytest.raises(ConfigError, match=overrides[0].split("=")[0]):
         export_arch(cfg)
     assert export_arch(load_config(None, ["moe.num_experts=8"])) == "MixtralForCausalLM"
+
+
+def test_collapse_warns_once_per_layer_after_the_configured_logged_steps():
+    from sparse_train.train.collapse import CollapseWatch
+
+    lines: list[str] = []
+    watch = CollapseWatch(RouterConfig(collapse_share=0.5, collapse_entropy=0.25, collapse_steps=2), lines.append)
+    healthy = {"moe/block0/expert_load": [0.25, 0.25, 0.3, 0.2], "loss": 1.0}
+    collapsed = {"moe/block0/expert_load": [0.85, 0.05, 0.05, 0.05], "moe/block1/expert_load": [0.3, 0.2, 0.25, 0.25]}
+    watch.check(1, collapsed)
+    watch.check(2, healthy)  # the streak restarts
+    watch.check(3, collapsed)
+    assert not lines
+    watch.check(4, collapsed)
+    watch.check(5, collapsed)
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith("warning: router collapse in block0 at step 4: the busiest expert takes 85%")
+
+
+def test_records_report_experts_per_token_and_the_bias_range(tmp_path):
+    from sparse_train.train.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("router.score=sigmoid", "router.bias_update_rate=0.05", "moe.capacity_factor=1.0")
+    trainer = Trainer(cfg, tmp_path, log=lambda m: None)
+    try:
+        trainer.train_step()
+        record = trainer.train_step()
+    finally:
+        trainer.close()
+    assert 0 < record["moe/block0/experts_per_token"] <= cfg.router.top_k  # capacity may drop some
+    assert record["moe/block0/expert_bias_range"] == pytest.approx(0.1)  # one step: +0.05 and -0.05
