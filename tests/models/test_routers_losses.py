@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from sparse_train.models.losses import load_balancing_loss, router_entropy, router_z_loss
 from sparse_train.config import RouterConfig
+from sparse_train.models.losses import load_balancing_loss, router_entropy, router_z_loss
 from sparse_train.models.routers import Routing, RoutingStats, TopKRouter, apply_capacity, expert_capacity
 
 
