@@ -144,9 +144,13 @@ class MoEConfig(Section):
 
 @dataclass
 class RouterConfig(Section):
-    type: Literal["topk", "topk_softmax"] = option(
-        "topk", "router kind: topk = token choice, each token picks its top_k experts (topk_softmax: the old name)"
+    type: Literal["topk", "sinkhorn", "topk_softmax"] = option(
+        "topk",
+        "router kind: topk = token choice, each token picks its top_k experts; sinkhorn = in training, the top_k "
+        "of a Sinkhorn-balanced transport plan over the data-parallel batch (plain top-k in evaluation); "
+        "topk_softmax: topk's old name",
     )
+    sinkhorn_iters: int = option(8, "Sinkhorn iterations per routing (fixed: no host read to test convergence)")
     top_k: int = option(2, "experts per token")
     score: Literal["softmax", "sigmoid"] = option(
         "softmax", "expert scores: softmax over the experts, or an independent sigmoid per expert (DeepSeek-V3)"
@@ -187,7 +191,9 @@ class RouterConfig(Section):
     def validate(self) -> None:
         _positive(self, "top_k")
         _non_negative(self, "aux_loss_coef", "z_loss_coef", "bias_update_rate")
-        _positive(self, "collapse_steps")
+        _positive(self, "collapse_steps", "sinkhorn_iters")
+        if self.type == "sinkhorn" and (self.num_groups is not None or self.bias_update_rate > 0):
+            raise ConfigError("type", "sinkhorn balances by itself: no router.num_groups or router.bias_update_rate")
         for name in ("collapse_share", "collapse_entropy"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(name, f"must be in (0, 1], got {getattr(self, name)}")

@@ -6,6 +6,7 @@ Shape legend: T tokens, D model width, E experts, k experts chosen per token.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -76,8 +77,39 @@ def group_limited_topk(scores_TE: torch.Tensor, top_k: int, num_groups: int, gro
     return scores_TE.masked_fill(~allowed_TE, float("-inf")).topk(top_k, dim=-1).indices
 
 
+TokenSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _local_sum(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def sinkhorn(logits_TE: torch.Tensor, iters: int, token_sum: TokenSum = _local_sum) -> torch.Tensor:
+    """The Sinkhorn-balanced transport plan of exp(logits) (Megatron-Core's form, a fixed number
+    of iterations): rows rescaled to mass 1/T each, columns to 1/E each, alternately. `token_sum`
+    sums a per-expert vector over every token of the batch: the identity on one process, an
+    all-reduce over the data-parallel ranks in a layout, so every layout balances the same batch.
+    Rows are shifted by their maximum first (the plan does not change; exp cannot overflow)."""
+    logits_TE = logits_TE.float()
+    cost_TE = torch.exp(logits_TE - logits_TE.max(dim=-1, keepdim=True).values)
+    T, E = cost_TE.shape
+    tokens = token_sum(torch.full((1,), float(T), device=cost_TE.device))  # a fill, not a host copy
+    d0_T = torch.ones(T, device=cost_TE.device)
+    d1_E = torch.ones(E, device=cost_TE.device)
+    eps = 1e-8
+    for _ in range(iters):
+        d0_T = 1.0 / tokens / (cost_TE @ d1_E + eps)
+        d1_E = (1.0 / E) / (token_sum(d0_T @ cost_TE) + eps)
+    return d1_E * cost_TE * d0_T.unsqueeze(1)
+
+
 def select_experts(
-    logits_TE: torch.Tensor, cfg: RouterConfig, *, expert_bias_E: torch.Tensor | None = None, training: bool = True
+    logits_TE: torch.Tensor,
+    cfg: RouterConfig,
+    *,
+    expert_bias_E: torch.Tensor | None = None,
+    training: bool = True,
+    token_sum: TokenSum = _local_sum,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k family's routing as a function: (weights_Tk fp32, experts_Tk int64).
 
@@ -85,16 +117,26 @@ def select_experts(
     expert_bias (the bias of aux-loss-free balancing picks experts and is never a weight),
     among each token's best groups when cfg.num_groups is set; weights = the chosen experts'
     scores, renormalised to sum to 1 when cfg.renormalize, times cfg.scaling_factor.
-    `training` is where routers that balance only in training (Sinkhorn) will differ."""
-    if cfg.type not in ("topk", "topk_softmax"):
-        raise ValueError(f"select_experts computes the top-k routers; router.type={cfg.type!r} is not one")
-    return _choose(expert_scores(logits_TE, cfg.score), cfg, expert_bias_E)
+
+    Sinkhorn (cfg.type): in training the experts are the top_k of the balanced plan of the
+    logits (sinkhorn, over the batch `token_sum` spans); in evaluation, of the scores."""
+    if cfg.type not in ("topk", "topk_softmax", "sinkhorn"):
+        raise ValueError(f"select_experts computes the top-k and Sinkhorn routers, not router.type={cfg.type!r}")
+    return _choose(logits_TE, expert_scores(logits_TE, cfg.score), cfg, expert_bias_E, training, token_sum)
 
 
 def _choose(
-    scores_TE: torch.Tensor, cfg: RouterConfig, expert_bias_E: torch.Tensor | None
+    logits_TE: torch.Tensor,
+    scores_TE: torch.Tensor,
+    cfg: RouterConfig,
+    expert_bias_E: torch.Tensor | None,
+    training: bool,
+    token_sum: TokenSum,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     selection_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E.float()
+    if cfg.type == "sinkhorn" and training:
+        with torch.no_grad():  # the plan picks; the scores weight and carry the gradient
+            selection_TE = sinkhorn(logits_TE.detach(), cfg.sinkhorn_iters, token_sum)
     if cfg.num_groups is not None:
         experts_Tk = group_limited_topk(selection_TE, cfg.top_k, cfg.num_groups, cfg.group_top_k)
     else:
@@ -130,6 +172,9 @@ class TopKRouter(nn.Module):
         self.cfg = cfg
         self.top_k = cfg.top_k
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        # Sinkhorn's sums over the batch's tokens: swapped for a data-parallel all-reduce by the
+        # parallel layer (never inside model code)
+        self.token_sum: TokenSum = _local_sum
         self.expert_bias_E: torch.Tensor | None
         if cfg.bias_update_rate > 0:
             self.register_buffer("expert_bias_E", torch.zeros(num_experts))
@@ -142,7 +187,10 @@ class TopKRouter(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
         scores_TE = expert_scores(logits_TE, self.cfg.score)
-        weights_Tk, experts_Tk = _choose(scores_TE, self.cfg, self.expert_bias_E)  # select_experts, scores kept
+        # select_experts, with the scores kept for the balancing loss
+        weights_Tk, experts_Tk = _choose(
+            logits_TE, scores_TE, self.cfg, self.expert_bias_E, self.training, self.token_sum
+        )
         if self.cfg.combine == "unit":
             weights_Tk = straight_through_one(weights_Tk)
         return Routing(experts_Tk, weights_Tk, RoutingStats(logits_TE, balancing_probs(scores_TE, self.cfg.score)))

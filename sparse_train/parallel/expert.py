@@ -71,6 +71,9 @@ def apply_expert_parallel(model: nn.Module, dims: ParallelDims, meshes: Meshes, 
     for layer in (m for m in model.modules() if isinstance(m, SparseFFN)):
         if isinstance(layer.count_sync, GlobalBatchCounts) and dp_group is not None:
             layer.count_sync.reduce_across_ranks = SumOverGroup(dp_group)
+        router = getattr(layer, "router", None)
+        if getattr(router, "token_sum", None) is not None and dp_group is not None:
+            router.token_sum = SumOverGroup(dp_group)  # Sinkhorn balances the whole data-parallel batch
         if dims.ep == 1 and dims.tp == 1:
             continue
         hooks = _tp_region(mesh) if dims.tp > 1 else (None, None)

@@ -79,6 +79,9 @@ LAYOUTS = {
     "hsdp2x2-ep2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"], []),
     "ep2-deepseek-router": (2, ["parallel.ep=2"], DEEPSEEK_ROUTER),
     "tp2-ep2-deepseek-router": (4, ["parallel.tp=2", "parallel.ep=2"], DEEPSEEK_ROUTER),
+    # Sinkhorn balances the whole data-parallel batch: the same plan as one process
+    "ep2-sinkhorn": (2, ["parallel.ep=2"], ["router.type=sinkhorn", "router.renormalize=false"]),
+    "tp2-ep2-sinkhorn": (4, ["parallel.tp=2", "parallel.ep=2"], ["router.type=sinkhorn", "router.renormalize=false"]),
     # FFF trees: leaves sharded over EP ranks like experts, node neurons replicated
     "fff-hard-ep2": (2, ["parallel.ep=2"], [*FFF, "fff.mode=hard", "fff.master_leaf=true"]),
     "fff-topk-ep2-gelu": (2, ["parallel.ep=2"], [*FFF, "fff.mode=topk_paths", "fff.leaf_activation=gelu"]),

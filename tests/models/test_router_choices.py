@@ -142,6 +142,8 @@ def test_training_moves_the_bias_toward_balance_and_checkpoints_keep_it(tmp_path
         (["router.score=sigmoid", "router.top_k=1"], "router.renormalize"),
         (["router.bias_update_rate=-1"], "router.bias_update_rate"),
         (["router.scaling_factor=0"], "router.scaling_factor"),
+        (["router.type=sinkhorn", "router.bias_update_rate=0.01"], "router.type"),
+        (["router.sinkhorn_iters=0"], "router.sinkhorn_iters"),
     ],
 )
 def test_invalid_router_combinations_are_one_line_errors(overrides, message):
@@ -197,3 +199,31 @@ def test_records_report_experts_per_token_and_the_bias_range(tmp_path):
         trainer.close()
     assert 0 < record["moe/block0/experts_per_token"] <= cfg.router.top_k  # capacity may drop some
     assert record["moe/block0/expert_bias_range"] == pytest.approx(0.1)  # one step: +0.05 and -0.05
+
+
+def test_sinkhorn_plan_and_selection_match_megatron_core(moe_utils):
+    from sparse_train.models.routers import sinkhorn
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 8) * 2
+    plan = sinkhorn(logits, iters=200)
+    torch.testing.assert_close(plan, moe_utils.sinkhorn(logits), rtol=2e-3, atol=1e-6)  # Megatron: to tol 1e-4
+    torch.testing.assert_close(plan.sum(0), torch.full((8,), 1 / 8), rtol=1e-4, atol=0)  # balanced columns
+    cfg = RouterConfig(type="sinkhorn", top_k=2, renormalize=False, sinkhorn_iters=200)
+    weights, experts = select_experts(logits, cfg, training=True)
+    assert torch.equal(experts, moe_utils.sinkhorn(logits).topk(2, dim=1).indices)
+    torch.testing.assert_close(weights, logits.softmax(-1).gather(1, experts))  # the scores weight
+    _, eval_experts = select_experts(logits, cfg, training=False)
+    assert torch.equal(eval_experts, logits.softmax(-1).topk(2, dim=1).indices)  # plain top-k in evaluation
+
+
+def test_sinkhorn_balances_a_skewed_router():
+    from sparse_train.models.routers import sinkhorn
+
+    logits = torch.randn(256, 8)
+    logits[:, 0] += 4.0  # every token prefers expert 0
+    _, plain = select_experts(logits, RouterConfig(top_k=1, renormalize=False))
+    _, balanced = select_experts(logits, RouterConfig(type="sinkhorn", top_k=1, renormalize=False), training=True)
+    assert (plain == 0).float().mean() > 0.9
+    assert (balanced == 0).float().mean() < 0.3
+    assert sinkhorn(logits, 8).shape == logits.shape
