@@ -2,8 +2,10 @@
 
 One JSON object per kernel x configuration x dtype x target (sparse_train/kernels/aot.py does the
 compiling): shared memory and the target's per-block limit, warps, stages, registers and spills
-where the compiler reports them (null where not), and `problems`, empty when the configuration
-fits its target. Without --json a summary per kernel and target follows on stderr.
+where the compiler reports them (null where not), `selectable` (false: the launcher's autotuner
+prunes this configuration on this target, as spilling; it is compiled and reported all the same),
+and `problems`, empty when the configuration fits its target. Without --json a summary per kernel
+and target follows on stderr.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ SUMMARY_COLUMNS = (
     "limit",
     "max registers",
     "spilling configs",
+    "pruned",
     "problems",
 )
 
@@ -43,7 +46,8 @@ def run(targets: list[str], dtypes: list[str], *, quick: bool, jobs: int | None,
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per kernel and target: the largest shared memory and register count over its
-    configurations and dtypes, the configurations that spill, and the count with any problem."""
+    configurations and dtypes, the configurations that spill, those the autotuner prunes there,
+    and the count with any problem."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["kernel"], row["target"]), []).append(row)
@@ -64,6 +68,7 @@ def _summary(kernel: str, target: str, group: list[dict[str, Any]]) -> dict[str,
         "limit": _kib(group[0]["shared_limit"]),
         "max registers": max(registers, default=None),
         "spilling configs": f"{len(spilling)} (max {max(_spill(r) for r in spilling)} B)" if spilling else "0",
+        "pruned": sum(1 for r in group if not r.get("selectable", True)),
         "problems": sum(1 for r in group if aot.problems(r)),
     }
 

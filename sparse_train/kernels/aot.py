@@ -7,7 +7,10 @@ reports each compiled kernel's resources: shared memory against the target's per
 registers and spills. It says nothing about the numbers the compiled code computes, nor its speed.
 
 What is compiled comes from the launchers in triton_kernels.py: their autotune lists and block
-constants are imported, not copied, so a configuration added there is compiled here too.
+constants are imported, not copied, so a configuration added there is compiled here too. The
+grouped GEMM's autotuner prunes, per target, the configurations listed as spilling there
+(triton_kernels.SPILLING_CONFIGS_FILE); the matrix still compiles them, marked not `selectable`,
+so the table is checked against what the compiler reports (`problems`).
 
 The compiler runs in worker processes started without TRITON_INTERPRET. Under the interpreter,
 triton.language's own jit helpers (`tl.zeros`, ...) are interpreted functions: the compiler calls
@@ -80,6 +83,8 @@ class Case:
     scalars: dict[str, int] = dataclasses.field(compare=False, hash=False)  # integer arguments of a typical launch
     constexprs: dict[str, Any] = dataclasses.field(compare=False, hash=False)
     options: dict[str, int] = dataclasses.field(compare=False, hash=False)  # num_warps/num_stages; {} = defaults
+    # False: the launcher's autotuner prunes this configuration on this target (listed as spilling)
+    selectable: bool = dataclasses.field(default=True, compare=False, hash=False)
 
     @property
     def key(self) -> str:
@@ -126,23 +131,35 @@ def _gmm_scalars(trans_w: bool) -> dict[str, int]:
     return {"N": N, "K": K, "stride_am": K, "stride_ak": 1, **weights, "stride_cm": N, "stride_cn": 1}
 
 
+def gmm_flags(flags: dict[str, bool], trans_w: bool) -> dict[str, bool]:
+    """A case's flags as triton_kernels' labels and pruning take them."""
+    names = ("GATHER_A", "SCATTER_C", "FP32_IEEE")
+    return {name.lower(): flags[name] for name in names} | {"trans_w": trans_w}
+
+
 def _gmm_cases(dtype: str, target: str) -> Iterator[Case]:
     """Every autotune configuration of the launcher's list for the target's backend (a caller's
-    block_sizes skip autotuning: only the interpreter tests pass them)."""
+    block_sizes skip autotuning: only the interpreter tests pass them), each marked selectable or
+    not by the autotuner's own pruning on that target. Where the pruning would leave nothing the
+    autotuner keeps every configuration, and so do these cases: their spills then fail the tests."""
     from sparse_train.kernels import triton_kernels as tk
 
     configs = tk.GMM_CONFIGS[TARGETS_BY_NAME[target].backend]
     # Backward GEMMs of 16-bit operands may write fp32 (out_dtype), others the operands' dtype.
     outputs = dict.fromkeys([dtype, "fp32"])
-    choices = itertools.product(configs, outputs, (False, True), _flag_sets(("GATHER_A", "SCATTER_C"), dtype))
-    for config, out, trans_w, flags in choices:
-        pointers = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{out}", **_GMM_INDEX_POINTERS}
-        blocks = _blocks_label(config.kwargs, ("BLOCK_N", "BLOCK_K"))
-        label = f"autotune {blocks} w{config.num_warps} s{config.num_stages} {_flag_label(flags)}"
-        label += " trans_w" * trans_w + f" out {out}" * (out != dtype)
-        constexprs = {**flags, "BLOCK_M": tk.DEFAULT_BLOCK_M, **config.kwargs}
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        yield Case("grouped_gemm", label, dtype, target, pointers, _gmm_scalars(trans_w), constexprs, options)
+    choices = itertools.product(outputs, (False, True), _flag_sets(("GATHER_A", "SCATTER_C"), dtype))
+    for out, trans_w, flags in choices:
+        labelled = gmm_flags(flags, trans_w)
+        selectable = tk.non_spilling_gmm_configs(configs, target, dtype, out, **labelled) or configs
+        for config in configs:
+            pointers = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{out}", **_GMM_INDEX_POINTERS}
+            label = tk.gmm_config_label(config, dtype, out, **labelled)
+            constexprs = {**flags, "BLOCK_M": tk.DEFAULT_BLOCK_M, **config.kwargs}
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            scalars = _gmm_scalars(trans_w)
+            yield Case(
+                "grouped_gemm", label, dtype, target, pointers, scalars, constexprs, options, config in selectable
+            )
 
 
 def _gmm_dw_cases(dtype: str, target: str) -> Iterator[Case]:
@@ -188,10 +205,12 @@ def cases(targets: Iterable[str] | None = None, dtypes: Iterable[str] = DTYPES) 
 
 
 def representative_cases(targets: Iterable[str] | None = None) -> list[Case]:
-    """Each kernel once per target, in bf16 (the training dtype), in its configuration with the
-    most shared memory (fp32 would be larger still; the full matrix has it)."""
+    """Each kernel once per target, in bf16 (the training dtype), in its selectable configuration
+    with the most shared memory (fp32 would be larger still; the full matrix has it)."""
     chosen: dict[tuple[str, str], Case] = {}
     for case in cases(targets, dtypes=("bf16",)):
+        if not case.selectable:
+            continue
         best = chosen.get((case.kernel, case.target))
         if best is None or _shared_estimate(case) > _shared_estimate(best):
             chosen[(case.kernel, case.target)] = case
@@ -251,6 +270,7 @@ def compile_case(case: Case) -> dict[str, Any]:
     target = TARGETS_BY_NAME[case.target]
     start = time.perf_counter()
     row: dict[str, Any] = {"kernel": case.kernel, "config": case.config, "dtype": case.dtype, "target": case.target}
+    row["selectable"] = case.selectable
     row |= {"gpu": target.gpu, "shared_limit": target.shared_limit}
     try:
         compiled, ptxas_log = _compile(case, target)
@@ -398,18 +418,39 @@ def _worker_main() -> None:
 
 
 # ---- checks --------------------------------------------------------------------------------------
+COMPILE_PROBLEM, SHARED_PROBLEM, SPILL_PROBLEM, STALE_PROBLEM = (
+    "does not compile",
+    "shared memory",
+    "spills registers",
+    "pruned as spilling but does not spill",
+)
+
+
+def spills(row: dict[str, Any]) -> bool:
+    return bool(row.get("spill_stores") or row.get("spill_loads"))
+
+
 def problems(row: dict[str, Any]) -> list[str]:
     """Why a compiled case could not run well on its target: no compile, too much shared memory,
-    spilled registers. Empty when fine."""
+    spilled registers in a selectable configuration; or a configuration pruned as spilling that
+    does not spill (a stale line of the spilling table). Empty when fine. A pruned configuration
+    that spills is fine: the autotuner never tries it there."""
     if not row["ok"]:
-        return [f"does not compile: {row['error']}"]
+        return [f"{COMPILE_PROBLEM}: {row['error']}"]
     found = []
     if row["shared"] > row["shared_limit"]:
-        found.append(f"shared memory {row['shared']} B > {row['shared_limit']} B per block")
-    spills = [row.get("spill_stores"), row.get("spill_loads")]
-    if any(s for s in spills):
-        found.append(f"spills registers (stores {spills[0]}, loads {spills[1]})")
+        found.append(f"{SHARED_PROBLEM} {row['shared']} B > {row['shared_limit']} B per block")
+    selectable = row.get("selectable", True)
+    if selectable and spills(row):
+        found.append(f"{SPILL_PROBLEM} (stores {row.get('spill_stores')}, loads {row.get('spill_loads')})")
+    if not selectable and not spills(row):
+        found.append(f"{STALE_PROBLEM} (remove it from spilling_configs.txt)")
     return found
+
+
+def cannot_run(row: dict[str, Any]) -> bool:
+    """Does not compile or does not fit its target's shared memory."""
+    return any(p.startswith((COMPILE_PROBLEM, SHARED_PROBLEM)) for p in problems(row))
 
 
 def describe(row: dict[str, Any]) -> str:

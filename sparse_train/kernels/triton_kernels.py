@@ -16,7 +16,12 @@ with an upper bound on the tile count, so launching needs no device-to-host sync
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 import triton
@@ -128,8 +133,99 @@ _GMM_CONFIGS_HIP = [
     triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=min(c.num_stages, 2)) for c in _GMM_CONFIGS
 ]
 GMM_CONFIGS = {"cuda": _GMM_CONFIGS, "hip": _GMM_CONFIGS_HIP}  # by triton backend
+
+# Configurations that spill registers on a target, for a dtype and flags, as compiled ahead of time
+# (sparse_train/kernels/aot.py): one "grouped_gemm | configuration | dtype | target" a line, the AOT
+# matrix's own case names. The autotuner never tries them there (_prune_spilling_gmm_configs); the
+# full AOT test fails on a spill of any configuration not listed, and on a listed one that no longer
+# spills or that the matrix does not have, so the file is exactly the set of spilling configurations.
+SPILLING_CONFIGS_FILE = Path(__file__).with_name("spilling_configs.txt")
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@functools.cache
+def spilling_gmm_configs() -> frozenset[str]:
+    lines = SPILLING_CONFIGS_FILE.read_text().splitlines()
+    return frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
+def gmm_config_label(
+    config: triton.Config,
+    dtype: str,
+    out_dtype: str,
+    *,
+    trans_w: bool,
+    gather_a: bool,
+    scatter_c: bool,
+    fp32_ieee: bool,
+) -> str:
+    """An autotune configuration of the grouped GEMM with a launch's flags, as the AOT matrix and
+    the spilling table name it: "autotune 128x32 w4 s3 gather_a fp32_ieee trans_w out fp32"."""
+    on = [name for name, value in (("gather_a", gather_a), ("scatter_c", scatter_c), ("fp32_ieee", fp32_ieee)) if value]
+    blocks = f"{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}"
+    label = f"autotune {blocks} w{config.num_warps} s{config.num_stages} {' '.join(on) or 'plain'}"
+    return label + " trans_w" * trans_w + f" out {out_dtype}" * (out_dtype != dtype)
+
+
+def non_spilling_gmm_configs(
+    configs: Iterable[triton.Config], target: str, dtype: str, out_dtype: str, **flags: bool
+) -> list[triton.Config]:
+    """`configs` without those listed as spilling on `target` (sm_80, gfx942, ...) for these
+    dtypes and flags (trans_w, gather_a, scatter_c, fp32_ieee); may be empty (the tests check
+    that no case of the AOT matrix leaves none)."""
+    table = spilling_gmm_configs()
+    return [
+        c
+        for c in configs
+        if f"grouped_gemm | {gmm_config_label(c, dtype, out_dtype, **flags)} | {dtype} | {target}" not in table
+    ]
+
+
+@functools.cache
+def _device_target(index: int) -> str:
+    """The compile target of a GPU as the AOT matrix names it: sm_<major><minor> (Triton's CUDA
+    arch, capability 8.0 -> sm_80, 12.1 -> sm_121), or the gfx architecture on ROCm."""
+    if torch.version.hip:
+        return torch.cuda.get_device_properties(index).gcnArchName.split(":")[0]
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def running_target(device: torch.device) -> str:
+    return _device_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _prune_spilling_gmm_configs(
+    configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+) -> list[triton.Config]:
+    """The autotuner's early_config_prune: Triton passes the positional arguments by name (the
+    tensors, integers and strides) and the keyword ones (the constexpr flags). trans_w is w's K
+    stride being 1, as in a launch with trans_w=True: Triton specialises a stride of 1 into the
+    code, so that, not the launcher's argument, decides what compiles. Where every configuration
+    would be pruned the list stays whole, with a warning (the AOT tests fail on such a table)."""
+    a, c = named_args["a_ptr"], named_args["c_ptr"]
+    dtype, out_dtype = DTYPE_NAMES.get(a.dtype, str(a.dtype)), DTYPE_NAMES.get(c.dtype, str(c.dtype))
+    flags = {"gather_a": bool(kwargs["GATHER_A"]), "scatter_c": bool(kwargs["SCATTER_C"])}
+    flags |= {"fp32_ieee": bool(kwargs["FP32_IEEE"]), "trans_w": named_args["stride_bk"] == 1}
+    target = running_target(a.device)
+    kept = non_spilling_gmm_configs(configs, target, dtype, out_dtype, **flags)
+    if not kept:
+        warnings.warn(
+            f"{SPILLING_CONFIGS_FILE.name} lists every grouped GEMM configuration as spilling on {target} "
+            f"for {dtype} -> {out_dtype} {flags}: autotuning over all of them",
+            stacklevel=2,
+        )
+        return list(configs)
+    return kept
+
+
+# The autotune key: besides N and K, every input of the pruning (the tensors' dtypes are in every
+# key by Triton's rule), so one launch's choice is never reused where it is pruned.
+_GMM_KEY = ["N", "K", "GATHER_A", "SCATTER_C", "FP32_IEEE", "stride_bk"]
 _gmm_autotuned = {
-    backend: triton.autotune(configs=configs, key=["N", "K", "GATHER_A", "SCATTER_C"])(_gmm_kernel)
+    backend: triton.autotune(
+        configs=configs, key=_GMM_KEY, prune_configs_by={"early_config_prune": _prune_spilling_gmm_configs}
+    )(_gmm_kernel)
     for backend, configs in GMM_CONFIGS.items()
 }
 
