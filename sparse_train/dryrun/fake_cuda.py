@@ -151,10 +151,20 @@ def patched(devices: int) -> Iterator[None]:
         moved = real_tensor(data, dtype=dtype).to(device)
         return moved.requires_grad_() if requires_grad else moved
 
+    real_new_tensor = torch.Tensor.new_tensor
+
+    def new_tensor(self, data, *, dtype=None, device=None, requires_grad=False, **kwargs):
+        target = torch.device(device) if device is not None else self.device
+        if target.type != "cuda":
+            return real_new_tensor(self, data, dtype=dtype, device=device, requires_grad=requires_grad, **kwargs)
+        moved = real_tensor(data, dtype=dtype or self.dtype).to(target)  # as torch.tensor above
+        return moved.requires_grad_() if requires_grad else moved
+
     rng_state = torch.zeros(16, dtype=torch.uint8)
     stream = _Stream()
     patches = [
         mock.patch("torch.tensor", tensor),
+        mock.patch.object(torch.Tensor, "new_tensor", new_tensor),
         mock.patch("torch.cuda.is_available", lambda: True),
         mock.patch("torch.cuda.device_count", lambda: devices),
         mock.patch("torch.cuda.current_device", lambda: current.index),

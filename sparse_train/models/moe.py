@@ -131,7 +131,7 @@ class MoELayer(SparseFFN):
             kept = routing.kept_Tk
             dropped = load_E.new_zeros(()) if kept is None else 1.0 - kept.float().mean()
             # experts that compute for a token, after drops (top_k when dropless)
-            per_token = load_E.new_tensor(float(routing.top_k)) if kept is None else kept.float().sum(-1).mean()
+            per_token = load_E.new_full((), routing.top_k) if kept is None else kept.float().sum(-1).mean()
             extra = {"experts_per_token": per_token}
             if (bias_E := self.router.expert_bias_E) is not None:
                 extra["expert_bias_range"] = (bias_E.max() - bias_E.min()).float()

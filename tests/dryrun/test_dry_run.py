@@ -36,7 +36,11 @@ CHILD = textwrap.dedent(
         dist.all_reduce(torch.zeros(()))  # planted: a CPU tensor, made in the step, to a collective
         return original(self, *args, **kwargs)
 
-    PLANTS = {"host read": read_the_norm, "cpu collective": reduce_on_the_cpu}
+    def tensor_from_python(self, *args, **kwargs):
+        norm = original(self, *args, **kwargs)
+        return norm * torch.tensor(1.0, device=norm.device)  # planted: host data copied in every step
+
+    PLANTS = {"host read": read_the_norm, "cpu collective": reduce_on_the_cpu, "host data": tensor_from_python}
     for world, overrides, plant in json.loads(sys.argv[1]):
         Engine.clip_grad_norm = PLANTS[plant] if plant else original
         print(json.dumps(dry_run(tiny_config(*overrides), world, 0).as_dict()), flush=True)
@@ -84,8 +88,8 @@ def _assert_clean(report: dict, name: str) -> None:
 @pytest.mark.slow
 def test_expert_parallel_step_is_clean_and_planted_failures_are_named():
     world, overrides = LAYOUTS["ep8"]
-    clean, host_read, cpu_collective = _dry_runs(
-        [(world, overrides, None), (world, overrides, "host read"), (world, overrides, "cpu collective")]
+    clean, host_read, cpu_collective, host_data = _dry_runs(
+        [(world, overrides, plant) for plant in (None, "host read", "cpu collective", "host data")]
     )
     _assert_clean(clean, "ep8")
     assert clean["collectives"]["train step"]["c10d::alltoall_base_"] > 0  # tokens moved between 8 ranks
@@ -103,6 +107,11 @@ def test_expert_parallel_step_is_clean_and_planted_failures_are_named():
     # a CPU collective is wrong in every step, reported or not; creating the tensor only where unreported
     assert {line.split(": ")[0] for line in cpu_collective["findings"]} == {"first step", "train step", "reported step"}
     assert all("in _train_step" in line for line in cpu_collective["findings"]), cpu_collective["findings"]
+
+    assert host_data["findings"] == [
+        "train step: cpu tensor: aten::lift_fresh creates a CPU tensor at sparse_train/train/trainer.py:"
+        + host_data["findings"][0].split("trainer.py:")[1]
+    ], host_data["findings"]
 
 
 @pytest.mark.slow
