@@ -64,7 +64,7 @@ CASES = {
         (2, ["parallel.dp_shard=2"]),
     ),
 }
-FAST = {"moe-ep2-to-one-process", "fff-one-process-to-ep2"}  # 2 and 1 processes: the 4-process cases are slow
+FAST = {"moe-ep2-to-one-process"}  # one 2-process case in `make test`; the others (FFF, 4 processes) are slow
 
 
 @pytest.mark.parametrize("case", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow]) for n in CASES])

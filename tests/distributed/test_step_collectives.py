@@ -70,7 +70,8 @@ def _step_collectives(cfg, run_dir: str, data) -> dict[str, dict[str, int]]:
 LAYOUTS = {"ep2": (2, ["parallel.ep=2"]), "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"])}
 
 
-@pytest.mark.parametrize("layout", [pytest.param("ep2"), pytest.param("tp2-ep2", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 13 s and more: `make test` stays under 4 minutes
+@pytest.mark.parametrize("layout", ["ep2", "tp2-ep2"])
 def test_step_collectives_do_not_grow_with_depth(layout, tmp_path):
     world, parallel = LAYOUTS[layout]
     counts = {}
