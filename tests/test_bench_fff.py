@@ -44,6 +44,7 @@ def test_fastfeedforward_peer_gets_identical_weights_and_the_difference_can_fail
         assert leaf0.any()
 
 
+@pytest.mark.slow  # `make test` stays under 4 minutes
 def test_fff_infer_cli_prints_one_object_per_case(capsys):
     assert (
         main(

@@ -33,6 +33,7 @@ def _bench(tmp_path: Path, capsys, nproc: int, *extra: str) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
+@pytest.mark.slow  # `make test` stays under 4 minutes
 def test_bench_memory_prints_each_ranks_measured_and_predicted_memory(tmp_path, capsys):
     (row,) = _bench(tmp_path, capsys, 1)
     assert FIELDS <= set(row) and row["rank"] == 0 and row["layout"] == "one process"

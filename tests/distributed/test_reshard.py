@@ -89,6 +89,7 @@ def test_a_checkpoint_resumes_in_another_layout_as_the_uninterrupted_run(case, t
     assert ref_losses[TOTAL] < ref_losses[1], "the reference run must actually train"
 
 
+@pytest.mark.slow  # `make test` stays under 4 minutes
 def test_the_optimizer_state_reshards_too(tmp_path):
     """Adam's moments saved at ep=2 equal the single-process run's, read back whole."""
     data = _data()

@@ -72,6 +72,7 @@ def test_init_from_errors_are_one_line(byte_vocab_llama, tmp_path, capsys):
     assert "--init-from: blocks.0.attn.wk.weight has shape" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # `make test` stays under 4 minutes
 def test_a_checkpoints_own_tokenizer_reads_the_training_data(hf_dir, tmp_path):
     from sparse_train.data.tokenizer import HFTokenizer
     from tests.upcycle.conftest import save_tiny_tokenizer
