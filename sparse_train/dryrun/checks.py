@@ -118,7 +118,10 @@ class Checks(TorchDispatchMode):
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if phase is not None and name.startswith(("c10d::", "_c10d_functional::")) and "wait_tensor" not in name:
             self.collectives[(phase.name, name)] += 1
-            for device in {t.device.type for t in tensors} - phase.collective_devices:
+            # a barrier's tensor is made by the backend itself, on a device it serves (NCCL: the
+            # current CUDA device); under the fake group it is a CPU one, not the caller's doing
+            checked = [] if name == "c10d::barrier" else tensors
+            for device in {t.device.type for t in checked} - phase.collective_devices:
                 self.report("collective device", f"{name} on a {device} tensor")
         out = func(*args, **kwargs)
         if phase is not None and not phase.cpu_tensors_allowed:

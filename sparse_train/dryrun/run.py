@@ -11,9 +11,12 @@ layout, this rank's shards materialised as fake CUDA tensors), and runs, op by o
                       host read and no CPU tensor is allowed, and collectives only on the device
     reported step     the same with its metrics reduced and read (a logging step)
     evaluation        the validation forward and its reduced loss
-    checkpoint save   the trainer's save: the non-finite check, the state dicts DCP would write,
-                      the digests gathered and the manifest; only the shards' bytes are not
-                      written (fake tensors have none)
+    checkpoint save   the trainer's save: the non-finite check, the state dicts, DCP's save
+                      planning, the digests gathered and the manifest; only the shards' bytes
+                      are not written (fake tensors have none: dryrun.shards keeps the index)
+    resume            a new trainer resuming from that checkpoint: the checks of its files,
+                      the ranks' agreement, DCP's load planning and the state dicts' setters
+    init from         a fresh trainer started from that checkpoint's weights (`--init-from RUN`)
 
 Routing is balanced where the real split sizes are data-dependent (dryrun.balanced).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +41,9 @@ from sparse_train.config import Config, compose_config
 from sparse_train.data.dataset import TokenData
 from sparse_train.dryrun import balanced, fake_cuda
 from sparse_train.dryrun.checks import Checks, Finding, served_devices, traceback_site
+from sparse_train.dryrun.shards import ShardsInMemory, load_without_collectives
 from sparse_train.parallel.dims import ParallelDims
-from sparse_train.parallel.runtime import process_group_backend
+from sparse_train.parallel.runtime import DistributedRuntime, process_group_backend
 from sparse_train.train import checkpoint as ckpt
 from sparse_train.train import sharded
 
@@ -104,7 +109,7 @@ def _fake_world(world: int, rank: int, devices_per_node: int):
     try:
         yield
     finally:
-        if dist.is_initialized():  # Trainer.close() ends it
+        if dist.is_initialized():
             dist.destroy_process_group()
         for k, v in saved.items():
             if v is None:
@@ -126,6 +131,7 @@ def dry_run(
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
     from sparse_train.train.trainer import Trainer
+    from sparse_train.train.weights import CheckpointWeights
 
     backend = backend or process_group_backend(device)
     report = DryRunReport(world=world, rank=rank, device=device, backend=backend)
@@ -139,8 +145,21 @@ def dry_run(
     patches.enter_context(mock.patch("torch.distributed.all_gather_object", _all_gather_object_locally))
     patches.enter_context(mock.patch("torch.distributed.broadcast_object_list", _broadcast_object_list_locally))
     patches.enter_context(mock.patch("torch.distributed.gather_object", _gather_object_locally))
-    patches.enter_context(mock.patch.object(sharded, "save", _collect_shards))
+    shards = ShardsInMemory()
+    patches.enter_context(mock.patch.object(sharded, "save", shards.save))
+    patches.enter_context(mock.patch.object(sharded, "save_async", shards.save_async))
+    patches.enter_context(mock.patch.object(sharded, "_reader", shards.reader))
+    patches.enter_context(mock.patch.object(sharded, "stored_tensors", shards.stored_tensors))
+    patches.enter_context(mock.patch.object(sharded.dcp, "load", load_without_collectives(sharded.dcp.load)))
+    # one fake process group for the three trainers of the run; _fake_world ends it
+    patches.enter_context(mock.patch.object(DistributedRuntime, "close", lambda self: None))
     patches.enter_context(mock.patch.object(ckpt, "_side_files", _side_files_of_real_values(ckpt._side_files)))
+    patches.enter_context(
+        mock.patch.object(ckpt, "read_trainer_state", _trainer_state_of_this_process(ckpt.read_trainer_state))
+    )
+    patches.enter_context(warnings.catch_warnings())
+    # the resumed numpy RNG state is converted from a fake tensor: garbage of the right size, harmless here
+    warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
     patches.enter_context(
         mock.patch.object(ParallelDims, "build_meshes", fake_cuda.real_values(ParallelDims.build_meshes))
     )
@@ -149,26 +168,43 @@ def dry_run(
     data = synthetic_data(cfg.data.seq_len, cfg.train.batch_size * cfg.train.grad_accum)
     with tempfile.TemporaryDirectory(prefix="sparse-train-dry-run-") as run_dir:
         with _fake_world(world, rank, devices_per_node), patches:
-            trainer: Trainer | None = None
+            trainers: list[Trainer] = []
+            saved: list[Path] = []
+
+            def start(**kwargs: Any) -> Trainer:
+                trainer = Trainer(cfg, kwargs.pop("run_dir", Path(run_dir)), data=data, log=lambda msg: None, **kwargs)
+                trainers.append(trainer)
+                return trainer
 
             def build() -> None:
-                nonlocal trainer
-                trainer = Trainer(cfg, Path(run_dir), data=data, log=lambda msg: None)
+                trainer = start()
                 report.layout = trainer.layout()
                 balanced.install(trainer.model)
                 report.local_parameters = sum(_local_numel(p) for p in trainer.model.parameters())
+                shards.whole_model = _whole_model(trainer.cfg)
 
             def evaluate() -> None:
-                trainer.engine.evaluate(trainer.val_batches, trainer.autocast)
+                trainers[0].engine.evaluate(trainers[0].val_batches, trainers[0].autocast)
+
+            def save() -> None:
+                trainer = trainers[0]
+                # No other process writes the main rank's part (manifest, side files): this one does.
+                trainer.is_main = True
+                trainer.save()
+                trainer.wait_for_checkpoint()
+                saved.append(trainer.checkpoints_dir / ckpt.step_dir_name(trainer.step))
 
             phases = [  # name, what runs, host reads allowed, devices collectives may use, CPU tensors allowed
                 ("build", build, True, served, True),
                 # one-time set-up (a pipeline's shape vote, the optimizer's state) may read, once
-                ("first step", lambda: trainer.train_step(report=False), True, on_device, True),
-                ("train step", lambda: trainer.train_step(report=False), False, on_device, False),
-                ("reported step", lambda: trainer.train_step(report=True), True, on_device, True),
+                ("first step", lambda: trainers[0].train_step(report=False), True, on_device, True),
+                ("train step", lambda: trainers[0].train_step(report=False), False, on_device, False),
+                ("reported step", lambda: trainers[0].train_step(report=True), True, on_device, True),
                 ("evaluation", evaluate, True, on_device, True),
-                ("checkpoint save", lambda: trainer.save(), True, served, True),
+                ("checkpoint save", save, True, served, True),
+                ("resume", lambda: start(resume=str(saved[0])), True, served, True),
+                ("init from", lambda: start(run_dir=Path(run_dir) / "init-from",
+                                            init_weights=CheckpointWeights(saved[0])), True, served, True),
             ]  # fmt: skip
             with FakeTensorMode(allow_non_fake_inputs=True), checks:
                 for name, run, reads, devices, cpu_tensors in phases:
@@ -182,7 +218,7 @@ def dry_run(
                         )
                         break
                     report.phases.append(name)
-            if trainer is not None:
+            for trainer in trainers:
                 trainer.close()
     report.findings = list(checks.findings)
     report.host_reads = dict(checks.host_reads)
@@ -210,12 +246,6 @@ def _broadcast_object_list_locally(object_list: list[Any], *args: Any, **kwargs:
     """broadcast_object_list on a fake group: every rank keeps its own objects (see above)."""
 
 
-def _collect_shards(tmp: Path, weights: dict, optim_state: dict | None, distributed: bool) -> dict:
-    """sharded.save in the dry run: the state dicts are collected (by the caller), their bytes
-    not written; no file, so no digest."""
-    return {}
-
-
 def _side_files_of_real_values(side_files):
     """checkpoint._side_files for the dry run: the trainer state holds fake tensors (its RNG
     states, made under fake mode), which cannot be pickled; zeros of their shape are."""
@@ -232,10 +262,34 @@ def _side_files_of_real_values(side_files):
     return call
 
 
+def _trainer_state_of_this_process(read_trainer_state):
+    """checkpoint.read_trainer_state for the dry run: real tensors (fake mode off), and this
+    process's own torch RNG state in place of the saved one (zeros: see above), which the
+    generator would not take."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    def call(path: Path) -> dict[str, Any]:
+        with unset_fake_temporarily():
+            state = read_trainer_state(path)
+            state["rng"]["torch"] = torch.get_rng_state()
+        return state
+
+    return call
+
+
 def _gather_object_locally(obj: Any, object_gather_list: list[Any] | None = None, *args: Any, **kwargs: Any) -> None:
     """gather_object on a fake group: the destination's slots get its own object (see above)."""
     if object_gather_list is not None:
         object_gather_list[:] = [obj] * len(object_gather_list)
+
+
+def _whole_model(cfg: Config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every tensor of the model's state dict, from a model without storage."""
+    from sparse_train.models.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff)
+    return {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
 
 
 def _local_numel(t: torch.Tensor) -> int:

@@ -72,6 +72,7 @@ class MoELayer(SparseFFN):
         shared_hidden = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
         self.shared_experts = SwiGLU(d_model, shared_hidden) if shared_hidden else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if moe.shared_expert_gate else None
+        self.bias_counts_E: torch.Tensor | None = None  # this step's selections, for the aux-free bias
 
     def route(self, x_TD: torch.Tensor) -> Routing:
         routing = self.router(x_TD)
@@ -95,12 +96,11 @@ class MoELayer(SparseFFN):
     def _count_for_bias(self, experts_Tk: torch.Tensor) -> None:
         """Add this micro-batch's selections per expert to the step's counts (on the device)."""
         counts_E = expert_counts(experts_Tk, self.num_experts).float()
-        self.bias_counts_E = counts_E if getattr(self, "bias_counts_E", None) is None else self.bias_counts_E + counts_E
+        self.bias_counts_E = counts_E if self.bias_counts_E is None else self.bias_counts_E + counts_E
 
     def take_bias_counts(self) -> torch.Tensor:
         """The step's selections per expert on this rank (zeros if none), and a fresh start."""
-        counts_E = getattr(self, "bias_counts_E", None)
-        self.bias_counts_E = None
+        counts_E, self.bias_counts_E = self.bias_counts_E, None
         if counts_E is None:
             return torch.zeros(self.num_experts, device=self.router.weight.device)
         return counts_E

@@ -296,7 +296,7 @@ def save_async(
     return AsyncShards(directory, writes)
 
 
-def _tensors_of(metadata: Metadata) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def tensors_of(metadata: Metadata) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {
         current_name(key): (tuple(meta.size), meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -307,7 +307,7 @@ def _tensors_of(metadata: Metadata) -> dict[str, tuple[tuple[int, ...], torch.dt
 def stored_tensors(directory: Path, what: str = MODEL_DIR) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Global shape and dtype of every tensor in a DCP directory (from its metadata), by the
     model's names."""
-    return _tensors_of(dcp.FileSystemReader(str(directory / what)).read_metadata())
+    return tensors_of(dcp.FileSystemReader(str(directory / what)).read_metadata())
 
 
 def _load(sd: dict[str, Any], reader: _VerifyingReader, distributed: bool) -> None:
@@ -362,7 +362,7 @@ def load_model(
     `model/`, computed from the load's own reads."""
     sd = model_state(module)
     reader = _reader(directory, MODEL_DIR, hashed)
-    check_fits(_tensors_of(reader.read_metadata()), sd, partial)
+    check_fits(tensors_of(reader.read_metadata()), sd, partial)
     _load(sd, reader, distributed)
     set_model_state_dict(module, sd, options=_OPTIONS)
     return _relative(MODEL_DIR, reader.digests())
@@ -380,7 +380,7 @@ def load_optimizer(
     distributed); digests as `load_model`'s, for `optim/`."""
     osd = optimizer_state(module, optimizer)  # builds the state's structure (a zero-lr step on a fresh optimizer)
     reader = _reader(directory, OPTIM_DIR, hashed)
-    stored = _tensors_of(reader.read_metadata())
+    stored = tensors_of(reader.read_metadata())
     wanted = {k: v for k, v in osd.items() if isinstance(v, torch.Tensor)}
     missing = sorted(set(wanted) - set(stored))
     if missing:
@@ -393,7 +393,7 @@ def load_optimizer(
 def read_full(directory: Path, what: str = MODEL_DIR) -> dict[str, torch.Tensor]:
     """Every tensor of a DCP directory as a whole CPU tensor, in this one process."""
     reader = _VerifyingReader(directory / what)
-    full = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in _tensors_of(reader.read_metadata()).items()}
+    full = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in tensors_of(reader.read_metadata()).items()}
     _load(full, reader, distributed=False)
     return full
 
@@ -401,7 +401,7 @@ def read_full(directory: Path, what: str = MODEL_DIR) -> dict[str, torch.Tensor]
 def read_tensor(directory: Path, name: str, what: str = MODEL_DIR) -> torch.Tensor:
     """One tensor of a DCP directory, whole, in this one process; no other tensor is read."""
     reader = _VerifyingReader(directory / what)
-    shape, dtype = _tensors_of(reader.read_metadata())[name]
+    shape, dtype = tensors_of(reader.read_metadata())[name]
     one = {name: torch.empty(shape, dtype=dtype)}
     _load(one, reader, distributed=False)
     return one[name]

@@ -23,6 +23,7 @@ CHILD = textwrap.dedent(
     import torch.distributed as dist
     from sparse_train.dryrun.run import dry_run
     from sparse_train.train.engine import Engine
+    from sparse_train.train.trainer import Trainer
     from tests.conftest import tiny_config
 
     original = Engine.clip_grad_norm
@@ -40,10 +41,17 @@ CHILD = textwrap.dedent(
         norm = original(self, *args, **kwargs)
         return norm * torch.tensor(1.0, device=norm.device)  # planted: host data copied in every step
 
+    def agree_on_the_cpu(self, ok):
+        flag = torch.tensor([int(ok)])  # planted: the ranks' agreement of a resume, over a CPU tensor
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     PLANTS = {"host read": read_the_norm, "cpu collective": reduce_on_the_cpu, "host data": tensor_from_python}
-    for world, overrides, plant in json.loads(sys.argv[1]):
-        Engine.clip_grad_norm = PLANTS[plant] if plant else original
-        print(json.dumps(dry_run(tiny_config(*overrides), world, 0).as_dict()), flush=True)
+    agree = Trainer._all_ranks_agree
+    for world, overrides, plant, backend in json.loads(sys.argv[1]):
+        Engine.clip_grad_norm = PLANTS.get(plant, original)
+        Trainer._all_ranks_agree = agree_on_the_cpu if plant == "cpu agreement" else agree
+        print(json.dumps(dry_run(tiny_config(*overrides), world, 0, backend=backend).as_dict()), flush=True)
     """
 )
 
@@ -62,7 +70,8 @@ LAYOUTS = {
 CAPACITY_EP1 = (8, [*MOE, "parallel.dp_shard=8", "moe.capacity_factor=1.25"])
 
 
-def _dry_runs(cases: list[tuple[int, list[str], str | None]]) -> list[dict]:
+def _dry_runs(cases: list[tuple[int, list[str], str | None, str | None]]) -> list[dict]:
+    """One report per case (world, overrides, plant, backend: None for the run's own)."""
     from sparse_train.dryrun.fake_cuda import preload_environment
 
     child = subprocess.run(
@@ -78,7 +87,9 @@ def _dry_runs(cases: list[tuple[int, list[str], str | None]]) -> list[dict]:
 
 def _assert_clean(report: dict, name: str) -> None:
     assert report["ok"], f"{name}: {report['findings']}"
-    assert report["phases"] == ["build", "first step", "train step", "reported step", "evaluation", "checkpoint save"]
+    assert report["phases"] == [
+        "build", "first step", "train step", "reported step", "evaluation", "checkpoint save", "resume", "init from"
+    ]  # fmt: skip
     step = report["collectives"]["train step"]
     # the step's gradient norm, at least, and the reported step's metric reductions on top
     assert step.get("c10d::allreduce_", 0) >= 1, step
@@ -88,11 +99,15 @@ def _assert_clean(report: dict, name: str) -> None:
 @pytest.mark.slow
 def test_expert_parallel_step_is_clean_and_planted_failures_are_named():
     world, overrides = LAYOUTS["ep8"]
-    clean, host_read, cpu_collective, host_data = _dry_runs(
-        [(world, overrides, plant) for plant in (None, "host read", "cpu collective", "host data")]
+    plants = [(None, None), ("host read", None), ("cpu collective", None), ("host data", None)]
+    # a pure NCCL backend serves CUDA tensors only; the run's own (cuda:nccl,cpu:gloo) serves CPU ones too
+    plants += [(None, "nccl"), ("cpu agreement", "nccl")]
+    clean, host_read, cpu_collective, host_data, clean_nccl, cpu_agreement = _dry_runs(
+        [(world, overrides, plant, backend) for plant, backend in plants]
     )
     _assert_clean(clean, "ep8")
     assert clean["collectives"]["train step"]["c10d::alltoall_base_"] > 0  # tokens moved between 8 ranks
+    assert clean["collectives"]["resume"] == {"c10d::allreduce_": 2}  # the checkpoint verifies, then loads, everywhere
 
     assert not host_read["ok"]
     assert host_read["findings"] == [
@@ -108,6 +123,16 @@ def test_expert_parallel_step_is_clean_and_planted_failures_are_named():
     assert {line.split(": ")[0] for line in cpu_collective["findings"]} == {"first step", "train step", "reported step"}
     assert all("in _train_step" in line for line in cpu_collective["findings"]), cpu_collective["findings"]
 
+    # save, resume and init-from keep every collective on the device (a pure NCCL backend would do);
+    # a resume's agreement over a CPU tensor is found there
+    _assert_clean(clean_nccl, "ep8 on nccl")
+    assert cpu_agreement["phases"][-2:] == ["resume", "init from"]
+    assert {line.split(" at ")[0] for line in cpu_agreement["findings"]} == {
+        "resume: collective device: c10d::allreduce_ on a cpu tensor"
+    }, cpu_agreement["findings"]
+    sites = {line.rsplit(" in ", 1)[1] for line in cpu_agreement["findings"]}
+    assert sites == {"_find_resume", "load_verified"}, cpu_agreement["findings"]  # where the ranks agree
+
     assert host_data["findings"] == [
         "train step: cpu tensor: aten::lift_fresh creates a CPU tensor at sparse_train/train/trainer.py:"
         + host_data["findings"][0].split("trainer.py:")[1]
@@ -116,7 +141,9 @@ def test_expert_parallel_step_is_clean_and_planted_failures_are_named():
 
 @pytest.mark.slow
 def test_every_layout_runs_clean_on_fake_cuda_and_a_masked_selection_is_reported():
-    *reports, capacity = _dry_runs([(world, overrides, None) for world, overrides in [*LAYOUTS.values(), CAPACITY_EP1]])
+    *reports, capacity = _dry_runs(
+        [(world, overrides, None, None) for world, overrides in [*LAYOUTS.values(), CAPACITY_EP1]]
+    )
     assert len(reports) == len(LAYOUTS)
     for name, report in zip(LAYOUTS, reports, strict=True):
         _assert_clean(report, name)
