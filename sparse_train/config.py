@@ -280,6 +280,31 @@ class FFFConfig(Section):
             raise ConfigError("combine", "unit applies to topk_paths (hard is always unit); soft weights every leaf")
 
 
+# The built-in corpus's domains (sparse_train.data.domains): no download on any machine with Python.
+BUILTIN_DOMAINS = ("code", "prose", "headers")
+
+
+@dataclass
+class DataSource(Section):
+    """One named source of a data mixture."""
+
+    name: str = option("", "the source's name in metrics (val_loss/<name>, per-domain routing)")
+    path: str | None = option(None, "as data.path accepts (read with data.format, data.text_field); null with builtin")
+    builtin: str | None = option(
+        None, "a built-in domain instead of a path: " + ", ".join(BUILTIN_DOMAINS) + " (docs/data.md)"
+    )
+    weight: float = option(1.0, "share of the training tokens drawn from this source, relative to the others")
+
+    def validate(self) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError("name", f"must be a non-empty name of letters, digits, - and _, got {self.name!r}")
+        if (self.path is None) == (self.builtin is None):
+            raise ConfigError("path", f"source {self.name!r} needs exactly one of path and builtin")
+        if self.builtin is not None and self.builtin not in BUILTIN_DOMAINS:
+            raise ConfigError("builtin", f"must be one of {', '.join(BUILTIN_DOMAINS)}, got {self.builtin!r}")
+        _positive(self, "weight")
+
+
 @dataclass
 class DataConfig(Section):
     """Where the corpus and tokenizer are. Validation reads no files: the paths are checked where
@@ -300,9 +325,19 @@ class DataConfig(Section):
     )
     seq_len: int = option(128, "tokens per training sequence")
     val_fraction: float = option(0.02, "fraction of documents (or of a .bin's tail) held out for validation")
+    mixture: list[DataSource] = option(
+        factory=list,
+        help="named sources mixed by weight instead of data.path (each: name, path or builtin, weight); "
+        "validation loss and routing are reported per source",
+    )
 
     def validate(self) -> None:
         _positive(self, "seq_len")
+        if self.mixture and self.path is not None:
+            raise ConfigError("mixture", "data.mixture replaces data.path: set one of them")
+        names = [source.name for source in self.mixture]
+        if len(set(names)) != len(names):
+            raise ConfigError("mixture", f"source names must be unique, got {names}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         if self.tokenizer == "hf" and self.tokenizer_path is None:
