@@ -122,7 +122,9 @@ class MoEConfig(Section):
         False, "scale the shared experts' output by sigmoid(<g, x>), a learned gate per token (Qwen2-MoE)"
     )
     capacity_factor: float | None = option(
-        None, "expert capacity = ceil(factor * tokens * top_k / num_experts); null = dropless"
+        None,
+        "expert capacity = ceil(factor * tokens * top_k / num_experts); null = dropless (router.type="
+        "expert_choice: the per-sequence capacity, null = 1)",
     )
     drop_policy: Literal["position", "probability"] = option(
         "position", "over capacity, keep earliest tokens (position) or highest router probability"
@@ -144,11 +146,16 @@ class MoEConfig(Section):
 
 @dataclass
 class RouterConfig(Section):
-    type: Literal["topk", "sinkhorn", "topk_softmax"] = option(
+    type: Literal["topk", "sinkhorn", "expert_choice", "relu", "random", "topk_softmax"] = option(
         "topk",
         "router kind: topk = token choice, each token picks its top_k experts; sinkhorn = in training, the top_k "
         "of a Sinkhorn-balanced transport plan over the data-parallel batch (plain top-k in evaluation); "
-        "topk_softmax: topk's old name",
+        "expert_choice = each expert takes its best ceil(capacity * seq_len * top_k / num_experts) tokens of "
+        "every sequence (capacity = moe.capacity_factor, null = 1): sees future tokens of the sequence, which "
+        "leaks them in a causal LM, in training and evaluation alike (a baseline, not a deployable router); "
+        "relu = BlockFFN: RMSNorm(ReLU(W x)), every expert with a non-zero activation, weighted by it; "
+        "random = a frozen random projection picks top_k experts, weighted equally (a control: no learned "
+        "router); topk_softmax: topk's old name",
     )
     sinkhorn_iters: int = option(8, "Sinkhorn iterations per routing (fixed: no host read to test convergence)")
     top_k: int = option(2, "experts per token")
@@ -163,6 +170,15 @@ class RouterConfig(Section):
     group_top_k: int | None = option(
         None, "groups each token may use; a group's score is the sum of its top top_k/group_top_k expert scores"
     )
+    tls_coef: float = option(
+        0.0, "relu router: weight of the token-level sparsity objective (mean L1 of the normalised activations / E)"
+    )
+    cls_coef: float = option(
+        0.0,
+        "relu router: weight of the chunk-level sparsity objective (mean over chunks and experts of the soft "
+        "probability that any token of the chunk activates the expert)",
+    )
+    chunk_size: int = option(8, "relu router: consecutive tokens of a chunk, for chunk-level sparsity (CLS)")
     collapse_share: float = option(
         0.5, "warn (once per layer) when one expert takes more than this share of a layer's assignments ..."
     )
@@ -190,10 +206,16 @@ class RouterConfig(Section):
 
     def validate(self) -> None:
         _positive(self, "top_k")
-        _non_negative(self, "aux_loss_coef", "z_loss_coef", "bias_update_rate")
-        _positive(self, "collapse_steps", "sinkhorn_iters")
-        if self.type == "sinkhorn" and (self.num_groups is not None or self.bias_update_rate > 0):
-            raise ConfigError("type", "sinkhorn balances by itself: no router.num_groups or router.bias_update_rate")
+        _non_negative(self, "aux_loss_coef", "z_loss_coef", "bias_update_rate", "tls_coef", "cls_coef")
+        _positive(self, "collapse_steps", "sinkhorn_iters", "chunk_size")
+        if self.type not in ("topk", "topk_softmax") and (self.num_groups is not None or self.bias_update_rate > 0):
+            raise ConfigError(
+                "type", f"router.num_groups and router.bias_update_rate apply to router.type=topk, not {self.type}"
+            )
+        if self.type != "relu" and (self.tls_coef or self.cls_coef):
+            raise ConfigError("tls_coef", f"the sparsity objectives apply to router.type=relu, not {self.type}")
+        if self.type in ("relu", "random") and self.score != "softmax":
+            raise ConfigError("score", f"router.type={self.type} has its own weights: router.score does not apply")
         for name in ("collapse_share", "collapse_entropy"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(name, f"must be in (0, 1], got {getattr(self, name)}")
@@ -458,6 +480,8 @@ class Config(Section):
             raise ConfigError(
                 "router.num_groups", f"must divide moe.num_experts ({self.moe.num_experts}), got {groups}"
             )
+        if self.model.ffn == "moe" and self.router.type == "relu" and self.moe.capacity_factor is not None:
+            raise ConfigError("moe.capacity_factor", "router.type=relu picks a variable number of experts: no capacity")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 "data.seq_len",

@@ -37,8 +37,8 @@ def sort_assignments(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torc
     experts_A = routing.experts_Tk.reshape(-1)
     weights_A = routing.weights_Tk.reshape(-1)
     assignment_A = torch.arange(T * k, device=experts_A.device)
-    if routing.kept_Tk is not None:
-        kept_A = routing.kept_Tk.reshape(-1)
+    if routing.active_Tk is not None:
+        kept_A = routing.active_Tk.reshape(-1)
         experts_A, weights_A, assignment_A = experts_A[kept_A], weights_A[kept_A], assignment_A[kept_A]
     order_A = torch.argsort(experts_A, stable=True)
     return experts_A[order_A], assignment_A[order_A] // k, weights_A[order_A], order_A

@@ -55,9 +55,13 @@ class GlobalBatchCounts:
         self.running_E = None
 
 
-def expert_counts(experts_Tk: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Assignments per expert, as fp32 `[E]` (before any capacity drop)."""
-    return count_per_expert(experts_Tk, num_experts).float()
+def expert_counts(experts_Tk: torch.Tensor, num_experts: int, selected_Tk: torch.Tensor | None = None) -> torch.Tensor:
+    """Assignments per expert, as fp32 `[E]` (before any capacity drop); only the `selected_Tk`
+    slots where a router selects a variable number of experts (Routing.selected_Tk)."""
+    if selected_Tk is None:
+        return count_per_expert(experts_Tk, num_experts).float()
+    counts_E = torch.zeros(num_experts, device=experts_Tk.device)
+    return counts_E.index_add_(0, experts_Tk.reshape(-1), selected_Tk.reshape(-1).float())
 
 
 def load_balancing_loss(
@@ -67,11 +71,13 @@ def load_balancing_loss(
     scope: str = "micro_batch",
     seq_len: int | None = None,
     count_sync: CountSync = local_counts,
+    selected_Tk: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """N_E * sum_i f_i p_i over the tokens `scope` names; fp32 scalar."""
+    """N_E * sum_i f_i p_i over the tokens `scope` names; fp32 scalar. `selected_Tk`: the slots
+    holding an assignment, where the router selects a variable number (None: every slot)."""
     num_experts = probs_TE.shape[-1]
     if scope in ("micro_batch", "global_batch"):  # they differ only in the CountSync
-        counts_E = count_sync(expert_counts(experts_Tk, num_experts))
+        counts_E = count_sync(expert_counts(experts_Tk, num_experts, selected_Tk))
         f_E = counts_E / counts_E.sum().clamp_min(1.0)
         p_E = probs_TE.float().mean(dim=0)
         return num_experts * torch.dot(f_E, p_E)
@@ -81,8 +87,9 @@ def load_balancing_loss(
         B = probs_TE.shape[0] // seq_len
         experts_BA = experts_Tk.reshape(B, -1)
         counts_BE = torch.zeros(B, num_experts, device=probs_TE.device)
-        counts_BE.scatter_add_(1, experts_BA, torch.ones_like(experts_BA, dtype=counts_BE.dtype))
-        f_BE = counts_BE / experts_BA.shape[1]
+        ones_BA = torch.ones_like(experts_BA, dtype=counts_BE.dtype)
+        counts_BE.scatter_add_(1, experts_BA, ones_BA if selected_Tk is None else selected_Tk.reshape(B, -1).float())
+        f_BE = counts_BE / counts_BE.sum(dim=-1, keepdim=True).clamp_min(1.0)
         p_BE = probs_TE.float().reshape(B, seq_len, num_experts).mean(dim=1)
         return num_experts * (f_BE * p_BE).sum(dim=-1).mean()
     raise ValueError(f"unknown balance scope {scope!r}; allowed: micro_batch, sequence, global_batch")

@@ -11,7 +11,15 @@ from torch import nn
 from sparse_train.config import MoEConfig, RouterConfig
 from sparse_train.models.experts import SwiGLU, SwiGLUExperts
 from sparse_train.models.losses import expert_counts, load_balancing_loss, router_entropy, router_z_loss
-from sparse_train.models.routers import Routing, TopKRouter, apply_capacity
+from sparse_train.models.routers import (
+    Routing,
+    TopKRouter,
+    apply_capacity,
+    chunk_sparsity,
+    chunk_sparsity_loss,
+    token_sparsity,
+    token_sparsity_loss,
+)
 from sparse_train.models.sparse import SparseAux, SparseFFN
 
 
@@ -28,10 +36,11 @@ class MoEAux(SparseAux):
         router_entropy,
         router: RouterConfig,
         extra_metrics: dict[str, torch.Tensor] | None = None,
+        extra_objective: torch.Tensor | float = 0.0,
     ) -> MoEAux:
         return cls(
             kind="moe",
-            objective=router.aux_loss_coef * lb_loss + router.z_loss_coef * z_loss,
+            objective=router.aux_loss_coef * lb_loss + router.z_loss_coef * z_loss + extra_objective,
             losses={"aux_loss": lb_loss, "z_loss": z_loss},
             load=expert_load_E,  # fraction of assignments per expert, before capacity drops
             metrics={"dropped_fraction": dropped_fraction, "router_entropy": router_entropy, **(extra_metrics or {})},
@@ -67,25 +76,27 @@ class MoELayer(SparseFFN):
         self.router_cfg = router
         self.capacity_factor = moe.capacity_factor
         self.drop_policy = moe.drop_policy
-        self.router = TopKRouter(d_model, moe.num_experts, router)
+        self.router = TopKRouter(d_model, moe.num_experts, router, moe.capacity_factor)
         self.experts = SwiGLUExperts(moe.num_experts, d_model, moe.expert_hidden, moe.kernel_backend)
         shared_hidden = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
         self.shared_experts = SwiGLU(d_model, shared_hidden) if shared_hidden else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if moe.shared_expert_gate else None
         self.bias_counts_E: torch.Tensor | None = None  # this step's selections, for the aux-free bias
 
-    def route(self, x_TD: torch.Tensor) -> Routing:
-        routing = self.router(x_TD)
+    def route(self, x_TD: torch.Tensor, seq_len: int | None = None) -> Routing:
+        """`seq_len`: tokens per sequence in x_TD (None: one sequence), for the routers that need it."""
+        routing = self.router(x_TD, seq_len)
         if self.training and self.router.expert_bias_E is not None:
             self._count_for_bias(routing.experts_Tk)
-        if self.capacity_factor is not None:
+        # expert_choice's capacity is its own (per sequence); relu has none (config validation)
+        if self.capacity_factor is not None and routing.selected_Tk is None:
             routing = apply_capacity(routing, self.num_experts, self.capacity_factor, self.drop_policy)
         return routing
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        routing = self.route(x_TD)
+        routing = self.route(x_TD, S)
         expert_input, handle = self.dispatcher.dispatch(x_TD, routing)
         y_TD = self.dispatcher.combine(self.experts(expert_input), handle)
         if self.shared_experts is not None:
@@ -121,30 +132,49 @@ class MoELayer(SparseFFN):
         return shared_TD
 
     def aux(self, routing: Routing, seq_len: int) -> MoEAux:
-        stats = routing.stats
+        stats, selected = routing.stats, routing.selected_Tk
         lb = load_balancing_loss(
-            stats.probs_TE, routing.experts_Tk, scope=self.balance_scope, seq_len=seq_len, count_sync=self.count_sync
+            stats.probs_TE,
+            routing.experts_Tk,
+            scope=self.balance_scope,
+            seq_len=seq_len,
+            count_sync=self.count_sync,
+            selected_Tk=selected,
         )
         with torch.no_grad():
-            load_E = expert_counts(routing.experts_Tk, self.num_experts)
-            load_E = load_E / load_E.sum()
-            kept = routing.kept_Tk
+            load_E = expert_counts(routing.experts_Tk, self.num_experts, selected)
+            load_E = load_E / load_E.sum().clamp_min(1.0)
+            kept, active = routing.kept_Tk, routing.active_Tk
             dropped = load_E.new_zeros(()) if kept is None else 1.0 - kept.float().mean()
             # experts that compute for a token, after drops (top_k when dropless)
-            per_token = load_E.new_full((), routing.top_k) if kept is None else kept.float().sum(-1).mean()
+            per_token = load_E.new_full((), routing.top_k) if active is None else active.float().sum(-1).mean()
             extra = {"experts_per_token": per_token}
             if (bias_E := self.router.expert_bias_E) is not None:
                 extra["expert_bias_range"] = (bias_E.max() - bias_E.min()).float()
+            if self.router_cfg.type == "relu":
+                extra["token_sparsity"] = token_sparsity(selected)
+                extra["chunk_sparsity"] = chunk_sparsity(selected, seq_len, self.router_cfg.chunk_size)
         z = router_z_loss(stats.logits_TE)
-        return MoEAux.build(lb, z, load_E, dropped, router_entropy(stats.probs_TE), self.router_cfg, extra)
+        objective = self._sparsity_objective(stats.logits_TE, seq_len)
+        return MoEAux.build(lb, z, load_E, dropped, router_entropy(stats.probs_TE), self.router_cfg, extra, objective)
+
+    def _sparsity_objective(self, logits_TE: torch.Tensor, seq_len: int) -> torch.Tensor | float:
+        """The relu router's TLS and CLS objectives, weighted (BlockFFN); zero for other routers."""
+        cfg, objective = self.router_cfg, 0.0
+        if cfg.tls_coef:
+            objective = objective + cfg.tls_coef * token_sparsity_loss(logits_TE, self.num_experts)
+        if cfg.cls_coef:
+            objective = objective + cfg.cls_coef * chunk_sparsity_loss(logits_TE, seq_len, cfg.chunk_size)
+        return objective
 
 
 def moe_reference_forward(layer: MoELayer, x_BSD: torch.Tensor) -> torch.Tensor:
     """The MoE layer's output by a per-expert loop over the tokens that chose it; for tests."""
     B, S, D = x_BSD.shape
     x_TD = x_BSD.reshape(B * S, D)
-    routing = layer.route(x_TD)
-    kept_Tk = routing.kept_Tk if routing.kept_Tk is not None else torch.ones_like(routing.experts_Tk, dtype=torch.bool)
+    routing = layer.route(x_TD, S)
+    active = routing.active_Tk
+    kept_Tk = active if active is not None else torch.ones_like(routing.experts_Tk, dtype=torch.bool)
     y_TD = torch.zeros_like(x_TD)
     for e in range(layer.num_experts):
         token_n, slot_n = torch.nonzero((routing.experts_Tk == e) & kept_Tk, as_tuple=True)

@@ -24,6 +24,7 @@ class RoutingStats:
 
     logits_TE: torch.Tensor
     probs_TE: torch.Tensor
+    seq_len: int | None = None  # tokens per sequence, where a router's metrics need it (relu's chunks)
 
 
 @dataclass
@@ -32,10 +33,20 @@ class Routing:
     weights_Tk: torch.Tensor  # fp32 combine weight per (token, slot)
     stats: RoutingStats
     kept_Tk: torch.Tensor | None = None  # bool; False where capacity dropped the assignment
+    # bool; False where a slot holds no assignment: routers that pick a variable number of experts
+    # per token (expert_choice, relu) give every token one slot per expert and select some
+    selected_Tk: torch.Tensor | None = None
 
     @property
     def top_k(self) -> int:
         return self.experts_Tk.shape[1]
+
+    @property
+    def active_Tk(self) -> torch.Tensor | None:
+        """The assignments the experts compute: selected and not dropped (None: every slot)."""
+        if self.kept_Tk is None or self.selected_Tk is None:
+            return self.kept_Tk if self.selected_Tk is None else self.selected_Tk
+        return self.kept_Tk & self.selected_Tk
 
 
 class _StraightThroughOne(torch.autograd.Function):
@@ -147,6 +158,73 @@ def _choose(
     return weights_Tk * cfg.scaling_factor, experts_Tk
 
 
+def every_expert(num_tokens: int, num_experts: int, device: torch.device) -> torch.Tensor:
+    """experts_Tk of a router that selects among all experts per token: slot e is expert e."""
+    return torch.arange(num_experts, device=device).expand(num_tokens, num_experts).contiguous()
+
+
+def expert_choice(scores_TE: torch.Tensor, seq_len: int, capacity: int) -> torch.Tensor:
+    """Expert choice (Zhou et al. 2022) within each sequence: every expert takes the `capacity`
+    tokens of each sequence with its highest scores. Returns selected_TE (bool). A token may be
+    taken by no expert or by all; the choice reads the whole sequence, future tokens included."""
+    T, E = scores_TE.shape
+    scores_BSE = scores_TE.view(T // seq_len, seq_len, E)
+    taken_BCE = scores_BSE.topk(min(capacity, seq_len), dim=1).indices
+    selected_BSE = torch.zeros_like(scores_BSE, dtype=torch.bool).scatter_(1, taken_BCE, True)
+    return selected_BSE.view(T, E)
+
+
+def expert_choice_capacity(seq_len: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
+    """Tokens per sequence each expert takes: ceil(factor * S * k / E), factor null = 1, at most S."""
+    return min(seq_len, expert_capacity(seq_len, top_k, num_experts, capacity_factor or 1.0))
+
+
+def relu_activations(logits_TE: torch.Tensor, gain_E: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """BlockFFN's router: RMSNorm(ReLU(logits)) with a learned gain; differentiable, and exactly zero
+    for every expert it does not use. Returns the activations, fp32 [T, E]."""
+    return _rms_normalised(F.relu(logits_TE.float()), eps) * gain_E.float()
+
+
+def _rms_normalised(a_TE: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return a_TE * torch.rsqrt(a_TE.square().mean(dim=-1, keepdim=True) + eps)
+
+
+def token_sparsity(selected_TE: torch.Tensor) -> torch.Tensor:
+    """TLS: the fraction of (token, expert) pairs not activated (BlockFFN)."""
+    return 1.0 - selected_TE.float().mean()
+
+
+def _chunks(values_TE: torch.Tensor, seq_len: int, chunk: int, fill: float) -> torch.Tensor:
+    """[T, E] -> [chunks, chunk, E]: each sequence cut into runs of `chunk` consecutive tokens, the
+    last one padded with `fill` (chunks never span two sequences)."""
+    T, E = values_TE.shape
+    per_seq = -(-seq_len // chunk)
+    padded = F.pad(values_TE.view(T // seq_len, seq_len, E), (0, 0, 0, per_seq * chunk - seq_len), value=fill)
+    return padded.view(-1, chunk, E)
+
+
+def chunk_sparsity(selected_TE: torch.Tensor, seq_len: int, chunk: int) -> torch.Tensor:
+    """CLS: the fraction of (chunk, expert) pairs that no token of the chunk activates (BlockFFN;
+    chunks of `chunk` consecutive tokens of one sequence)."""
+    used_CE = _chunks(selected_TE.float(), seq_len, chunk, 0.0).amax(dim=1)
+    return 1.0 - used_CE.mean()
+
+
+def token_sparsity_loss(logits_TE: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The TLS objective: the mean L1 norm of each token's RMS-normalised ReLU activations over E.
+    At unit RMS, n equal activations have L1 sqrt(n E): the loss falls as fewer experts fire."""
+    return _rms_normalised(F.relu(logits_TE.float())).sum(dim=-1).mean() / num_experts
+
+
+def chunk_sparsity_loss(logits_TE: torch.Tensor, seq_len: int, chunk: int) -> torch.Tensor:
+    """The CLS objective: per token and expert a soft activation q = tanh(normalised activation) in
+    [0, 1); per chunk the soft probability that any of its tokens activates the expert,
+    1 - prod(1 - q); its mean over chunks and experts."""
+    q_TE = torch.tanh(_rms_normalised(F.relu(logits_TE.float())))
+    idle_CE = (1.0 - _chunks(q_TE, seq_len, chunk, 0.0)).prod(dim=1)
+    return (1.0 - idle_CE).mean()
+
+
 def balancing_probs(scores_TE: torch.Tensor, score: str) -> torch.Tensor:
     """The per-token expert distribution the balancing loss and the entropy metric use: the
     softmax itself, or sigmoid scores normalised to sum to 1 (as Megatron-Core does)."""
@@ -154,7 +232,14 @@ def balancing_probs(scores_TE: torch.Tensor, score: str) -> torch.Tensor:
 
 
 class TopKRouter(nn.Module):
-    """Token choice: a linear map to expert logits (fp32), then select_experts (`cfg`).
+    """The router of an MoE layer: a linear map to expert logits (fp32), then the choice of
+    `cfg.type` (the config's help names each):
+
+        topk, sinkhorn   select_experts; k slots per token
+        expert_choice    per sequence, each expert's best tokens; one slot per expert, some selected
+        relu             relu_activations, every non-zero one selected; one slot per expert
+        random           the top_k of a frozen random projection (`weight` is not trained), equal
+                         weights: routing hashes the hidden state, with no gradient to anything
 
     combine="unit" gives every selected expert weight exactly 1 (straight-through to its
     weight): the experts' outputs are summed, so experts carved out of one dense FFN by a
@@ -164,14 +249,17 @@ class TopKRouter(nn.Module):
     checkpoints), which update_expert_bias moves after each optimizer step.
     """
 
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig) -> None:
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, capacity_factor: float | None = None) -> None:
         super().__init__()
         if not 1 <= cfg.top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {cfg.top_k}")
         self.num_experts = num_experts
         self.cfg = cfg
         self.top_k = cfg.top_k
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.capacity_factor = capacity_factor  # expert_choice's per-sequence capacity
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model), requires_grad=cfg.type != "random")
+        # relu: the RMSNorm's gain over the experts' activations
+        self.gain = nn.Parameter(torch.ones(num_experts)) if cfg.type == "relu" else None
         # Sinkhorn's sums over the batch's tokens: swapped for a data-parallel all-reduce by the
         # parallel layer (never inside model code)
         self.token_sum: TokenSum = _local_sum
@@ -181,19 +269,60 @@ class TopKRouter(nn.Module):
         else:
             self.expert_bias_E = None
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> Routing:
+        """`seq_len`: tokens per sequence of x_TD (sequences whole, in order), which expert_choice and
+        the relu router's chunk metrics need; None = x_TD is one sequence."""
+        seq_len = seq_len or x_TD.shape[0]
         # Routing decisions are made in fp32 even under bf16 autocast: top-k on bf16 ties and
         # flips between steps, which makes the expert assignment noisy.
         with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
-        scores_TE = expert_scores(logits_TE, self.cfg.score)
-        # select_experts, with the scores kept for the balancing loss
-        weights_Tk, experts_Tk = _choose(
-            logits_TE, scores_TE, self.cfg, self.expert_bias_E, self.training, self.token_sum
-        )
+            if self.cfg.type == "random":
+                with torch.no_grad():
+                    logits_TE = F.linear(x_TD.detach().float(), self.weight.float())
+            else:
+                logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.cfg.type == "relu":
+            routing = self._relu(logits_TE, seq_len)
+        elif self.cfg.type == "expert_choice":
+            routing = self._expert_choice(logits_TE, seq_len)
+        elif self.cfg.type == "random":
+            routing = self._random(logits_TE)
+        else:
+            scores_TE = expert_scores(logits_TE, self.cfg.score)
+            # select_experts, with the scores kept for the balancing loss
+            weights_Tk, experts_Tk = _choose(
+                logits_TE, scores_TE, self.cfg, self.expert_bias_E, self.training, self.token_sum
+            )
+            routing = Routing(
+                experts_Tk, weights_Tk, RoutingStats(logits_TE, balancing_probs(scores_TE, self.cfg.score))
+            )
         if self.cfg.combine == "unit":
-            weights_Tk = straight_through_one(weights_Tk)
-        return Routing(experts_Tk, weights_Tk, RoutingStats(logits_TE, balancing_probs(scores_TE, self.cfg.score)))
+            routing = replace(routing, weights_Tk=straight_through_one(routing.weights_Tk))
+        return routing
+
+    def _expert_choice(self, logits_TE: torch.Tensor, seq_len: int) -> Routing:
+        scores_TE = expert_scores(logits_TE, self.cfg.score)
+        capacity = expert_choice_capacity(seq_len, self.top_k, self.num_experts, self.capacity_factor)
+        selected_TE = expert_choice(scores_TE.detach(), seq_len, capacity)
+        stats = RoutingStats(logits_TE, balancing_probs(scores_TE, self.cfg.score))
+        experts_TE = every_expert(*scores_TE.shape, scores_TE.device)
+        return Routing(experts_TE, scores_TE * self.cfg.scaling_factor, stats, selected_Tk=selected_TE)
+
+    def _relu(self, logits_TE: torch.Tensor, seq_len: int) -> Routing:
+        assert self.gain is not None
+        activations_TE = relu_activations(logits_TE, self.gain)
+        probs_TE = F.relu(logits_TE.float())
+        probs_TE = probs_TE / (probs_TE.sum(dim=-1, keepdim=True) + 1e-20)
+        stats = RoutingStats(logits_TE, probs_TE, seq_len=seq_len)
+        experts_TE = every_expert(*logits_TE.shape, logits_TE.device)
+        selected_TE = activations_TE.detach() > 0
+        return Routing(experts_TE, activations_TE * self.cfg.scaling_factor, stats, selected_Tk=selected_TE)
+
+    def _random(self, logits_TE: torch.Tensor) -> Routing:
+        experts_Tk = logits_TE.topk(self.top_k, dim=-1).indices
+        weights_Tk = torch.full(experts_Tk.shape, self.cfg.scaling_factor / self.top_k, device=logits_TE.device)
+        probs_TE = logits_TE.softmax(dim=-1)
+        return Routing(experts_Tk, weights_Tk, RoutingStats(logits_TE, probs_TE))
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -212,6 +341,8 @@ def apply_capacity(
     position:    an expert keeps the assignments of the earliest tokens (Megatron's order).
     probability: an expert keeps the assignments with the highest router probability.
     """
+    if routing.selected_Tk is not None:
+        raise ValueError("capacity applies to a fixed number of experts per token, not to a variable selection")
     T, k = routing.experts_Tk.shape
     capacity = expert_capacity(T, k, num_experts, capacity_factor)
     experts_A = routing.experts_Tk.reshape(-1)  # A = T*k assignments, token-major

@@ -230,7 +230,8 @@ class AllGatherDispatcher:
         all_x = funcol.all_gather_single_autograd(x_TD.contiguous(), gather_dim=0, group=self.group)
         all_w = funcol.all_gather_single_autograd(routing.weights_Tk.contiguous(), gather_dim=0, group=self.group)
         all_e = funcol.all_gather_single(routing.experts_Tk.contiguous(), gather_dim=0, group=self.group)
-        kept = routing.kept_Tk if routing.kept_Tk is not None else torch.ones_like(routing.experts_Tk, dtype=torch.bool)
+        active = routing.active_Tk
+        kept = active if active is not None else torch.ones_like(routing.experts_Tk, dtype=torch.bool)
         all_kept = funcol.all_gather_single(kept.contiguous(), gather_dim=0, group=self.group)
         token_n, slot_n = self.local_assignments(funcol.wait_tensor(all_e), funcol.wait_tensor(all_kept))
         local_e = all_e[token_n, slot_n] - self.rank * self.num_local

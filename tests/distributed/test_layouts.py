@@ -65,6 +65,12 @@ FFF = [
 DEEPSEEK_ROUTER = ["router.score=sigmoid", "router.num_groups=2", "router.group_top_k=1", "router.scaling_factor=2.0",
                    "router.bias_update_rate=0.01"]  # fmt: skip
 
+EXPERT_CHOICE = ["router.type=expert_choice", "moe.capacity_factor=1.5"]
+# Each sparsity objective on its own: with both at once, fp32 reduction-order differences grow
+# ~10x per step here (the router's RMSNorm is scale-invariant, so tokens whose activations are all
+# small get gradients ~1/rms); step 5's gradient norm was 4e-4 apart (docs/decisions.md §50)
+RELU = ["router.type=relu"]
+
 LAYOUTS = {
     # name: (processes, parallel overrides, extra model overrides)
     "ep2-dp_replicate2": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.ep=2"], []),
@@ -82,6 +88,14 @@ LAYOUTS = {
     # Sinkhorn balances the whole data-parallel batch: the same plan as one process
     "ep2-sinkhorn": (2, ["parallel.ep=2"], ["router.type=sinkhorn", "router.renormalize=false"]),
     "tp2-ep2-sinkhorn": (4, ["parallel.tp=2", "parallel.ep=2"], ["router.type=sinkhorn", "router.renormalize=false"]),
+    # Variable experts per token: per-sequence expert choice, BlockFFN's ReLU router with its
+    # sparsity objectives; and the frozen random router (no gradient to the router)
+    "ep2-expert-choice": (2, ["parallel.ep=2"], EXPERT_CHOICE),
+    "tp2-ep2-expert-choice": (4, ["parallel.tp=2", "parallel.ep=2"], EXPERT_CHOICE),
+    "ep2-relu-tls": (2, ["parallel.ep=2"], [*RELU, "router.tls_coef=0.01"]),
+    "tp2-ep2-relu-cls": (4, ["parallel.tp=2", "parallel.ep=2"], [*RELU, "router.cls_coef=0.01", "router.chunk_size=4"]),
+    "pp2-ep2-relu": (4, ["parallel.pp=2", "parallel.ep=2"], RELU),
+    "ep2-random": (2, ["parallel.ep=2"], ["router.type=random"]),
     # FFF trees: leaves sharded over EP ranks like experts, node neurons replicated
     "fff-hard-ep2": (2, ["parallel.ep=2"], [*FFF, "fff.mode=hard", "fff.master_leaf=true"]),
     "fff-topk-ep2-gelu": (2, ["parallel.ep=2"], [*FFF, "fff.mode=topk_paths", "fff.leaf_activation=gelu"]),

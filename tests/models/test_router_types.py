@@ -1,0 +1,172 @@
+"""The routers that pick a variable number of experts per token (expert choice, BlockFFN's ReLU
+router) and the random control: each checked against its formula, by hand or by a direct loop,
+and through the MoE layer against its per-expert reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparse_train.config import ConfigError, MoEConfig, RouterConfig, load_config
+from sparse_train.models.moe import MoELayer, moe_reference_forward
+from sparse_train.models.routers import (
+    chunk_sparsity,
+    chunk_sparsity_loss,
+    expert_choice,
+    expert_choice_capacity,
+    relu_activations,
+    token_sparsity,
+    token_sparsity_loss,
+)
+
+
+def _layer(router: RouterConfig, **moe) -> MoELayer:
+    torch.manual_seed(0)
+    layer = MoELayer(16, MoEConfig(num_experts=4, expert_hidden=8, **moe), router)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.3)
+    return layer
+
+
+def test_expert_choice_takes_each_experts_best_tokens_of_every_sequence():
+    torch.manual_seed(1)
+    seq_len, capacity = 6, 2
+    scores = torch.rand(3 * seq_len, 4)
+    selected = expert_choice(scores, seq_len, capacity)
+    for b in range(3):
+        rows = slice(b * seq_len, (b + 1) * seq_len)
+        for e in range(4):
+            best = set(scores[rows, e].topk(capacity).indices.tolist())
+            assert set(torch.nonzero(selected[rows, e]).flatten().tolist()) == best
+    # ceil(1.5 * 6 * 2 / 4) = 5 tokens per expert and sequence; never more than the sequence
+    assert expert_choice_capacity(6, 2, 4, 1.5) == 5 and expert_choice_capacity(6, 4, 4, 2.0) == 6
+    assert expert_choice_capacity(6, 2, 4, None) == 3
+
+
+def test_expert_choice_sees_the_future_of_its_sequence():
+    """The documented leak: changing a later token changes whether an earlier one is taken."""
+    scores = torch.tensor([[0.5], [0.4], [0.1]])
+    assert expert_choice(scores, 3, 1)[:, 0].tolist() == [True, False, False]
+    scores[2, 0] = 0.9  # the last token outbids the first
+    assert expert_choice(scores, 3, 1)[:, 0].tolist() == [False, False, True]
+
+
+def test_expert_choice_layer_matches_its_reference_and_balances_exactly():
+    layer = _layer(RouterConfig(type="expert_choice", top_k=2), capacity_factor=1.0)
+    x = torch.randn(2, 8, 16)
+    y, aux = layer(x)
+    torch.testing.assert_close(y, moe_reference_forward(layer, x), rtol=1e-5, atol=1e-6)
+    assert aux.load.tolist() == [0.25] * 4  # every expert takes 4 of each sequence's 8 tokens
+    assert aux.metrics["experts_per_token"].item() == pytest.approx(2.0)
+
+
+def test_relu_router_is_rmsnorm_of_relu_with_a_gain():
+    logits = torch.tensor([[1.0, -2.0, 3.0, 0.0]])
+    gain = torch.tensor([1.0, 1.0, 0.5, 2.0])
+    rms = math.sqrt((1.0 + 9.0) / 4)
+    expected = torch.tensor([[1.0 / rms, 0.0, 0.5 * 3.0 / rms, 0.0]])
+    torch.testing.assert_close(relu_activations(logits, gain), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_relu_layer_uses_a_variable_number_of_experts_and_trains_its_router():
+    layer = _layer(RouterConfig(type="relu", tls_coef=0.1, cls_coef=0.1, chunk_size=4))
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    y, aux = layer(x)
+    torch.testing.assert_close(y, moe_reference_forward(layer, x), rtol=1e-5, atol=1e-5)
+    routing = layer.route(x.reshape(-1, 16), 8)
+    per_token = routing.selected_Tk.sum(-1)
+    assert per_token.min() < per_token.max()  # variable, not a fixed top_k
+    torch.testing.assert_close(aux.metrics["experts_per_token"], per_token.float().mean())
+    torch.testing.assert_close(aux.metrics["token_sparsity"], 1 - routing.selected_Tk.float().mean())
+    (y.square().sum() + aux.objective).backward()
+    assert layer.router.weight.grad.abs().sum() > 0 and layer.router.gain.grad.abs().sum() > 0
+
+
+def test_token_and_chunk_sparsity_by_hand():
+    # two sequences of 4 tokens, 3 experts; chunks of 2
+    selected = torch.tensor(
+        [[1, 0, 0], [0, 1, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0], [0, 0, 0]], dtype=torch.bool
+    )
+    assert token_sparsity(selected).item() == pytest.approx(1 - 5 / 24)
+    # chunks: {e0,e1}, {e0}, {e2}, {}: 4 of 12 (chunk, expert) pairs used
+    assert chunk_sparsity(selected, seq_len=4, chunk=2).item() == pytest.approx(1 - 4 / 12)
+    # a chunk never spans two sequences: seq_len 3 with chunk 2 pads each sequence's last chunk,
+    # so the chunks are {t0,t1}: e0,e1; {t2}: e0; {t3,t4}: e0; {t5}: e2: 5 of 12 pairs used
+    assert chunk_sparsity(selected[:6], seq_len=3, chunk=2).item() == pytest.approx(1 - 5 / 12)
+
+
+def test_the_sparsity_objectives_fall_as_fewer_experts_fire():
+    E = 8
+    dense, sparse = torch.ones(1, E), torch.tensor([[1.0] + [-1.0] * (E - 1)])
+    # at unit RMS, n equal activations have L1 sqrt(n E): the TLS objective is sqrt(n / E)
+    assert token_sparsity_loss(dense, E).item() == pytest.approx(1.0, rel=1e-5)
+    assert token_sparsity_loss(sparse, E).item() == pytest.approx(math.sqrt(1 / E), rel=1e-5)
+    same = torch.tensor([[1.0, -1.0]] * 4)  # every token of the chunk uses expert 0 only
+    varied = torch.tensor([[1.0, -1.0], [-1.0, 1.0]] * 2)  # the chunk uses both experts
+    assert chunk_sparsity_loss(same, seq_len=4, chunk=4) < chunk_sparsity_loss(varied, seq_len=4, chunk=4)
+
+
+def test_random_router_is_frozen_and_sends_no_gradient():
+    layer = _layer(RouterConfig(type="random", top_k=2))
+    x = torch.randn(2, 8, 16)
+    routing = layer.route(x.reshape(-1, 16), 8)
+    assert torch.equal(routing.experts_Tk, layer.route(x.reshape(-1, 16), 8).experts_Tk)  # a fixed function of x
+    assert routing.weights_Tk.unique().tolist() == [0.5]
+    assert not layer.router.weight.requires_grad
+    x.requires_grad_(True)
+    _, aux = layer(x)
+    assert not aux.objective.requires_grad  # its losses are constants: nothing to balance with
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["router.type=relu", "router.bias_update_rate=0.01"], "router.type"),
+        (["router.type=expert_choice", "router.num_groups=2", "router.group_top_k=1"], "router.type"),
+        (["router.tls_coef=0.1"], "router.tls_coef"),
+        (["router.type=relu", "router.score=sigmoid"], "router.score"),
+        (["router.type=relu", "moe.capacity_factor=1.0"], "moe.capacity_factor"),
+        (["router.type=relu", "router.chunk_size=0"], "router.chunk_size"),
+    ],
+)
+def test_invalid_combinations_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["moe.num_experts=8", *overrides])
+
+
+@pytest.mark.parametrize("router_type", ["expert_choice", "relu", "random"])
+def test_hf_export_refuses_routers_without_a_format(router_type):
+    from sparse_train.upcycle.hf import export_arch
+
+    with pytest.raises(ConfigError, match="router.type"):
+        export_arch(load_config(None, ["moe.num_experts=8", f"router.type={router_type}"]))
+
+
+@pytest.mark.parametrize("router_type", ["expert_choice", "relu", "random"])
+def test_each_router_trains_and_resumes_exactly(router_type, tmp_path):
+    from sparse_train.train.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    overrides = [f"router.type={router_type}", "train.steps=4", "checkpoint.every=2", "optimizer.warmup_steps=1"]
+    straight = Trainer(tiny_config(*overrides), tmp_path / "straight", log=lambda m: None)
+    try:
+        losses = [straight.train_step()["loss"] for _ in range(4)]
+    finally:
+        straight.close()
+    first = Trainer(tiny_config(*overrides), tmp_path / "resumed", log=lambda m: None)
+    try:
+        resumed = [first.train_step()["loss"] for _ in range(2)]
+        first.save()
+    finally:
+        first.close()
+    second = Trainer(tiny_config(*overrides), tmp_path / "resumed", resume="auto", log=lambda m: None)
+    try:
+        resumed += [second.train_step()["loss"] for _ in range(2)]
+    finally:
+        second.close()
+    assert resumed == losses  # bit-exact on CPU
+    assert losses[-1] < losses[0] or router_type == "random"
