@@ -146,10 +146,12 @@ class MoEConfig(Section):
 
 @dataclass
 class RouterConfig(Section):
-    type: Literal["topk", "sinkhorn", "expert_choice", "relu", "random", "topk_softmax"] = option(
+    type: Literal["topk", "sinkhorn", "selective_sinkhorn", "expert_choice", "relu", "random", "topk_softmax"] = option(
         "topk",
         "router kind: topk = token choice, each token picks its top_k experts; sinkhorn = in training, the top_k "
         "of a Sinkhorn-balanced transport plan over the data-parallel batch (plain top-k in evaluation); "
+        "selective_sinkhorn = softmax top-k, except on a fraction router.sinkhorn_fraction of the training steps, "
+        "spread evenly, where the experts and their weights come from the transport plan, differentiably; "
         "expert_choice = each expert takes its best ceil(capacity * seq_len * top_k / num_experts) tokens of "
         "every sequence (capacity = moe.capacity_factor, null = 1): sees future tokens of the sequence, which "
         "leaks them in a causal LM, in training and evaluation alike (a baseline, not a deployable router); "
@@ -158,6 +160,9 @@ class RouterConfig(Section):
         "router); topk_softmax: topk's old name",
     )
     sinkhorn_iters: int = option(8, "Sinkhorn iterations per routing (fixed: no host read to test convergence)")
+    sinkhorn_fraction: float = option(
+        0.25, "selective_sinkhorn: the fraction of training steps routed by the transport plan (1 = every step)"
+    )
     top_k: int = option(2, "experts per token")
     score: Literal["softmax", "sigmoid"] = option(
         "softmax", "expert scores: softmax over the experts, or an independent sigmoid per expert (DeepSeek-V3)"
@@ -212,9 +217,11 @@ class RouterConfig(Section):
             raise ConfigError(
                 "type", f"router.num_groups and router.bias_update_rate apply to router.type=topk, not {self.type}"
             )
+        if not 0 < self.sinkhorn_fraction <= 1:
+            raise ConfigError("sinkhorn_fraction", f"must be in (0, 1], got {self.sinkhorn_fraction}")
         if self.type != "relu" and (self.tls_coef or self.cls_coef):
             raise ConfigError("tls_coef", f"the sparsity objectives apply to router.type=relu, not {self.type}")
-        if self.type in ("relu", "random") and self.score != "softmax":
+        if self.type in ("relu", "random", "selective_sinkhorn") and self.score != "softmax":
             raise ConfigError("score", f"router.type={self.type} has its own weights: router.score does not apply")
         for name in ("collapse_share", "collapse_entropy"):
             if not 0 < getattr(self, name) <= 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Literal
 
 import torch
@@ -132,8 +133,40 @@ def select_experts(
     Sinkhorn (cfg.type): in training the experts are the top_k of the balanced plan of the
     logits (sinkhorn, over the batch `token_sum` spans); in evaluation, of the scores."""
     if cfg.type not in ("topk", "topk_softmax", "sinkhorn"):
-        raise ValueError(f"select_experts computes the top-k and Sinkhorn routers, not router.type={cfg.type!r}")
+        raise ValueError(
+            f"select_experts computes the top-k and Sinkhorn routers, not router.type={cfg.type!r} "
+            "(selective_sinkhorn: the function of that name; the others route in TopKRouter)"
+        )
     return _choose(logits_TE, expert_scores(logits_TE, cfg.score), cfg, expert_bias_E, training, token_sum)
+
+
+def sinkhorn_step(step: int, fraction: float) -> bool:
+    """Whether optimizer step `step` (0-based) of a selective_sinkhorn router routes by the
+    transport plan: the steps where (step + 1) * fraction passes an integer, so f N of every N
+    steps, evenly spread (fraction 1/4: steps 3, 7, 11, ...; fraction 1: every step). A function
+    of the step alone: every rank, layout and recomputation agrees, with no collective."""
+    f = Fraction(fraction).limit_denominator(1_000_000)
+    return math.floor((step + 1) * f) > math.floor(step * f)
+
+
+def selective_sinkhorn(
+    logits_TE: torch.Tensor, cfg: RouterConfig, *, plan_now: bool, token_sum: TokenSum = _local_sum
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selective Sinkhorn routing as a function: (weights_Tk, experts_Tk). With `plan_now` (a
+    selected training step: sinkhorn_step), the gates are the Sinkhorn transport plan of the
+    logits with each token's row normalised to sum to 1, computed with gradients through the
+    iterations; the experts are each token's top_k gates, weighted by them. Otherwise it is
+    the plain softmax top-k (cfg.renormalize and cfg.scaling_factor apply to both)."""
+    if plan_now:
+        plan_TE = sinkhorn(logits_TE, cfg.sinkhorn_iters, token_sum)
+        gates_TE = plan_TE / (plan_TE.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        gates_TE = expert_scores(logits_TE, "softmax")
+    experts_Tk = gates_TE.detach().topk(cfg.top_k, dim=-1).indices
+    weights_Tk = gates_TE.gather(1, experts_Tk)
+    if cfg.renormalize:
+        weights_Tk = weights_Tk / (weights_Tk.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights_Tk * cfg.scaling_factor, experts_Tk
 
 
 def _choose(
@@ -238,6 +271,8 @@ class TopKRouter(nn.Module):
         topk, sinkhorn   select_experts; k slots per token
         expert_choice    per sequence, each expert's best tokens; one slot per expert, some selected
         relu             relu_activations, every non-zero one selected; one slot per expert
+        selective_sinkhorn  selective_sinkhorn at the steps sinkhorn_step picks (`step`, set from
+                         outside before each optimizer step), softmax top-k otherwise
         random           the top_k of a frozen random projection (`weight` is not trained), equal
                          weights: routing hashes the hidden state, with no gradient to anything
 
@@ -257,6 +292,7 @@ class TopKRouter(nn.Module):
         self.cfg = cfg
         self.top_k = cfg.top_k
         self.capacity_factor = capacity_factor  # expert_choice's per-sequence capacity
+        self.step = 0  # the optimizer step being taken (Engine.set_step): selective Sinkhorn's schedule
         self.weight = nn.Parameter(torch.empty(num_experts, d_model), requires_grad=cfg.type != "random")
         # relu: the RMSNorm's gain over the experts' activations
         self.gain = nn.Parameter(torch.ones(num_experts)) if cfg.type == "relu" else None
@@ -287,6 +323,13 @@ class TopKRouter(nn.Module):
             routing = self._expert_choice(logits_TE, seq_len)
         elif self.cfg.type == "random":
             routing = self._random(logits_TE)
+        elif self.cfg.type == "selective_sinkhorn":
+            plan_now = self.training and sinkhorn_step(self.step, self.cfg.sinkhorn_fraction)
+            weights_Tk, experts_Tk = selective_sinkhorn(
+                logits_TE, self.cfg, plan_now=plan_now, token_sum=self.token_sum
+            )
+            stats = RoutingStats(logits_TE, expert_scores(logits_TE, "softmax"))
+            routing = Routing(experts_Tk, weights_Tk, stats)
         else:
             scores_TE = expert_scores(logits_TE, self.cfg.score)
             # select_experts, with the scores kept for the balancing loss

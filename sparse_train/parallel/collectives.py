@@ -57,3 +57,17 @@ class SumOverGroup:
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, group=self.group)
         return t
+
+
+class SumOverRanks:
+    """`t -> t summed over the ranks of group`, differentiable: the backward sums the gradients
+    over the ranks too, since every rank's result depends on every rank's input (Sinkhorn's
+    sums over the data-parallel batch, when its plan carries gradients)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t, group=self.group)

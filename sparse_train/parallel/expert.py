@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_module, distribu
 from sparse_train.config import ParallelConfig
 from sparse_train.models.losses import GlobalBatchCounts
 from sparse_train.models.sparse import SparseFFN
-from sparse_train.parallel.collectives import SumOverGroup, copy_to_group, reduce_from_group
+from sparse_train.parallel.collectives import SumOverGroup, SumOverRanks, copy_to_group, reduce_from_group
 from sparse_train.parallel.dims import Meshes, ParallelDims
 from sparse_train.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 
@@ -73,7 +73,7 @@ def apply_expert_parallel(model: nn.Module, dims: ParallelDims, meshes: Meshes, 
             layer.count_sync.reduce_across_ranks = SumOverGroup(dp_group)
         router = getattr(layer, "router", None)
         if getattr(router, "token_sum", None) is not None and dp_group is not None:
-            router.token_sum = SumOverGroup(dp_group)  # Sinkhorn balances the whole data-parallel batch
+            router.token_sum = SumOverRanks(dp_group)  # Sinkhorn balances the whole data-parallel batch
         if dims.ep == 1 and dims.tp == 1:
             continue
         hooks = _tp_region(mesh) if dims.tp > 1 else (None, None)

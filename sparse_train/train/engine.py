@@ -228,6 +228,14 @@ class Engine:
         """Names of the whole model's sparse layers ("block<i>"), in block order."""
         return self.all_sparse_names
 
+    def set_step(self, step: int) -> None:
+        """The optimizer step about to run, for routers whose choice depends on it (selective
+        Sinkhorn's steps); a Python int on every router: no device work, and an activation
+        checkpoint's recomputation routes as its forward did."""
+        for layer in self.module.modules():
+            if isinstance(layer, MoELayer):
+                layer.router.step = step
+
     def update_expert_bias(self, skipped: torch.Tensor) -> None:
         """After the optimizer step: every biased router's counts of the step, summed over the
         data-parallel ranks (one all-reduce for all layers, on the device; the global batch, so

@@ -383,6 +383,7 @@ class Trainer:
         skipped = ~torch.isfinite(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.found_inf = skipped.float()  # fused AdamW leaves everything as it was when set
+        self.engine.set_step(self.step)
         self.optimizer.step()
         self.engine.update_expert_bias(skipped)  # aux-loss-free balancing, when a router has a bias
         self.skips.record(skipped)

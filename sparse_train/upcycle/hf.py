@@ -278,7 +278,7 @@ def export_arch(cfg: Config) -> str:
     if cfg.router.combine != "weights":
         raise ConfigError("router.combine", "HF MoE blocks weight experts by the router: export needs combine: weights")
     r = cfg.router
-    if r.type not in ("topk", "topk_softmax", "sinkhorn"):  # sinkhorn routes by plain top-k at inference
+    if r.type not in ("topk", "topk_softmax", "sinkhorn", "selective_sinkhorn"):  # both Sinkhorns: top-k at inference
         raise ConfigError("router.type", f"{r.type} routing has no Hugging Face MoE format; keep --format native")
     for key, value, plain in (
         ("score", r.score, "softmax"),

@@ -17,6 +17,9 @@ from sparse_train.models.routers import (
     expert_choice,
     expert_choice_capacity,
     relu_activations,
+    selective_sinkhorn,
+    sinkhorn,
+    sinkhorn_step,
     token_sparsity,
     token_sparsity_loss,
 )
@@ -122,6 +125,47 @@ def test_random_router_is_frozen_and_sends_no_gradient():
     assert not aux.objective.requires_grad  # its losses are constants: nothing to balance with
 
 
+def test_selective_sinkhorn_plans_on_an_even_fraction_of_steps():
+    assert [s for s in range(12) if sinkhorn_step(s, 0.25)] == [3, 7, 11]
+    assert [s for s in range(30) if sinkhorn_step(s, 0.1)] == [9, 19, 29]
+    assert all(sinkhorn_step(s, 1.0) for s in range(5))
+
+
+def test_selective_sinkhorn_gates_are_the_plans_rows_and_carry_gradients():
+    torch.manual_seed(2)
+    cfg = RouterConfig(type="selective_sinkhorn", top_k=2, renormalize=False)
+    skewed = (torch.randn(64, 4) + torch.tensor([3.0, 0.0, 0.0, 0.0])).requires_grad_(True)
+    weights, experts = selective_sinkhorn(skewed, cfg, plan_now=True)
+    plan = sinkhorn(skewed.detach(), cfg.sinkhorn_iters)
+    gates = plan / plan.sum(dim=-1, keepdim=True)
+    assert torch.equal(experts, gates.topk(2, dim=-1).indices)
+    torch.testing.assert_close(weights.detach(), gates.gather(1, experts))
+    soft_weights, soft_experts = selective_sinkhorn(skewed, cfg, plan_now=False)
+    assert torch.equal(soft_experts, skewed.detach().softmax(-1).topk(2, dim=-1).indices)
+    # the plan balances: the skewed expert 0 is no longer in every token's choice
+    assert (experts == 0).any(-1).float().mean() < 0.75 < (soft_experts == 0).any(-1).float().mean()
+    (weights * torch.arange(2.0)).sum().backward()
+    assert skewed.grad.abs().sum() > 0  # through the Sinkhorn iterations
+
+
+def test_selective_sinkhorn_router_follows_the_step_and_evaluates_by_softmax():
+    layer = _layer(RouterConfig(type="selective_sinkhorn", top_k=2, sinkhorn_fraction=0.5))
+    x_TD = torch.randn(16, 16)
+    logits = x_TD @ layer.router.weight.T
+
+    def chosen(step: int, training: bool) -> torch.Tensor:
+        layer.train(training)
+        layer.router.step = step
+        return layer.route(x_TD).experts_Tk
+
+    plan_choice = selective_sinkhorn(logits, layer.router_cfg, plan_now=True)[1]
+    softmax_choice = selective_sinkhorn(logits, layer.router_cfg, plan_now=False)[1]
+    assert not torch.equal(plan_choice, softmax_choice)
+    assert torch.equal(chosen(1, True), plan_choice)  # steps 1, 3, ... at fraction 1/2
+    assert torch.equal(chosen(2, True), softmax_choice)
+    assert torch.equal(chosen(1, False), softmax_choice)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -131,6 +175,8 @@ def test_random_router_is_frozen_and_sends_no_gradient():
         (["router.type=relu", "router.score=sigmoid"], "router.score"),
         (["router.type=relu", "moe.capacity_factor=1.0"], "moe.capacity_factor"),
         (["router.type=relu", "router.chunk_size=0"], "router.chunk_size"),
+        (["router.type=selective_sinkhorn", "router.sinkhorn_fraction=0"], "router.sinkhorn_fraction"),
+        (["router.type=selective_sinkhorn", "router.score=sigmoid"], "router.score"),
     ],
 )
 def test_invalid_combinations_are_one_line_errors(overrides, message):
@@ -146,12 +192,14 @@ def test_hf_export_refuses_routers_without_a_format(router_type):
         export_arch(load_config(None, ["moe.num_experts=8", f"router.type={router_type}"]))
 
 
-@pytest.mark.parametrize("router_type", ["expert_choice", "relu", "random"])
+@pytest.mark.parametrize("router_type", ["expert_choice", "relu", "random", "selective_sinkhorn"])
 def test_each_router_trains_and_resumes_exactly(router_type, tmp_path):
     from sparse_train.train.trainer import Trainer
     from tests.conftest import tiny_config
 
     overrides = [f"router.type={router_type}", "train.steps=4", "checkpoint.every=2", "optimizer.warmup_steps=1"]
+    if router_type == "selective_sinkhorn":
+        overrides.append("router.sinkhorn_fraction=0.5")  # steps 1 and 3: one on each side of the resume
     straight = Trainer(tiny_config(*overrides), tmp_path / "straight", log=lambda m: None)
     try:
         losses = [straight.train_step()["loss"] for _ in range(4)]
