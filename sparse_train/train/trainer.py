@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from sparse_train.config import Config, ConfigError, compose_config
-from sparse_train.data.dataset import BatchSampler, TokenData, load_token_data, validation_batches
+from sparse_train.data.dataset import TokenData, load_token_data, make_sampler, validation_batches
 from sparse_train.data.tokenizer import build_tokenizer
 from sparse_train.errors import CheckpointError, OutOfMemory, TrainingStopped
 from sparse_train.models.sparse import LOAD_NAMES
@@ -33,6 +33,7 @@ from sparse_train.train.engine import Engine
 from sparse_train.train.metrics import MetricsLogger
 from sparse_train.train.optim import build_optimizer, build_scheduler, load_scheduler_state
 from sparse_train.train.skips import SkipCounts, SkippedSteps
+from sparse_train.train.sources import SourceEvaluation, source_records
 from sparse_train.train.summary import RunSummary
 from sparse_train.train.weights import WeightSource
 
@@ -147,8 +148,13 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.cfg.train.steps)
         t = self.cfg.train
-        self.sampler = BatchSampler(self.data.train, self.cfg.data.seq_len, t.batch_size, t.seed)
+        self.sampler = make_sampler(self.data, self.cfg.data.seq_len, t.batch_size, t.seed)
         self.val_batches = validation_batches(self.data.val, self.cfg.data.seq_len, t.batch_size, t.eval_batches)
+        # A mixture's sources are evaluated apart, each on its own fixed batches (train/sources.py).
+        self.source_val_batches = {
+            s.name: validation_batches(s.val, self.cfg.data.seq_len, t.batch_size, t.eval_batches)
+            for s in self.data.sources
+        }
         self.step = 0
         self.skips = SkippedSteps(self.device)
         self.collapse = CollapseWatch(self.cfg.router, self.log)
@@ -377,13 +383,13 @@ class Trainer:
     def _train_step(self, report: bool) -> dict[str, Any]:
         self.engine.module.train()
         batches = [self.sampler.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        self.engine.set_step(self.step)
         local = self.engine.forward_backward(batches, self.autocast)
         # A non-finite loss on any rank makes the global norm infinite on all of them.
         grad_norm = self.engine.clip_grad_norm(self.cfg.optimizer.grad_clip, poison=~local.finite)
         skipped = ~torch.isfinite(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.found_inf = skipped.float()  # fused AdamW leaves everything as it was when set
-        self.engine.set_step(self.step)
         self.optimizer.step()
         self.engine.update_expert_bias(skipped)  # aux-loss-free balancing, when a router has a bias
         self.skips.record(skipped)
@@ -461,10 +467,25 @@ class Trainer:
         )
 
     def evaluate(self) -> tuple[float, np.ndarray]:
-        """Mean validation LM loss over the fixed validation batches, and expert load [layers, E]."""
-        val_loss, loads = self.engine.evaluate(self.val_batches, self.autocast)
+        """Mean validation LM loss over the fixed validation batches, and expert load [layers, E].
+        With a mixture, over the pooled sources (evaluate_sources)."""
+        if self.source_val_batches:
+            result = self.evaluate_sources()
+            return result.val_loss, result.load_LE
+        return self._evaluate_batches(self.val_batches)
+
+    def _evaluate_batches(self, batches: list) -> tuple[float, np.ndarray]:
+        val_loss, loads = self.engine.evaluate(batches, self.autocast)
         load_LE = np.stack([v.numpy() for v in loads]) if loads else np.zeros((0, 0))
         return val_loss, load_LE
+
+    def evaluate_sources(self) -> SourceEvaluation:
+        """Each mixture source's validation loss and expert load (collective: one engine
+        evaluation per source, the same sequence on every rank)."""
+        losses, loads = {}, {}
+        for name, batches in self.source_val_batches.items():
+            losses[name], loads[name] = self._evaluate_batches(batches)
+        return SourceEvaluation(losses, loads)
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> RunSummary:
@@ -558,8 +579,14 @@ class Trainer:
         self.peak_memory_mb = {"build": max(build), "step": max(step), "ranks": len(table)}
 
     def _evaluate_and_log(self) -> float:
-        val_loss, load_LE = self.evaluate()
-        self.metrics.log({"step": self.step, "val_loss": val_loss})
+        if self.source_val_batches:
+            result = self.evaluate_sources()
+            val_loss, load_LE = result.val_loss, result.load_LE
+            names = self.engine.layer_names() if load_LE.size else []
+            self.metrics.log({"step": self.step, **source_records(result, names, self.cfg.model.ffn)})
+        else:
+            val_loss, load_LE = self.evaluate()
+            self.metrics.log({"step": self.step, "val_loss": val_loss})
         if load_LE.size:
             self.metrics.log_load(self.step, load_LE, self.engine.layer_names(), self.cfg.model.ffn)
         return val_loss
