@@ -125,3 +125,19 @@ def test_a_resumed_mixture_run_reproduces_the_uninterrupted_one(tmp_path):
     assert list(resumed) == [4, 5, 6]
     assert all(resumed[step]["loss"] == full[step]["loss"] for step in resumed)
     assert records("resumed", "val_loss")[6] == records("full", "val_loss")[6]
+
+
+def test_fff_layers_and_dense_models_report_per_source(tmp_path):
+    fff = ["model.ffn=fff", "fff.depth=2", "fff.leaf_width=16", "fff.kernel_backend=torch"]
+    for kind, extra in (("fff", fff), ("dense", ["model.ffn=dense"])):
+        run = tmp_path / kind
+        Trainer(mixture_config(tmp_path / f"data-{kind}", *extra), run, log=lambda msg: None).fit()
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        record = [r for r in map(json.loads, lines) if "val_loss" in r][-1]
+        assert {"val_loss/words", "val_loss/digits", "val_loss/symbols"} <= set(record)
+        layers = [k for k in record if k.endswith("/specialisation")]
+        if kind == "fff":  # the tree's leaves are its experts
+            assert layers == ["fff/block0/specialisation", "fff/block1/specialisation"]
+            assert len(record["fff/block0/leaf_usage/digits"]) == 4
+        else:
+            assert layers == []
