@@ -121,6 +121,11 @@ class MoEConfig(Section):
     shared_expert_gate: bool = option(
         False, "scale the shared experts' output by sigmoid(<g, x>), a learned gate per token (Qwen2-MoE)"
     )
+    zero_experts: int = option(0, "MoE++ zero-computation experts that output 0 (routed like any expert; no FLOPs)")
+    copy_experts: int = option(0, "MoE++ zero-computation experts that output their input")
+    constant_experts: int = option(
+        0, "MoE++ experts that output a1 x + a2 v: a learned vector v, (a1, a2) = softmax(W x), W a learned 2 x D"
+    )
     capacity_factor: float | None = option(
         None,
         "expert capacity = ceil(factor * tokens * top_k / num_experts); null = dropless (router.type="
@@ -137,7 +142,7 @@ class MoEConfig(Section):
 
     def validate(self) -> None:
         _positive(self, "num_experts", "expert_hidden", "shared_expert_hidden")
-        _non_negative(self, "num_shared_experts")
+        _non_negative(self, "num_shared_experts", "zero_experts", "copy_experts", "constant_experts")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ConfigError("capacity_factor", f"must be > 0, or null for dropless, got {self.capacity_factor}")
         if self.shared_expert_gate and not self.num_shared_experts:
@@ -477,10 +482,16 @@ class Config(Section):
     parallel: ParallelConfig = option(factory=ParallelConfig, help="parallel layout (degrees)")
 
     def validate(self) -> None:
-        if self.model.ffn == "moe" and self.router.top_k > self.moe.num_experts:
+        choices = self.moe.num_experts + self.moe.zero_experts + self.moe.copy_experts + self.moe.constant_experts
+        if self.model.ffn == "moe" and self.router.top_k > choices:
             raise ConfigError(
                 "router.top_k",
-                f"must be <= moe.num_experts ({self.moe.num_experts}), got {self.router.top_k}",
+                f"must be <= the router's choices (moe.num_experts and the zero-computation experts, {choices}), "
+                f"got {self.router.top_k}",
+            )
+        if choices > self.moe.num_experts and self.router.num_groups is not None:
+            raise ConfigError(
+                "router.num_groups", "group-limited routing groups the FFN experts: no zero-computation experts"
             )
         groups = self.router.num_groups
         if self.model.ffn == "moe" and groups is not None and self.moe.num_experts % groups:

@@ -21,6 +21,7 @@ from sparse_train.models.routers import (
     token_sparsity_loss,
 )
 from sparse_train.models.sparse import SparseAux, SparseFFN
+from sparse_train.models.zero_experts import ZeroComputationExperts
 
 
 class MoEAux(SparseAux):
@@ -76,7 +77,13 @@ class MoELayer(SparseFFN):
         self.router_cfg = router
         self.capacity_factor = moe.capacity_factor
         self.drop_policy = moe.drop_policy
-        self.router = TopKRouter(d_model, moe.num_experts, router, moe.capacity_factor)
+        # MoE++: the router also chooses among zero-computation experts, computed here on every rank
+        zero_computation = ZeroComputationExperts(
+            d_model, moe.num_experts, moe.zero_experts, moe.copy_experts, moe.constant_experts
+        )
+        self.zero_computation = zero_computation if zero_computation.choices > moe.num_experts else None
+        self.num_choices = zero_computation.choices  # the router's: FFN experts, then zero-computation ones
+        self.router = TopKRouter(d_model, self.num_choices, router, moe.capacity_factor)
         self.experts = SwiGLUExperts(moe.num_experts, d_model, moe.expert_hidden, moe.kernel_backend)
         shared_hidden = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
         self.shared_experts = SwiGLU(d_model, shared_hidden) if shared_hidden else None
@@ -90,15 +97,21 @@ class MoELayer(SparseFFN):
             self._count_for_bias(routing.experts_Tk)
         # expert_choice's capacity is its own (per sequence); relu has none (config validation)
         if self.capacity_factor is not None and routing.selected_Tk is None:
-            routing = apply_capacity(routing, self.num_experts, self.capacity_factor, self.drop_policy)
+            routing = apply_capacity(routing, self.num_choices, self.capacity_factor, self.drop_policy)
         return routing
+
+    def ffn_routing(self, routing: Routing) -> Routing:
+        """The part of `routing` the FFN experts compute (all of it without zero-computation experts)."""
+        return routing if self.zero_computation is None else self.zero_computation.ffn_part(routing)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.route(x_TD, S)
-        expert_input, handle = self.dispatcher.dispatch(x_TD, routing)
+        expert_input, handle = self.dispatcher.dispatch(x_TD, self.ffn_routing(routing))
         y_TD = self.dispatcher.combine(self.experts(expert_input), handle)
+        if self.zero_computation is not None:
+            y_TD = y_TD + self.zero_computation.output(x_TD, routing)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_output(x_TD)
         return y_TD.reshape(B, S, D), self.aux(routing, seq_len=S)
@@ -106,14 +119,14 @@ class MoELayer(SparseFFN):
     # ---- aux-loss-free balancing (router.bias_update_rate) ---------------------------------
     def _count_for_bias(self, experts_Tk: torch.Tensor) -> None:
         """Add this micro-batch's selections per expert to the step's counts (on the device)."""
-        counts_E = expert_counts(experts_Tk, self.num_experts).float()
+        counts_E = expert_counts(experts_Tk, self.num_choices).float()
         self.bias_counts_E = counts_E if self.bias_counts_E is None else self.bias_counts_E + counts_E
 
     def take_bias_counts(self) -> torch.Tensor:
         """The step's selections per expert on this rank (zeros if none), and a fresh start."""
         counts_E, self.bias_counts_E = self.bias_counts_E, None
         if counts_E is None:
-            return torch.zeros(self.num_experts, device=self.router.weight.device)
+            return torch.zeros(self.num_choices, device=self.router.weight.device)
         return counts_E
 
     @torch.no_grad()
@@ -142,13 +155,15 @@ class MoELayer(SparseFFN):
             selected_Tk=selected,
         )
         with torch.no_grad():
-            load_E = expert_counts(routing.experts_Tk, self.num_experts, selected)
+            load_E = expert_counts(routing.experts_Tk, self.num_choices, selected)  # every choice, kinds too
             load_E = load_E / load_E.sum().clamp_min(1.0)
-            kept, active = routing.kept_Tk, routing.active_Tk
+            kept, active = routing.kept_Tk, self.ffn_routing(routing).active_Tk
             dropped = load_E.new_zeros(()) if kept is None else 1.0 - kept.float().mean()
-            # experts that compute for a token, after drops (top_k when dropless)
+            # FFN experts that compute for a token, after drops (top_k when dropless)
             per_token = load_E.new_full((), routing.top_k) if active is None else active.float().sum(-1).mean()
             extra = {"experts_per_token": per_token}
+            if self.zero_computation is not None:
+                extra.update(self.zero_computation.kind_fractions(routing))
             if (bias_E := self.router.expert_bias_E) is not None:
                 extra["expert_bias_range"] = (bias_E.max() - bias_E.min()).float()
             if self.router_cfg.type == "relu":
@@ -162,7 +177,7 @@ class MoELayer(SparseFFN):
         """The relu router's TLS and CLS objectives, weighted (BlockFFN); zero for other routers."""
         cfg, objective = self.router_cfg, 0.0
         if cfg.tls_coef:
-            objective = objective + cfg.tls_coef * token_sparsity_loss(logits_TE, self.num_experts)
+            objective = objective + cfg.tls_coef * token_sparsity_loss(logits_TE, logits_TE.shape[-1])
         if cfg.cls_coef:
             objective = objective + cfg.cls_coef * chunk_sparsity_loss(logits_TE, seq_len, cfg.chunk_size)
         return objective
@@ -172,7 +187,8 @@ def moe_reference_forward(layer: MoELayer, x_BSD: torch.Tensor) -> torch.Tensor:
     """The MoE layer's output by a per-expert loop over the tokens that chose it; for tests."""
     B, S, D = x_BSD.shape
     x_TD = x_BSD.reshape(B * S, D)
-    routing = layer.route(x_TD, S)
+    full_routing = layer.route(x_TD, S)
+    routing = layer.ffn_routing(full_routing)
     active = routing.active_Tk
     kept_Tk = active if active is not None else torch.ones_like(routing.experts_Tk, dtype=torch.bool)
     y_TD = torch.zeros_like(x_TD)
@@ -182,6 +198,8 @@ def moe_reference_forward(layer: MoELayer, x_BSD: torch.Tensor) -> torch.Tensor:
             continue
         out_nD = layer.experts.expert_forward(e, x_TD[token_n])
         y_TD = y_TD.index_add(0, token_n, out_nD * routing.weights_Tk[token_n, slot_n, None].to(x_TD.dtype))
+    if layer.zero_computation is not None:
+        y_TD = y_TD + layer.zero_computation.output(x_TD, full_routing)
     if layer.shared_experts is not None:
         y_TD = y_TD + layer.shared_output(x_TD)
     return y_TD.reshape(B, S, D)

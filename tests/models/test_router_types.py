@@ -177,6 +177,9 @@ def test_selective_sinkhorn_router_follows_the_step_and_evaluates_by_softmax():
         (["router.type=relu", "router.chunk_size=0"], "router.chunk_size"),
         (["router.type=selective_sinkhorn", "router.sinkhorn_fraction=0"], "router.sinkhorn_fraction"),
         (["router.type=selective_sinkhorn", "router.score=sigmoid"], "router.score"),
+        (["moe.zero_experts=-1"], "moe.zero_experts"),
+        (["moe.zero_experts=1", "router.num_groups=2", "router.group_top_k=1"], "router.num_groups"),
+        (["moe.num_experts=2", "moe.copy_experts=1", "router.top_k=4"], "router.top_k"),
     ],
 )
 def test_invalid_combinations_are_one_line_errors(overrides, message):
@@ -218,3 +221,51 @@ def test_each_router_trains_and_resumes_exactly(router_type, tmp_path):
         second.close()
     assert resumed == losses  # bit-exact on CPU
     assert losses[-1] < losses[0] or router_type == "random"
+
+
+def _zero_computation_by_loop(layer: MoELayer, x_TD: torch.Tensor, routing) -> torch.Tensor:
+    """The zero-computation experts' share, slot by slot, from their definitions (MoE++)."""
+    zc = layer.zero_computation
+    y = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for slot in range(routing.top_k):
+            e, w = int(routing.experts_Tk[t, slot]), routing.weights_Tk[t, slot]
+            copy_at, constant_at = zc.first + zc.zero, zc.first + zc.zero + zc.copy
+            if copy_at <= e < constant_at:
+                y[t] += w * x_TD[t]
+            elif e >= constant_at:
+                j = e - constant_at
+                a1, a2 = (zc.constant_gates[j] @ x_TD[t]).softmax(-1)
+                y[t] += w * (a1 * x_TD[t] + a2 * zc.constant_vectors[j])
+    return y
+
+
+def test_zero_computation_experts_by_their_definitions_and_outside_the_dispatch():
+    layer = _layer(RouterConfig(top_k=3), zero_experts=1, copy_experts=1, constant_experts=2)
+    x = torch.randn(2, 8, 16)
+    x_TD = x.reshape(-1, 16)
+    routing = layer.route(x_TD, 8)
+    kinds = layer.zero_computation.kind_of(routing.experts_Tk)
+    assert set(kinds.unique().tolist()) == {0, 1, 2, 3}  # every kind is chosen somewhere
+    ffn = layer.ffn_routing(routing)
+    expert_input, _ = layer.dispatcher.dispatch(x_TD, ffn)
+    assert int(expert_input.counts_E.sum()) == int((routing.experts_Tk < 4).sum())  # only FFN work is dispatched
+    y, aux = layer(x)
+    ffn_only = moe_reference_forward(layer, x).reshape(-1, 16) - layer.zero_computation.output(x_TD, routing)
+    torch.testing.assert_close(
+        y.reshape(-1, 16), ffn_only + _zero_computation_by_loop(layer, x_TD, routing), rtol=1e-5, atol=1e-5
+    )
+    shares = [aux.metrics[f"{k}_fraction"].item() for k in ("ffn", "zero", "copy", "constant")]
+    assert sum(shares) == pytest.approx(1.0) and all(s > 0 for s in shares)
+    assert aux.metrics["experts_per_token"].item() == pytest.approx(
+        float((routing.experts_Tk < 4).sum(-1).float().mean())
+    )
+    assert aux.load.shape == (4 + 1 + 1 + 2,)  # balanced over every choice, like any expert
+
+
+@pytest.mark.parametrize("option", ["zero_experts", "copy_experts", "constant_experts"])
+def test_hf_export_refuses_zero_computation_experts(option):
+    from sparse_train.upcycle.hf import export_arch
+
+    with pytest.raises(ConfigError, match=f"moe.{option}"):
+        export_arch(load_config(None, ["moe.num_experts=8", f"moe.{option}=1"]))
