@@ -225,8 +225,8 @@ def header_documents(roots: list[tuple[Path, str]] | None = None) -> list[tuple[
         for f in sorted(p for p in folder.glob(pattern) if p.is_file()):
             try:
                 text = f.read_text(encoding="utf-8", errors="replace")
-            except OSError:
-                continue  # an unreadable system header: the others still make the domain
+            except OSError as err:
+                raise DataError(f"built-in domain 'headers': {f}: cannot read ({err.strerror})") from None
             docs.append((f"headers/{folder.name}/{f.relative_to(folder)}", text))
     if not docs:
         where = ", ".join(f"{folder}/{pattern}" for folder, pattern in roots)

@@ -26,6 +26,15 @@ def _subset() -> list[tuple[str, domains.SplitSource]]:
     return list(domains.split_files(files, root))
 
 
+def _headers_or_skip() -> list[tuple[str, str]]:
+    """The headers domain; a machine with no C headers has none, by design (the issue asks for a
+    third domain "where the install has them"), and says so."""
+    try:
+        return domains.header_documents()
+    except DataError as err:
+        pytest.skip(f"no C headers on this machine: {err}")
+
+
 def _letter_share(text: str) -> float:
     return sum(ch.isalpha() or ch == " " for ch in text) / len(text)
 
@@ -83,7 +92,7 @@ def test_prose_domain_is_mostly_letters_and_spaces_and_unlike_code():
 
 
 def test_headers_domain_is_c_and_ordered():
-    docs = domains.header_documents()
+    docs = _headers_or_skip()
     assert docs == domains.header_documents()
     assert any(d.endswith("/Python.h") for d, _ in docs)
     text = "".join(t for _, t in docs)
@@ -115,6 +124,7 @@ def test_unknown_domain_is_one_line():
 
 def test_every_domain_exists_on_this_machine(monkeypatch):
     # the whole pipeline through domain_documents, on the subset (the full library takes seconds)
+    _headers_or_skip()
     root = stdlib_root()
     monkeypatch.setattr(domains, "stdlib_files", lambda: [root / p for p in sorted(SUBSET)])
     domains._stdlib_split.cache_clear()

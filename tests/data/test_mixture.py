@@ -13,6 +13,7 @@ from sparse_train.data.corpus import DataError, stdlib_root
 from sparse_train.data.dataset import BatchSampler, MixtureSampler, TokenData, load_token_data, make_sampler
 from sparse_train.data.tokenizer import ByteTokenizer
 from tests.conftest import tiny_config
+from tests.data.test_domains import _headers_or_skip
 
 TOK = ByteTokenizer()
 
@@ -127,6 +128,7 @@ def test_a_source_too_small_is_one_line_naming_it(tmp_path):
 
 def test_builtin_sources_load_through_the_same_split(monkeypatch):
     # a few modules stand in for the whole library (seconds to split): the path is the same
+    _headers_or_skip()
     root = stdlib_root()
     monkeypatch.setattr(domains, "stdlib_files", lambda: [root / p for p in ("argparse.py", "textwrap.py", "shlex.py")])
     domains._stdlib_split.cache_clear()
@@ -138,3 +140,12 @@ def test_builtin_sources_load_through_the_same_split(monkeypatch):
     assert [s.name for s in data.sources] == ["py", "en", "c"]
     assert all(s.train.size > 1_000 and s.val.size > 32 for s in data.sources)
     assert data.sources[0].source.startswith("code: Python standard library code")
+
+
+def test_a_missing_builtin_domain_is_one_line_naming_source_and_domain(tmp_path, monkeypatch):
+    monkeypatch.setattr(domains, "header_roots", lambda: [(tmp_path / "include", "**/*.h")])
+    with pytest.raises(DataError) as err:
+        load_token_data(_mixture("{name: c, builtin: headers}"), TOK, TOK.vocab_size)
+    assert str(err.value) == (
+        f"data.mixture source 'c': built-in domain 'headers': no C headers found (looked in {tmp_path}/include/**/*.h)"
+    )
