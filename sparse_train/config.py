@@ -484,11 +484,10 @@ class Config(Section):
     def validate(self) -> None:
         choices = self.moe.num_experts + self.moe.zero_experts + self.moe.copy_experts + self.moe.constant_experts
         if self.model.ffn == "moe" and self.router.top_k > choices:
-            raise ConfigError(
-                "router.top_k",
-                f"must be <= the router's choices (moe.num_experts and the zero-computation experts, {choices}), "
-                f"got {self.router.top_k}",
-            )
+            what = f"moe.num_experts ({choices})"
+            if choices > self.moe.num_experts:
+                what = f"moe.num_experts plus the zero-computation experts ({choices})"
+            raise ConfigError("router.top_k", f"must be <= {what}, got {self.router.top_k}")
         if choices > self.moe.num_experts and self.router.num_groups is not None:
             raise ConfigError(
                 "router.num_groups", "group-limited routing groups the FFN experts: no zero-computation experts"
