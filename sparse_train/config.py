@@ -126,6 +126,11 @@ class MoEConfig(Section):
     constant_experts: int = option(
         0, "MoE++ experts that output a1 x + a2 v: a learned vector v, (a1, a2) = softmax(W x), W a learned 2 x D"
     )
+    gating_residual: bool = option(
+        False,
+        "MoE++ gating residuals: each MoE layer after the first adds the previous MoE layer's router logits, "
+        "through a learned square projection (zero at the start), to its own",
+    )
     capacity_factor: float | None = option(
         None,
         "expert capacity = ceil(factor * tokens * top_k / num_experts); null = dropless (router.type="
@@ -488,6 +493,8 @@ class Config(Section):
             if choices > self.moe.num_experts:
                 what = f"moe.num_experts plus the zero-computation experts ({choices})"
             raise ConfigError("router.top_k", f"must be <= {what}, got {self.router.top_k}")
+        if self.moe.gating_residual and self.model.ffn != "moe":
+            raise ConfigError("moe.gating_residual", "adds router logits between MoE layers: needs model.ffn=moe")
         if choices > self.moe.num_experts and self.router.num_groups is not None:
             raise ConfigError(
                 "router.num_groups", "group-limited routing groups the FFN experts: no zero-computation experts"

@@ -71,7 +71,8 @@ class MoEAux(SparseAux):
 class MoELayer(SparseFFN):
     kind = "moe"
 
-    def __init__(self, d_model: int, moe: MoEConfig, router: RouterConfig) -> None:
+    def __init__(self, d_model: int, moe: MoEConfig, router: RouterConfig, *, follows_moe: bool = False) -> None:
+        """`follows_moe`: an MoE layer comes before this one (its logits feed moe.gating_residual)."""
         super().__init__()
         self._init_seams(moe.num_experts, router.balance_scope)
         self.router_cfg = router
@@ -84,15 +85,26 @@ class MoELayer(SparseFFN):
         self.zero_computation = zero_computation if zero_computation.choices > moe.num_experts else None
         self.num_choices = zero_computation.choices  # the router's: FFN experts, then zero-computation ones
         self.router = TopKRouter(d_model, self.num_choices, router, moe.capacity_factor)
+        # MoE++ gating residual: the previous MoE layer's logits, projected, join this router's
+        self.passes_logits = moe.gating_residual
+        self.gating_residual = (
+            nn.Linear(self.num_choices, self.num_choices, bias=False) if moe.gating_residual and follows_moe else None
+        )
         self.experts = SwiGLUExperts(moe.num_experts, d_model, moe.expert_hidden, moe.kernel_backend)
         shared_hidden = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
         self.shared_experts = SwiGLU(d_model, shared_hidden) if shared_hidden else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if moe.shared_expert_gate else None
         self.bias_counts_E: torch.Tensor | None = None  # this step's selections, for the aux-free bias
 
-    def route(self, x_TD: torch.Tensor, seq_len: int | None = None) -> Routing:
-        """`seq_len`: tokens per sequence in x_TD (None: one sequence), for the routers that need it."""
-        routing = self.router(x_TD, seq_len)
+    def route(
+        self, x_TD: torch.Tensor, seq_len: int | None = None, previous_logits_TE: torch.Tensor | None = None
+    ) -> Routing:
+        """`seq_len`: tokens per sequence in x_TD (None: one sequence), for the routers that need it;
+        `previous_logits_TE`: the previous MoE layer's router logits (moe.gating_residual)."""
+        residual_TE = None
+        if self.gating_residual is not None and previous_logits_TE is not None:
+            residual_TE = self.gating_residual(previous_logits_TE.float())
+        routing = self.router(x_TD, seq_len, residual_TE)
         if self.training and self.router.expert_bias_E is not None:
             self._count_for_bias(routing.experts_Tk)
         # expert_choice's capacity is its own (per sequence); relu has none (config validation)
@@ -104,17 +116,22 @@ class MoELayer(SparseFFN):
         """The part of `routing` the FFN experts compute (all of it without zero-computation experts)."""
         return routing if self.zero_computation is None else self.zero_computation.ffn_part(routing)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    def forward(
+        self, x_BSD: torch.Tensor, previous_logits_TE: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        routing = self.route(x_TD, S)
+        routing = self.route(x_TD, S, previous_logits_TE)
         expert_input, handle = self.dispatcher.dispatch(x_TD, self.ffn_routing(routing))
         y_TD = self.dispatcher.combine(self.experts(expert_input), handle)
         if self.zero_computation is not None:
             y_TD = y_TD + self.zero_computation.output(x_TD, routing)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_output(x_TD)
-        return y_TD.reshape(B, S, D), self.aux(routing, seq_len=S)
+        aux = self.aux(routing, seq_len=S)
+        if self.passes_logits:
+            aux.carry = routing.stats.logits_TE
+        return y_TD.reshape(B, S, D), aux
 
     # ---- aux-loss-free balancing (router.bias_update_rate) ---------------------------------
     def _count_for_bias(self, experts_Tk: torch.Tensor) -> None:
@@ -183,11 +200,13 @@ class MoELayer(SparseFFN):
         return objective
 
 
-def moe_reference_forward(layer: MoELayer, x_BSD: torch.Tensor) -> torch.Tensor:
+def moe_reference_forward(
+    layer: MoELayer, x_BSD: torch.Tensor, previous_logits_TE: torch.Tensor | None = None
+) -> torch.Tensor:
     """The MoE layer's output by a per-expert loop over the tokens that chose it; for tests."""
     B, S, D = x_BSD.shape
     x_TD = x_BSD.reshape(B * S, D)
-    full_routing = layer.route(x_TD, S)
+    full_routing = layer.route(x_TD, S, previous_logits_TE)
     routing = layer.ffn_routing(full_routing)
     active = routing.active_Tk
     kept_Tk = active if active is not None else torch.ones_like(routing.experts_Tk, dtype=torch.bool)

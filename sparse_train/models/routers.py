@@ -305,9 +305,12 @@ class TopKRouter(nn.Module):
         else:
             self.expert_bias_E = None
 
-    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> Routing:
+    def forward(
+        self, x_TD: torch.Tensor, seq_len: int | None = None, residual_TE: torch.Tensor | None = None
+    ) -> Routing:
         """`seq_len`: tokens per sequence of x_TD (sequences whole, in order), which expert_choice and
-        the relu router's chunk metrics need; None = x_TD is one sequence."""
+        the relu router's chunk metrics need; None = x_TD is one sequence. `residual_TE`: added to
+        the logits (MoE++ gating residual)."""
         seq_len = seq_len or x_TD.shape[0]
         # Routing decisions are made in fp32 even under bf16 autocast: top-k on bf16 ties and
         # flips between steps, which makes the expert assignment noisy.
@@ -317,6 +320,8 @@ class TopKRouter(nn.Module):
                     logits_TE = F.linear(x_TD.detach().float(), self.weight.float())
             else:
                 logits_TE = F.linear(x_TD.float(), self.weight.float())
+            if residual_TE is not None:
+                logits_TE = logits_TE + residual_TE.float()
         if self.cfg.type == "relu":
             routing = self._relu(logits_TE, seq_len)
         elif self.cfg.type == "expert_choice":

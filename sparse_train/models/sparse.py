@@ -30,10 +30,13 @@ class SparseAux:
     losses: dict[str, torch.Tensor]
     load: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    # what the next sparse layer reads (MoE++ gating residual: this layer's router logits [T, E])
+    carry: torch.Tensor | None = None
 
     def detached(self) -> SparseAux:
         return replace(
             self,
+            carry=None,
             objective=self.objective.detach(),
             losses={k: v.detach() for k, v in self.losses.items()},
             load=self.load.detach(),

@@ -72,12 +72,13 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(
-        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, carry: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, SparseAux | None]:
+        """`carry`: what the previous sparse layer passes on (SparseAux.carry), if anything."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, SparseFFN):
-            y_BSD, aux = self.ffn(h_BSD)
+            y_BSD, aux = self.ffn(h_BSD) if carry is None else self.ffn(h_BSD, carry)
             return x_BSD + y_BSD, aux
         return x_BSD + self.ffn(h_BSD), None
 
@@ -108,10 +109,14 @@ class Transformer(nn.Module):
         # routed experts (MoE: top_k) or leaves (FFF: the one the hard descent picks at inference) per token
         self.active_experts = 1 if m.ffn == "fff" else router.top_k
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        sparse = [i for i in range(m.n_layers) if m.ffn != "dense" and m.is_sparse_layer(i)]
         self.blocks = nn.ModuleList(
-            Block(m, sparse_ffn(m, moe, router, fff) if m.ffn != "dense" and m.is_sparse_layer(i) else dense_ffn(m))
+            Block(m, sparse_ffn(m, moe, router, fff, follows_sparse=i > sparse[0]) if i in sparse else dense_ffn(m))
             for i in range(m.n_layers)
         )
+        # MoE++ gating residuals pass router logits between MoE layers (and across pipeline stages)
+        self.carry_width = moe.num_experts + moe.zero_experts + moe.copy_experts + moe.constant_experts
+        self.carry_width = self.carry_width if m.ffn == "moe" and moe.gating_residual else 0
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
@@ -140,10 +145,12 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         x_BSD = self.embed(tokens_BS)
         aux: list[SparseAux] = []
+        carry = None
         for block in self.blocks:
-            x_BSD, layer_aux = block(x_BSD, cos, sin)
+            x_BSD, layer_aux = block(x_BSD, cos, sin, carry)
             if layer_aux is not None:
                 aux.append(layer_aux)
+                carry = layer_aux.carry
         return ModelOutput(self.lm_head(self.norm(x_BSD)), aux)
 
 
@@ -167,11 +174,14 @@ def dense_ffn(m: ModelConfig) -> SwiGLU:
     return SwiGLU(m.d_model, m.ffn_hidden)
 
 
-def sparse_ffn(m: ModelConfig, moe: MoEConfig, router: RouterConfig, fff: FFFConfig) -> SparseFFN:
-    """The FFN of a sparse block: an MoE layer or an FFF tree (model.ffn)."""
+def sparse_ffn(
+    m: ModelConfig, moe: MoEConfig, router: RouterConfig, fff: FFFConfig, *, follows_sparse: bool = False
+) -> SparseFFN:
+    """The FFN of a sparse block: an MoE layer or an FFF tree (model.ffn); `follows_sparse`: a
+    sparse block comes before it."""
     if m.ffn == "fff":
         return FFFLayer(m.d_model, fff)
-    return MoELayer(m.d_model, moe, router)
+    return MoELayer(m.d_model, moe, router, follows_moe=follows_sparse)
 
 
 def count_parameters(model: Transformer) -> dict[str, int]:

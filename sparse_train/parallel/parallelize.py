@@ -66,7 +66,7 @@ def _stage_io(cfg: Config, dp: int, stage: PipelineStageModule, device) -> tuple
     """Example input and output of one micro-batch on this stage. Given up front, the schedule
     never runs a shape-inference forward, which would feed garbage through the MoE layers'
     global-batch counts and recorded metrics."""
-    rows, seq, width = cfg.train.batch_size // dp, cfg.data.seq_len, cfg.model.d_model
+    rows, seq, width = cfg.train.batch_size // dp, cfg.data.seq_len, cfg.model.d_model + stage.carry_width
     hidden = torch.empty(rows, seq, width, device=device, requires_grad=True)  # gradients flow back through it
     inputs = torch.empty(rows, seq, dtype=torch.int64, device=device) if stage.is_first else hidden
     logits_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32

@@ -68,19 +68,34 @@ class PipelineStageModule(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.recorded_aux: list[list[SparseAux]] = []  # per micro-batch, this stage's sparse layers (detached)
+        # Router logits passed between MoE layers (MoE++ gating residual) cross a stage boundary as
+        # extra features of the hidden state: [B, S, D + carry_width] (zeros before the first MoE layer)
+        self.carry_width = model.carry_width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h_BSD = self.embed(x) if self.embed is not None else x
-        S = h_BSD.shape[1]
+        h_BSD, carry = self._unpack(self.embed(x) if self.embed is not None else x)
+        B, S = h_BSD.shape[:2]
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         step_aux: list[SparseAux] = []
         for block in self.blocks.values():
-            h_BSD, aux = block(h_BSD, cos, sin)
+            h_BSD, aux = block(h_BSD, cos, sin, carry)
             if aux is not None:
+                carry = aux.carry
                 if torch.is_grad_enabled():
                     h_BSD = attach_aux_loss(h_BSD, aux.objective)
                 step_aux.append(aux.detached())
         self.recorded_aux.append(step_aux)
         if self.is_last:
             return self.lm_head(self.norm(h_BSD))
-        return h_BSD
+        if not self.carry_width:
+            return h_BSD
+        if carry is None:  # no MoE layer yet: the next one ignores it (it has no gating residual)
+            carry = h_BSD.new_zeros(B * S, self.carry_width)
+        return torch.cat([h_BSD, carry.reshape(B, S, -1).to(h_BSD.dtype)], dim=-1)
+
+    def _unpack(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden state, carried router logits [T, E] or None) of a stage's input."""
+        if not self.carry_width or self.is_first:
+            return h, None
+        B, S = h.shape[:2]
+        return h[..., : -self.carry_width], h[..., -self.carry_width :].reshape(B * S, self.carry_width)

@@ -275,9 +275,9 @@ def export_arch(cfg: Config) -> str:
         return "Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"
     if moe.capacity_factor is not None:
         raise ConfigError("moe.capacity_factor", "HF MoE blocks are dropless: export a model with capacity_factor null")
-    for key in ("zero_experts", "copy_experts", "constant_experts"):
+    for key in ("zero_experts", "copy_experts", "constant_experts", "gating_residual"):
         if getattr(moe, key):
-            raise ConfigError(f"moe.{key}", "HF MoE formats have no zero-computation experts; keep --format native")
+            raise ConfigError(f"moe.{key}", "HF MoE formats cannot hold MoE++'s parts; keep --format native")
     if cfg.router.combine != "weights":
         raise ConfigError("router.combine", "HF MoE blocks weight experts by the router: export needs combine: weights")
     r = cfg.router

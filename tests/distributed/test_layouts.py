@@ -70,7 +70,8 @@ EXPERT_CHOICE = ["router.type=expert_choice", "moe.capacity_factor=1.5"]
 # ~10x per step here (the router's RMSNorm is scale-invariant, so tokens whose activations are all
 # small get gradients ~1/rms); step 5's gradient norm was 4e-4 apart (docs/decisions.md §50)
 RELU = ["router.type=relu"]
-ZERO_COMPUTATION = ["moe.zero_experts=1", "moe.copy_experts=1", "moe.constant_experts=1", "router.top_k=3"]
+ZERO_COMPUTATION = ["moe.zero_experts=1", "moe.copy_experts=1", "moe.constant_experts=1", "router.top_k=3",
+                    "moe.gating_residual=true"]  # fmt: skip
 SELECTIVE_SINKHORN = ["router.type=selective_sinkhorn", "router.sinkhorn_fraction=0.5"]
 
 LAYOUTS = {
@@ -98,7 +99,8 @@ LAYOUTS = {
     "tp2-ep2-relu-cls": (4, ["parallel.tp=2", "parallel.ep=2"], [*RELU, "router.cls_coef=0.01", "router.chunk_size=4"]),
     "pp2-ep2-relu": (4, ["parallel.pp=2", "parallel.ep=2"], RELU),
     "ep2-random": (2, ["parallel.ep=2"], ["router.type=random"]),
-    # MoE++: zero-computation experts computed on every rank, never dispatched
+    # MoE++: zero-computation experts computed on every rank, never dispatched; gating residuals
+    # (under pp, the first block's logits cross to the second stage beside the hidden state)
     "ep2-zero-computation-experts": (2, ["parallel.ep=2"], ZERO_COMPUTATION),
     "tp2-ep2-zero-computation-experts": (4, ["parallel.tp=2", "parallel.ep=2"], ZERO_COMPUTATION),
     "pp2-ep2-zero-computation-experts": (4, ["parallel.pp=2", "parallel.ep=2"], ZERO_COMPUTATION),

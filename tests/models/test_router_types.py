@@ -5,6 +5,7 @@ and through the MoE layer against its per-expert reference."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -180,6 +181,7 @@ def test_selective_sinkhorn_router_follows_the_step_and_evaluates_by_softmax():
         (["moe.zero_experts=-1"], "moe.zero_experts"),
         (["moe.zero_experts=1", "router.num_groups=2", "router.group_top_k=1"], "router.num_groups"),
         (["moe.num_experts=2", "moe.copy_experts=1", "router.top_k=4"], "router.top_k"),
+        (["model.ffn=fff", "moe.gating_residual=true"], "moe.gating_residual"),
     ],
 )
 def test_invalid_combinations_are_one_line_errors(overrides, message):
@@ -263,9 +265,46 @@ def test_zero_computation_experts_by_their_definitions_and_outside_the_dispatch(
     assert aux.load.shape == (4 + 1 + 1 + 2,)  # balanced over every choice, like any expert
 
 
-@pytest.mark.parametrize("option", ["zero_experts", "copy_experts", "constant_experts"])
-def test_hf_export_refuses_zero_computation_experts(option):
+@pytest.mark.parametrize("option", ["zero_experts=1", "copy_experts=1", "constant_experts=1", "gating_residual=true"])
+def test_hf_export_refuses_moe_plus_plus(option):
     from sparse_train.upcycle.hf import export_arch
 
-    with pytest.raises(ConfigError, match=f"moe.{option}"):
-        export_arch(load_config(None, ["moe.num_experts=8", f"moe.{option}=1"]))
+    with pytest.raises(ConfigError, match=f"moe.{option.split('=')[0]}"):
+        export_arch(load_config(None, ["moe.num_experts=8", f"moe.{option}"]))
+
+
+def test_gating_residual_adds_the_projected_previous_logits():
+    layer = MoELayer(
+        16, MoEConfig(num_experts=4, expert_hidden=8, gating_residual=True), RouterConfig(), follows_moe=True
+    )
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(std=0.3)
+    x_TD, previous_TE = torch.randn(8, 16), torch.randn(8, 4)
+    routing = layer.route(x_TD, 8, previous_TE)
+    expected = x_TD @ layer.router.weight.T + previous_TE @ layer.gating_residual.weight.T
+    torch.testing.assert_close(routing.stats.logits_TE, expected, rtol=1e-5, atol=1e-5)
+    _, aux = layer(x_TD.view(1, 8, 16), previous_TE)
+    torch.testing.assert_close(aux.carry, expected, rtol=1e-5, atol=1e-5)  # what the next MoE layer reads
+    assert aux.detached().carry is None  # records never hold the graph
+    first = MoELayer(16, MoEConfig(num_experts=4, expert_hidden=8, gating_residual=True), RouterConfig())
+    assert first.gating_residual is None  # the first MoE layer has no previous logits
+
+
+def test_gating_residual_starts_as_the_plain_model_and_then_learns():
+    from sparse_train.models.transformer import Transformer
+    from tests.conftest import tiny_config
+
+    def model(*overrides: str) -> Transformer:
+        cfg = tiny_config("model.n_layers=3", *overrides)
+        m = Transformer(replace(cfg.model, vocab_size=64), cfg.moe, cfg.router, cfg.fff)
+        m.reset_parameters(seed=7)
+        return m
+
+    tokens = torch.randint(0, 64, (2, 16))
+    plain, residual = model(), model("moe.gating_residual=true")
+    torch.testing.assert_close(residual(tokens).logits_BSV, plain(tokens).logits_BSV)  # zero projections
+    residual(tokens).logits_BSV.square().sum().backward()
+    grads = [b.ffn.gating_residual.weight.grad for b in residual.blocks if b.ffn.gating_residual is not None]
+    assert len(grads) == 2 and all(g.abs().sum() > 0 for g in grads)
