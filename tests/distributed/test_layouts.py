@@ -68,7 +68,7 @@ DEEPSEEK_ROUTER = ["router.score=sigmoid", "router.num_groups=2", "router.group_
 EXPERT_CHOICE = ["router.type=expert_choice", "moe.capacity_factor=1.5"]
 # Each sparsity objective on its own: with both at once, fp32 reduction-order differences grow
 # ~10x per step here (the router's RMSNorm is scale-invariant, so tokens whose activations are all
-# small get gradients ~1/rms); step 5's gradient norm was 4e-4 apart (docs/decisions.md §50)
+# small get gradients ~1/rms); step 5's gradient norm was 4e-4 apart (docs/decisions.md §51)
 RELU = ["router.type=relu"]
 ZERO_COMPUTATION = ["moe.zero_experts=1", "moe.copy_experts=1", "moe.constant_experts=1", "router.top_k=3",
                     "moe.gating_residual=true"]  # fmt: skip
@@ -95,6 +95,7 @@ LAYOUTS = {
     # sparsity objectives; and the frozen random router (no gradient to the router)
     "ep2-expert-choice": (2, ["parallel.ep=2"], EXPERT_CHOICE),
     "tp2-ep2-expert-choice": (4, ["parallel.tp=2", "parallel.ep=2"], EXPERT_CHOICE),
+    "pp2-ep2-expert-choice": (4, ["parallel.pp=2", "parallel.ep=2"], EXPERT_CHOICE),
     "ep2-relu-tls": (2, ["parallel.ep=2"], [*RELU, "router.tls_coef=0.01"]),
     "tp2-ep2-relu-cls": (4, ["parallel.tp=2", "parallel.ep=2"], [*RELU, "router.cls_coef=0.01", "router.chunk_size=4"]),
     "pp2-ep2-relu": (4, ["parallel.pp=2", "parallel.ep=2"], RELU),

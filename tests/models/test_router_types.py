@@ -197,14 +197,23 @@ def test_hf_export_refuses_routers_without_a_format(router_type):
         export_arch(load_config(None, ["moe.num_experts=8", f"router.type={router_type}"]))
 
 
-@pytest.mark.parametrize("router_type", ["expert_choice", "relu", "random", "selective_sinkhorn"])
-def test_each_router_trains_and_resumes_exactly(router_type, tmp_path):
+RESUMED = {
+    "expert_choice": ["router.type=expert_choice"],
+    "relu": ["router.type=relu", "router.tls_coef=0.01", "router.cls_coef=0.01"],
+    "random": ["router.type=random"],
+    # steps 1 and 3: one plan step on each side of the resume
+    "selective_sinkhorn": ["router.type=selective_sinkhorn", "router.sinkhorn_fraction=0.5"],
+    "deepseek": ["router.score=sigmoid", "router.num_groups=2", "router.group_top_k=1", "router.bias_update_rate=0.01"],
+    "moe++": ["moe.zero_experts=1", "moe.copy_experts=1", "moe.constant_experts=1", "moe.gating_residual=true"],
+}
+
+
+@pytest.mark.parametrize("choice", list(RESUMED))
+def test_each_router_trains_and_resumes_exactly(choice, tmp_path):
     from sparse_train.train.trainer import Trainer
     from tests.conftest import tiny_config
 
-    overrides = [f"router.type={router_type}", "train.steps=4", "checkpoint.every=2", "optimizer.warmup_steps=1"]
-    if router_type == "selective_sinkhorn":
-        overrides.append("router.sinkhorn_fraction=0.5")  # steps 1 and 3: one on each side of the resume
+    overrides = [*RESUMED[choice], "train.steps=4", "checkpoint.every=2", "optimizer.warmup_steps=1"]
     straight = Trainer(tiny_config(*overrides), tmp_path / "straight", log=lambda m: None)
     try:
         losses = [straight.train_step()["loss"] for _ in range(4)]
@@ -222,7 +231,7 @@ def test_each_router_trains_and_resumes_exactly(router_type, tmp_path):
     finally:
         second.close()
     assert resumed == losses  # bit-exact on CPU
-    assert losses[-1] < losses[0] or router_type == "random"
+    assert losses[-1] < losses[0] or choice == "random"
 
 
 def _zero_computation_by_loop(layer: MoELayer, x_TD: torch.Tensor, routing) -> torch.Tensor:
