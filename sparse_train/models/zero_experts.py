@@ -37,10 +37,9 @@ class ZeroComputationExperts(nn.Module):
 
     def kind_of(self, experts_Tk: torch.Tensor) -> torch.Tensor:
         """0 ffn, 1 zero, 2 copy, 3 constant, per slot (KINDS)."""
-        bounds = torch.tensor(
-            [self.first, self.first + self.zero, self.first + self.zero + self.copy], device=experts_Tk.device
-        )
-        return torch.bucketize(experts_Tk, bounds, right=True)
+        # comparisons with Python ints: no tensor made from host data in the step
+        starts = (self.first, self.first + self.zero, self.first + self.zero + self.copy)
+        return sum((experts_Tk >= start).long() for start in starts)
 
     def ffn_part(self, routing: Routing) -> Routing:
         """The routing with only its FFN assignments selected: what the dispatcher moves."""

@@ -64,6 +64,13 @@ LAYOUTS = {
                     "train.grad_accum=2"]),
     "fff-ep8": (8, ["train.batch_size=8", "model.ffn=fff", "parallel.dp_shard=8", "parallel.ep=8"]),
     "ep8-allgather": (8, [*MOE, "parallel.dp_shard=8", "parallel.ep=8", "parallel.ep_dispatcher=allgather"]),
+    # routers: a variable selection (masks), the plan's differentiable all-reduce, MoE++'s carried logits
+    "ep8-relu": (8, [*MOE, "parallel.dp_shard=8", "parallel.ep=8", "router.type=relu", "router.cls_coef=0.01"]),
+    "ep8-selective-sinkhorn": (8, [*MOE, "parallel.dp_shard=8", "parallel.ep=8", "router.type=selective_sinkhorn",
+                                   "router.sinkhorn_fraction=1.0"]),
+    "pp2-ep4-moe++": (8, [*MOE, "parallel.dp_shard=4", "parallel.ep=4", "parallel.pp=2", "model.n_layers=4",
+                          "train.grad_accum=2", "moe.zero_experts=1", "moe.constant_experts=1",
+                          "moe.gating_residual=true"]),
 }  # fmt: skip
 # Capacity-dropping routing on one expert-parallel rank selects the kept assignments with a
 # boolean mask: a host sync on a GPU, which the dry run reports (docs/gpu.md, known findings).
