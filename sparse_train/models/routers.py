@@ -25,7 +25,6 @@ class RoutingStats:
 
     logits_TE: torch.Tensor
     probs_TE: torch.Tensor
-    seq_len: int | None = None  # tokens per sequence, where a router's metrics need it (relu's chunks)
 
 
 @dataclass
@@ -323,18 +322,13 @@ class TopKRouter(nn.Module):
             if residual_TE is not None:
                 logits_TE = logits_TE + residual_TE.float()
         if self.cfg.type == "relu":
-            routing = self._relu(logits_TE, seq_len)
+            routing = self._relu(logits_TE)
         elif self.cfg.type == "expert_choice":
             routing = self._expert_choice(logits_TE, seq_len)
         elif self.cfg.type == "random":
             routing = self._random(logits_TE)
         elif self.cfg.type == "selective_sinkhorn":
-            plan_now = self.training and sinkhorn_step(self.step, self.cfg.sinkhorn_fraction)
-            weights_Tk, experts_Tk = selective_sinkhorn(
-                logits_TE, self.cfg, plan_now=plan_now, token_sum=self.token_sum
-            )
-            stats = RoutingStats(logits_TE, expert_scores(logits_TE, "softmax"))
-            routing = Routing(experts_Tk, weights_Tk, stats)
+            routing = self._selective_sinkhorn(logits_TE)
         else:
             scores_TE = expert_scores(logits_TE, self.cfg.score)
             # select_experts, with the scores kept for the balancing loss
@@ -356,15 +350,19 @@ class TopKRouter(nn.Module):
         experts_TE = every_expert(*scores_TE.shape, scores_TE.device)
         return Routing(experts_TE, scores_TE * self.cfg.scaling_factor, stats, selected_Tk=selected_TE)
 
-    def _relu(self, logits_TE: torch.Tensor, seq_len: int) -> Routing:
+    def _relu(self, logits_TE: torch.Tensor) -> Routing:
         assert self.gain is not None
         activations_TE = relu_activations(logits_TE, self.gain)
-        probs_TE = F.relu(logits_TE.float())
-        probs_TE = probs_TE / (probs_TE.sum(dim=-1, keepdim=True) + 1e-20)
-        stats = RoutingStats(logits_TE, probs_TE, seq_len=seq_len)
+        fired_TE = F.relu(logits_TE.float())
+        stats = RoutingStats(logits_TE, fired_TE / (fired_TE.sum(dim=-1, keepdim=True) + 1e-20))
         experts_TE = every_expert(*logits_TE.shape, logits_TE.device)
-        selected_TE = activations_TE.detach() > 0
+        selected_TE = logits_TE.detach() > 0  # the ReLU fired (whatever the sign of its gain)
         return Routing(experts_TE, activations_TE * self.cfg.scaling_factor, stats, selected_Tk=selected_TE)
+
+    def _selective_sinkhorn(self, logits_TE: torch.Tensor) -> Routing:
+        plan_now = self.training and sinkhorn_step(self.step, self.cfg.sinkhorn_fraction)
+        weights_Tk, experts_Tk = selective_sinkhorn(logits_TE, self.cfg, plan_now=plan_now, token_sum=self.token_sum)
+        return Routing(experts_Tk, weights_Tk, RoutingStats(logits_TE, expert_scores(logits_TE, "softmax")))
 
     def _random(self, logits_TE: torch.Tensor) -> Routing:
         experts_Tk = logits_TE.topk(self.top_k, dim=-1).indices
