@@ -1,4 +1,4 @@
-"""`sparse-train sweep run | fit | optimal | plot`: scaling-law sweeps (the work is in sparse_train/sweeps/)."""
+"""`sparse-train sweep run | fit | optimal | plot | table`: scaling-law and variant sweeps (sparse_train/sweeps/)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-experts", type=int, default=None, help="moe: largest E considered (default: the sweep's)"
     )
 
-    sw_plot = sw_sub.add_parser("plot", help="PNG and SVG figures of a sweep (DIR/plots)")
+    sw_table = sw_sub.add_parser(
+        "table", help="per variant: mean ± std over seeds of losses, expert load, specialisation, tokens/s"
+    )
+    sw_table.add_argument("dir", type=Path, help="the sweep's --out directory")
+    sw_table.add_argument("--json", action="store_true", help="mean, std, min, max and every seed's value, as JSON")
+    sw_table.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="two variants side by side: B - A per metric, per seed (equal seeds paired) and over the larger std",
+    )
+
+    sw_plot = sw_sub.add_parser(
+        "plot", help="PNG and SVG figures of a sweep (DIR/plots); a sweep with a variant axis: variants.png"
+    )
     sw_plot.add_argument("dir", type=Path, help="the sweep's --out directory")
     sw_plot.add_argument(
         "--law", default=None, choices=["chinchilla", "moe"], help="the fit drawn (default: moe if fitted)"
@@ -53,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"run": _run, "fit": _fit, "optimal": _optimal, "plot": _plot}[args.sweep_command](args)
+    return {"run": _run, "fit": _fit, "optimal": _optimal, "plot": _plot, "table": _table}[args.sweep_command](args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -102,13 +117,42 @@ def _optimal(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from sparse_train.sweeps.analysis import load_fit
-    from sparse_train.sweeps.plots import plot_sweep
+    from sparse_train.sweeps.plots import plot_sweep, plot_variants
     from sparse_train.sweeps.runner import RESULTS
     from sparse_train.sweeps.spec import SweepError
 
-    result = load_fit(args.dir, args.law)
     if not (args.dir / RESULTS).is_file():
         raise SweepError(f"{args.dir / RESULTS} does not exist (run the sweep first)")
+    if _has_variants(args.dir / RESULTS):
+        for path in plot_variants(args.dir):
+            print(f"wrote {path}")
+        return 0
+    result = load_fit(args.dir, args.law)
     for path in plot_sweep(args.dir, result, metric=(result or {}).get("metric", "final_val_loss")):
         print(f"wrote {path}")
+    return 0
+
+
+def _has_variants(results: Path) -> bool:
+    """Whether a sweep's results.csv comes from a spec with a `variant` axis."""
+    with results.open() as fh:
+        return "axis:variant" in (fh.readline().strip().split(","))
+
+
+def _table(args: argparse.Namespace) -> int:
+    from sparse_train.sweeps.variants import (
+        compare,
+        format_comparison,
+        format_table,
+        read_trials,
+        summarise,
+        table_json,
+    )
+
+    rows = summarise(read_trials(args.dir))
+    if args.compare:
+        result = compare(rows, *args.compare)
+        print(json.dumps(result, indent=1) if args.json else format_comparison(result, *args.compare))
+        return 0
+    print(json.dumps(table_json(rows), indent=1) if args.json else format_table(rows))
     return 0

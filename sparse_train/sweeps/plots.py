@@ -154,3 +154,51 @@ def _gap_panel(ax, rows, fam: str, metric: str, colour, families_fit: dict[str, 
             d = np.geomspace(pairs[0][0], pairs[-1][0], 40)
             gap = fitting.predict(mine, N=n, D=d, E=e, G=g) - fitting.predict(base, N=n, D=d)
             ax.plot(d, gap, color=colour, lw=0.8, alpha=0.7)
+
+
+def plot_variants(directory: Path) -> list[Path]:
+    """DIR/plots/variants.{png,svg}: per variant, validation loss (every seed and the mean ± std),
+    each source's validation loss (mean ± std) and the routers' specialisation (mean ± std)."""
+    from sparse_train.sweeps.variants import read_trials, sources, summarise
+
+    directory = Path(directory)
+    trials = read_trials(directory)
+    rows = summarise(trials)
+    out = directory / "plots"
+    out.mkdir(exist_ok=True)
+    names = [r.variant for r in rows]
+    ys = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 1.6 + 0.42 * len(rows)), sharey=True)
+    _variant_panel(axes[0], rows, trials, "val_loss", ys, "validation loss (nats/token)")
+    srcs = sources(rows)
+    for i, src in enumerate(srcs):
+        offset = (i - (len(srcs) - 1) / 2) * 0.22
+        _mean_std(axes[1], rows, f"val_loss/{src}", ys + offset, plt.cm.tab10(i % 10), src)
+    axes[1].set_xlabel("validation loss per source")
+    if srcs:
+        axes[1].legend(fontsize=7)
+    _variant_panel(axes[2], rows, trials, "specialisation", ys, "specialisation (mean over MoE layers)")
+    axes[0].set_yticks(ys, names, fontsize=8)
+    axes[0].invert_yaxis()
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="x")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))
+    fig.suptitle(f"{directory.name}: mean ± std over seeds (dots: seeds)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out, "variants")
+
+
+def _variant_panel(ax, rows, trials, key: str, ys, label: str) -> None:
+    index = {r.variant: i for i, r in enumerate(rows)}
+    seeds = [(t.metrics[key], ys[index[t.variant]]) for t in trials if t.metrics.get(key) is not None]
+    if seeds:
+        ax.scatter(*zip(*seeds, strict=True), s=10, color="0.55", zorder=2)
+    _mean_std(ax, rows, key, ys, "C0", None)
+    ax.set_xlabel(label)
+
+
+def _mean_std(ax, rows, key: str, ys, colour, label: str | None) -> None:
+    points = [(r.stats[key].mean, r.stats[key].std, y) for r, y in zip(rows, ys, strict=True) if key in r.stats]
+    if points:
+        means, stds, where = zip(*points, strict=True)
+        ax.errorbar(means, where, xerr=stds, fmt="o", ms=4, capsize=3, color=colour, label=label, zorder=3)

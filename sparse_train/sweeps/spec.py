@@ -7,6 +7,9 @@
       size:                           # a ladder: each rung sets several fields together
         - {model.d_model: 64, model.n_layers: 2, model.n_heads: 2, model.ffn_hidden: 128}
         - {model.d_model: 96, model.n_layers: 3, model.n_heads: 3, model.ffn_hidden: 192}
+      # variant:                      # named alternatives: each sets several fields together
+      #   - {name: softmax-lbl, router.score: softmax}
+      #   - {name: sigmoid-bias, router.score: sigmoid, router.bias_update_rate: 1.0e-3}
       model.ffn: [dense, moe]         # an axis over one config field
       moe.num_experts: [4, 8]
       granularity: [1, 2]             # expert width = ffn_hidden / G, top_k = G: active FFN = dense
@@ -18,7 +21,8 @@
     budget_flops: 1.0e13              # drop points whose training FLOPs exceed this (optional)
 
 A point's value for an axis may be any config field by its dotted name; `size` (a list of
-mappings), `granularity` and `tokens` are the derived axes. An axis only applies to the models
+mappings), `variant` (a list of mappings, each with a `name` and the fields it sets, e.g. one
+router per variant), `granularity` and `tokens` are the derived axes. An axis only applies to the models
 it describes: dense and FFF points ignore `moe.*`, `router.*` and `granularity`, dense and MoE
 points ignore `fff.*` (the duplicates this would make are dropped), so a grid over `model.ffn`
 x `moe.num_experts` holds one dense point per size and step count.
@@ -43,7 +47,7 @@ import yaml
 from sparse_train.config import Config, ConfigError, load_config
 from sparse_train.configtypes import field_help
 
-DERIVED_AXES = ("size", "granularity", "tokens")
+DERIVED_AXES = ("size", "variant", "granularity", "tokens")
 MOE_ONLY = ("moe.", "router.")
 
 
@@ -138,6 +142,8 @@ def _check_axes(spec: SweepSpec) -> None:
             if not all(isinstance(v, dict) for v in values):
                 raise SweepError("axis size: each rung must be a mapping of config fields")
             fields = {k for v in values for k in v}
+        elif axis == "variant":
+            fields = _variant_fields(values)
         elif axis in ("granularity", "tokens"):
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in values):
                 raise SweepError(f"axis {axis}: values must be numbers >= 1, got {values}")
@@ -148,6 +154,18 @@ def _check_axes(spec: SweepSpec) -> None:
         if bad:
             raise SweepError(f"axis {axis}: {bad[0]} is not a config field (see `sparse-train config --fields`)")
     spec.base_config()  # the base recipe and the `set` overrides must load
+
+
+def _variant_fields(values: list[Any]) -> set[str]:
+    """The config fields a `variant` axis sets; each variant a mapping with a unique string name."""
+    if not all(isinstance(v, dict) and isinstance(v.get("name"), str) and v["name"] for v in values):
+        raise SweepError(
+            "axis variant: each variant must be a mapping with a name, e.g. {name: sinkhorn, router.type: sinkhorn}"
+        )
+    names = [v["name"] for v in values]
+    if len(set(names)) != len(names):
+        raise SweepError(f"axis variant: names must be unique, got {names}")
+    return {k for v in values for k in v if k != "name"}
 
 
 def expand(spec: SweepSpec) -> list[Point]:
@@ -178,7 +196,7 @@ def expand(spec: SweepSpec) -> list[Point]:
 
 def _applies(axis: str, overrides: dict[str, Any]) -> bool:
     """Whether an axis changed this point (a dense point has no granularity, a MoE none of fff.*)."""
-    if axis in ("size", "tokens"):
+    if axis in ("size", "variant", "tokens"):
         return True
     return ("moe.expert_hidden" if axis == "granularity" else axis) in overrides
 
@@ -188,6 +206,8 @@ def _overrides(combo: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
     for axis, value in combo.items():
         if axis == "size":
             out.update(value)
+        elif axis == "variant":
+            out.update({k: v for k, v in value.items() if k != "name"})
         elif axis not in ("granularity", "tokens"):
             out[axis] = value
     base = spec.base_config(Point(combo, out, 0).set_args())
