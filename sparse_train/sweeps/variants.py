@@ -15,6 +15,7 @@ statistics; a variant none of whose trials recorded it shows nothing.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import statistics
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparse_train.sweeps.runner import FINAL_WINDOW
+from sparse_train.sweeps.runner import FINAL_WINDOW, RESULTS
 from sparse_train.sweeps.spec import SweepError
 
 LAYER_STEP_METRICS = {
@@ -120,9 +121,9 @@ def trial_metrics(metrics_path: Path) -> dict[str, float | None]:
 
 
 def read_trials(directory: Path) -> list[TrialMetrics]:
-    """Every finished trial of a sweep directory, in trial order; one-line errors for a bad directory."""
+    """Every finished trial of a sweep directory, in the spec's order; one-line errors for a bad directory."""
     directory = Path(directory)
-    records = sorted((directory / "trials").glob("*/trial.json"))
+    records = _in_sweep_order(directory, sorted((directory / "trials").glob("*/trial.json")))
     if not directory.is_dir() or not records:
         raise SweepError(
             f"{directory} is not a sweep directory (no trials/*/trial.json): run `sparse-train sweep run` first"
@@ -142,6 +143,17 @@ def read_trials(directory: Path) -> list[TrialMetrics]:
     if not trials:
         raise SweepError(f"{directory}: no finished trial yet ({len(records)} recorded, none done)")
     return trials
+
+
+def _in_sweep_order(directory: Path, records: list[Path]) -> list[Path]:
+    """The trials results.csv lists (the spec's current points), in its order; without a
+    results.csv, every trial directory."""
+    results = directory / RESULTS
+    if not results.is_file():
+        return records
+    with results.open() as fh:
+        order = {row["trial_id"]: i for i, row in enumerate(csv.DictReader(fh))}
+    return sorted((p for p in records if p.parent.name in order), key=lambda p: order[p.parent.name])
 
 
 def summarise(trials: list[TrialMetrics]) -> list[VariantRow]:

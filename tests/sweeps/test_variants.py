@@ -52,15 +52,17 @@ def sweep_dir(tmp_path: Path) -> Path:
         [("micro", 0, 2.0), ("micro", 1, 2.2), ("global", 0, 1.9), ("global", 1, 1.7)]
     ):
         _trial(out, f"t{i}", name, seed, val)
+    _trial(out, "t8", "global", 3, 0.1)  # not in results.csv: a point the spec no longer has
     _trial(out, "t9", "global", 2, 0.1, status="failed")  # not counted
-    (out / "results.csv").write_text("trial_id,status,seed,axis:variant\n")
+    order = ["t2", "t3", "t0", "t1", "t9"]  # the spec's order: the table follows it
+    (out / "results.csv").write_text("trial_id,status,axis:variant\n" + "".join(f"{t},x,v\n" for t in order))
     return out
 
 
 def test_the_table_has_each_variants_mean_and_spread_over_its_finished_seeds(sweep_dir):
     rows = summarise(read_trials(sweep_dir))
-    assert [r.variant for r in rows] == ["micro", "global"] and rows[1].seeds == [0, 1]
-    micro = rows[0].stats
+    assert [r.variant for r in rows] == ["global", "micro"] and rows[0].seeds == [0, 1]
+    micro = rows[1].stats
     assert micro["val_loss"].mean == pytest.approx(2.1) and micro["val_loss"].std == pytest.approx(0.1414, abs=1e-4)
     assert micro["val_loss/prose"].mean == pytest.approx(2.6)
     assert micro["load_max_mean"].mean == pytest.approx(1.5), "the last 5 logged steps, not the first"
@@ -76,7 +78,7 @@ def test_sweep_table_and_plot_commands(sweep_dir, capsys):
     assert "| micro | 2 | 2.1000 ± 0.1414" in capsys.readouterr().out
     assert main(["sweep", "table", str(sweep_dir), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows[1]["val_loss"]["values"] == [1.9, 1.7] and rows[1]["val_loss"]["min"] == 1.7
+    assert rows[0]["val_loss"]["values"] == [1.9, 1.7] and rows[0]["val_loss"]["min"] == 1.7
     assert main(["sweep", "plot", str(sweep_dir)]) == 0
     assert (sweep_dir / "plots" / "variants.png").stat().st_size > 1000
 
@@ -131,4 +133,4 @@ def test_compare_pairs_equal_seeds_and_names_a_missing_variant(sweep_dir, capsys
         in capsys.readouterr().out
     )
     assert main(["sweep", "table", str(sweep_dir), "--compare", "micro", "nope"]) == 2
-    assert "no variant 'nope' in the sweep; it has: micro, global" in capsys.readouterr().err
+    assert "no variant 'nope' in the sweep; it has: global, micro" in capsys.readouterr().err
