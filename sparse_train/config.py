@@ -26,6 +26,7 @@ from sparse_train.configtypes import (
 )
 
 __all__ = [
+    "AttentionConfig",
     "CheckpointConfig",
     "Config",
     "ConfigError",
@@ -36,6 +37,7 @@ __all__ = [
     "MoEConfig",
     "OptimizerConfig",
     "ParallelConfig",
+    "RopeScalingConfig",
     "RouterConfig",
     "TrainConfig",
     "compose_config",
@@ -56,6 +58,71 @@ def _non_negative(section: Section, *names: str) -> None:
         value = getattr(section, name)
         if value is not None and value < 0:
             raise ConfigError(name, f"must be >= 0, got {value}")
+
+
+@dataclass
+class RopeScalingConfig(Section):
+    kind: Literal["none", "yarn"] = option(
+        "none", "context extension of the rotary embedding: none, or YaRN (DeepSeek-V3, gpt-oss)"
+    )
+    factor: float = option(1.0, "yarn: context extension factor (new length / original length)")
+    original_max_seq_len: int | None = option(None, "yarn: the context length the model was pre-trained with")
+    beta_fast: float = option(32.0, "yarn: rotations above which frequencies are kept (extrapolated)")
+    beta_slow: float = option(1.0, "yarn: rotations below which frequencies are divided by factor (interpolated)")
+    attention_factor: float | None = option(
+        None, "yarn: scale of cos/sin; null = inferred from factor (and mscale, mscale_all_dim)"
+    )
+    mscale: float | None = option(None, "yarn: DeepSeek's mscale (with mscale_all_dim, infers attention_factor)")
+    mscale_all_dim: float | None = option(
+        None, "yarn: DeepSeek's mscale_all_dim; also scales MLA's softmax by mscale(factor, mscale_all_dim)^2"
+    )
+    truncate: bool = option(True, "yarn: round the correction range to whole dimensions (gpt-oss: false)")
+
+    def validate(self) -> None:
+        _positive(self, "factor", "original_max_seq_len", "beta_fast", "beta_slow", "attention_factor")
+        if self.kind == "yarn" and self.original_max_seq_len is None:
+            raise ConfigError("original_max_seq_len", "yarn scaling needs the pre-training context length")
+
+
+@dataclass
+class AttentionConfig(Section):
+    kind: Literal["gqa", "mla"] = option(
+        "gqa",
+        "gqa = multi-head attention with grouped key/value heads (model.n_kv_heads); mla = multi-head latent "
+        "attention (DeepSeek-V2/V3): low-rank query and key/value compression and a decoupled rotary part",
+    )
+    head_dim: int | None = option(None, "gqa: width of each query/key/value head; null = d_model / n_heads")
+    qk_norm: Literal["none", "head", "full"] = option(
+        "none",
+        "RMSNorm of queries and keys before the rotary embedding: per head over head_dim (Qwen3), or over the "
+        "whole projection (OLMoE)",
+    )
+    out_bias: bool = option(False, "a bias on the output projection (gpt-oss)")
+    sinks: bool = option(False, "a learned sink logit per head, in the softmax but attending to nothing (gpt-oss)")
+    sliding_window: int | None = option(
+        None, "attend to at most this many most recent positions (itself included); null = the whole prefix"
+    )
+    sliding_layers: list[int] | None = option(
+        None, "blocks whose attention uses sliding_window; null = every block (when sliding_window is set)"
+    )
+    rope_interleave: bool = option(
+        False, "rotate adjacent pairs of dimensions (DeepSeek's layout) instead of the two halves (Llama's)"
+    )
+    q_lora_rank: int | None = option(None, "mla: rank of the query compression; null = a full query projection")
+    kv_lora_rank: int = option(64, "mla: rank of the joint key/value compression (the cached latent)")
+    qk_nope_head_dim: int = option(32, "mla: per-head query/key width without rotary embedding")
+    qk_rope_head_dim: int = option(16, "mla: per-head query/key width with rotary embedding (the key part is shared)")
+    v_head_dim: int = option(32, "mla: per-head value width")
+
+    def validate(self) -> None:
+        _positive(self, "head_dim", "sliding_window", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
+        _non_negative(self, "qk_nope_head_dim")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError("qk_rope_head_dim", f"must be even for rotary embeddings, got {self.qk_rope_head_dim}")
+        if self.sliding_layers is not None and self.sliding_window is None:
+            raise ConfigError("sliding_layers", "places sliding-window attention: set attention.sliding_window too")
+        if self.kind == "mla" and self.qk_norm != "none":
+            raise ConfigError("qk_norm", "multi-head latent attention normalises its latents, not q and k")
 
 
 @dataclass
@@ -84,14 +151,29 @@ class ModelConfig(Section):
     tie_embeddings: bool = option(False, "share the input embedding with the output projection")
     qkv_bias: bool = option(False, "biases on the query/key/value projections (Qwen2)")
     init_std: float = option(0.02, "std of the normal initialisation of weights")
+    first_k_dense: int = option(
+        0, "the first k blocks have a dense SwiGLU FFN whatever sparse_every_n / sparse_layers say (DeepSeek-V3)"
+    )
+    mtp_depth: int = option(
+        0, "multi-token prediction modules (DeepSeek-V3): module k also predicts the token k+1 places further on"
+    )
+    mtp_loss_coef: float = option(0.1, "weight of the mean multi-token prediction loss (DeepSeek-V3: 0.3, then 0.1)")
+    attention: AttentionConfig = option(factory=AttentionConfig, help="the attention of every block")
+    rope_scaling: RopeScalingConfig = option(factory=RopeScalingConfig, help="rotary embedding context extension")
 
     def validate(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "sparse_every_n")
         _positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std")
-        if self.d_model % self.n_heads != 0:
+        _non_negative(self, "first_k_dense", "mtp_depth", "mtp_loss_coef")
+        if self.attention.kind == "gqa" and self.attention.head_dim is None and self.d_model % self.n_heads != 0:
             raise ConfigError("d_model", f"must be divisible by model.n_heads ({self.n_heads}), got {self.d_model}")
-        if (self.d_model // self.n_heads) % 2 != 0:
-            raise ConfigError("n_heads", "d_model / n_heads must be even for rotary embeddings")
+        if self.attention.kind == "gqa" and self.head_dim % 2 != 0:
+            raise ConfigError("n_heads", f"the head width ({self.head_dim}) must be even for rotary embeddings")
+        if self.attention.kind == "mla" and self.n_kv_heads not in (None, self.n_heads):
+            raise ConfigError("n_kv_heads", "multi-head latent attention has one key/value head per query head")
+        sliding = self.attention.sliding_layers or []
+        if any(not 0 <= i < self.n_layers for i in sliding):
+            raise ConfigError("attention.sliding_layers", f"indices must be in [0, {self.n_layers}), got {sliding}")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads != 0:
             raise ConfigError("n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
         if self.sparse_layers is not None and any(i < 0 for i in self.sparse_layers):
@@ -103,13 +185,26 @@ class ModelConfig(Section):
 
     def is_sparse_layer(self, index: int) -> bool:
         """Whether block `index` holds the sparse FFN slot (what fills it is model.ffn)."""
+        if index < self.first_k_dense:
+            return False
         if self.sparse_layers is not None:
             return index in self.sparse_layers
         return index % self.sparse_every_n == self.sparse_every_n - 1
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """Query/key/value head width of gqa attention."""
+        return self.attention.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotary-embedded part of each query/key head."""
+        return self.attention.qk_rope_head_dim if self.attention.kind == "mla" else self.head_dim
+
+    def sliding_window(self, index: int) -> int | None:
+        """The attention window of block `index` (None: causal over the whole prefix)."""
+        layers = self.attention.sliding_layers
+        return self.attention.sliding_window if layers is None or index in layers else None
 
 
 @dataclass
@@ -121,6 +216,14 @@ class MoEConfig(Section):
     shared_expert_gate: bool = option(
         False, "scale the shared experts' output by sigmoid(<g, x>), a learned gate per token (Qwen2-MoE)"
     )
+    expert_activation: Literal["swiglu", "gpt_oss"] = option(
+        "swiglu",
+        "routed experts' activation: silu(gate) * up, or gpt-oss's (up + 1) * g * sigmoid(alpha g), g = gate, "
+        "with gate clamped above and up on both sides at expert_limit",
+    )
+    expert_alpha: float = option(1.702, "gpt_oss activation: the sigmoid's slope alpha")
+    expert_limit: float = option(7.0, "gpt_oss activation: the clamp limit")
+    expert_bias: bool = option(False, "biases on the routed experts' gate/up and down projections (gpt-oss)")
     zero_experts: int = option(0, "MoE++ zero-computation experts that output 0 (routed like any expert; no FLOPs)")
     copy_experts: int = option(0, "MoE++ zero-computation experts that output their input")
     constant_experts: int = option(
@@ -174,6 +277,7 @@ class RouterConfig(Section):
         0.25, "selective_sinkhorn: the fraction of training steps routed by the transport plan (1 = every step)"
     )
     top_k: int = option(2, "experts per token")
+    bias: bool = option(False, "a learned bias on the router logits (gpt-oss)")
     score: Literal["softmax", "sigmoid"] = option(
         "softmax", "expert scores: softmax over the experts, or an independent sigmoid per expert (DeepSeek-V3)"
     )
