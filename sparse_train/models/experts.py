@@ -12,6 +12,8 @@ local shard, which is itself a complete set of (fewer, or narrower) SwiGLU exper
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,21 +43,63 @@ class SwiGLU(nn.Module):
 
 
 class SwiGLUExperts(nn.Module):
-    """E SwiGLU experts with stacked weights, computed over routed rows (kernels.swiglu_experts)."""
+    """E gated experts with stacked weights, computed over routed rows.
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int, backend: Backend = "auto") -> None:
+    activation "swiglu": silu(gate) * up (Mixtral, DeepSeek); "gpt_oss": (up + 1) * g * sigmoid(alpha g)
+    with g = min(gate, limit) and up clamped to [-limit, limit] (gpt-oss). With `bias` (gpt-oss)
+    each expert adds `b_gate_up[e]` to its gate/up projection and `b_down[e]` to its output.
+
+    The plain swiglu experts without biases run the fused kernels.swiglu_experts; any other
+    combination runs two grouped GEMMs around the activation (`_grouped_forward`).
+
+    The down bias is NOT added by `forward`: the MoE layer adds it with `add_down_bias` on the
+    experts' summed output, after the tensor-parallel reduction, so that it is counted once
+    (`forward` is the tensor-parallel region: its output is a partial sum over the TP ranks).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        hidden: int,
+        backend: Backend = "auto",
+        *,
+        activation: Literal["swiglu", "gpt_oss"] = "swiglu",
+        alpha: float = 1.702,
+        limit: float = 7.0,
+        bias: bool = False,
+    ) -> None:
         super().__init__()
+        if activation not in ("swiglu", "gpt_oss"):
+            raise ValueError(f"unknown expert activation {activation!r}; allowed: swiglu, gpt_oss")
         self.num_experts = num_experts
         self.backend: Backend = backend
         self.hidden = hidden
-        # Gate and up in one [E, D, 2, F] tensor: viewed as [E, D, 2F] (gate columns first, as
-        # HF's gate_up_proj) each expert is one GEMM; sharding F over TP ranks keeps gate and
-        # up columns of the same hidden units together.
+        self.activation = activation
+        self.alpha, self.limit = alpha, limit
+        # Gate and up in one [E, D, 2, F] tensor: viewed as [E, D, 2F] (gate columns first; HF's
+        # gate_up_proj is interleaved instead) each expert is one GEMM; sharding F over TP ranks
+        # keeps gate and up columns of the same hidden units together.
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2, hidden))  # [E, D, 2, F]
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))  # [E, F, D]
+        self.b_gate_up: nn.Parameter | None = None
+        self.b_down: nn.Parameter | None = None
+        if bias:
+            # [E, 2, F]: the gate/up layout of w_gate_up without D, so F shards with it over TP
+            self.b_gate_up = nn.Parameter(torch.zeros(num_experts, 2, hidden))
+            # [E, D]: sharded over EP with the experts, whole on every TP rank (add_down_bias)
+            self.b_down = nn.Parameter(torch.zeros(num_experts, d_model))
+
+    @property
+    def fused(self) -> bool:
+        """Whether forward runs the fused SwiGLU kernel (plain swiglu, no biases)."""
+        return self.activation == "swiglu" and self.b_gate_up is None
 
     def forward(self, inp: ExpertInput) -> torch.Tensor:
-        """y[r] = sum of weight_a * expert_e(a)(x[r]) over the assignments a that read row r."""
+        """y[r] = sum of weight_a * expert_e(a)(x[r]) over the assignments a that read row r
+        (without the down bias: add_down_bias)."""
+        if not self.fused:
+            return self._grouped_forward(inp)
         w_gate_up_ED2F = local_shard(self.w_gate_up).flatten(2)
         return swiglu_experts(
             inp.x,
@@ -67,17 +111,68 @@ class SwiGLUExperts(nn.Module):
             backend=self.backend,
         )
 
+    def _grouped_forward(self, inp: ExpertInput) -> torch.Tensor:
+        """Grouped GEMM (rows gathered inside it), + gate/up bias, activation, routing weight on the
+        narrow hidden activations, grouped GEMM, weighted scatter-add back onto the rows."""
+        w_gate_up_ED2F = local_shard(self.w_gate_up).flatten(2)  # gate columns, then up columns
+        h_A2F = grouped_gemm(inp.x, w_gate_up_ED2F, inp.counts_E, x_index=inp.rows_A, backend=self.backend)
+        if self.b_gate_up is not None:
+            b_gate_up_E2F = local_shard(self.b_gate_up).flatten(1)
+            h_A2F = h_A2F + b_gate_up_E2F.index_select(0, expert_of_assignment(inp)).to(h_A2F.dtype)
+        gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
+        act_AF = self.activate(gate_AF, up_AF)
+        if inp.weight_A is not None:
+            act_AF = act_AF * inp.weight_A[:, None].to(act_AF.dtype)
+        out_AD = grouped_gemm(act_AF, local_shard(self.w_down), inp.counts_E, backend=self.backend)
+        return unpermute(out_AD, inp.rows_A, None, inp.x.shape[0], backend=self.backend)
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The gated activation of matching gate and up pre-activations."""
+        if self.activation == "swiglu":
+            return F.silu(gate) * up
+        # gpt-oss clamps gate only from above: sigmoid already flattens large negative gates
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * gate * torch.sigmoid(self.alpha * gate)
+
+    def add_down_bias(self, y_RD: torch.Tensor, inp: ExpertInput) -> torch.Tensor:
+        """y[r] + sum of weight_a * b_down[e(a)] over the assignments a that read row r: each
+        assignment's expert output carries its expert's bias, weighted like the rest of it.
+
+        Called by the MoE layer on forward's output, outside the experts' tensor-parallel region:
+        there y is already summed over the TP ranks, and every TP rank adds the same whole
+        (replicated) bias once. Under EP it runs where the experts live (b_down sharded with
+        them on dim 0), on the rows they received, before the dispatcher's combine."""
+        if self.b_down is None:
+            return y_RD
+        bias_AD = local_shard(self.b_down).index_select(0, expert_of_assignment(inp)).to(y_RD.dtype)
+        return y_RD + unpermute(bias_AD, inp.rows_A, inp.weight_A, y_RD.shape[0], backend=self.backend)
+
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
-        """One expert on its own rows, with plain matmuls: the per-expert reference."""
+        """One expert on its own rows, with plain matmuls, biases included: the per-expert reference."""
         w_gate_up_D2F = local_shard(self.w_gate_up)[e]
         gate_nF, up_nF = x_nD @ w_gate_up_D2F[:, 0], x_nD @ w_gate_up_D2F[:, 1]
-        return (F.silu(gate_nF) * up_nF) @ local_shard(self.w_down)[e]
+        if self.b_gate_up is not None:
+            b_gate_up_2F = local_shard(self.b_gate_up)[e]
+            gate_nF, up_nF = gate_nF + b_gate_up_2F[0], up_nF + b_gate_up_2F[1]
+        out_nD = self.activate(gate_nF, up_nF) @ local_shard(self.w_down)[e]
+        if self.b_down is not None:
+            out_nD = out_nD + local_shard(self.b_down)[e]
+        return out_nD
 
     def gate_EDF(self) -> torch.Tensor:
         return self.w_gate_up[:, :, 0]
 
     def up_EDF(self) -> torch.Tensor:
         return self.w_gate_up[:, :, 1]
+
+
+def expert_of_assignment(inp: ExpertInput) -> torch.Tensor:
+    """The (local) expert of each assignment, [A] int64: assignments are sorted by expert, so expert
+    e repeats counts_E[e] times. output_size is known from the shapes: no host sync."""
+    counts_E = inp.counts_E
+    experts_E = torch.arange(counts_E.shape[0], device=counts_E.device)
+    return torch.repeat_interleave(experts_E, counts_E, output_size=inp.rows_A.shape[0])
 
 
 class GELUExperts(nn.Module):

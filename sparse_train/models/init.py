@@ -37,8 +37,9 @@ TILE_ELEMENTS = 1 << 16
 
 # Projections into the residual stream: initialised with the smaller std (GPT-2).
 OUTPUT_PROJECTIONS = ("wo.weight", "w_down.weight", "w_down", "w_out.weight", "w_out")
-# undecided FFF nodes, an even master blend, biases, MoE++ gating residuals (each starts as a plain router)
-ZERO_INIT = ("node_bias", "master_logit", ".bias", "gating_residual.weight")
+# undecided FFF nodes, an even master blend, biases (routed experts' too: b_gate_up [E, 2, F],
+# b_down [E, D]), MoE++ gating residuals (each starts as a plain router)
+ZERO_INIT = ("node_bias", "master_logit", ".bias", ".b_gate_up", ".b_down", "gating_residual.weight")
 
 # fill(out, generator): draw one tile's values into `out` (a CPU fp32 tensor of the tile's shape)
 TileFill = Callable[[torch.Tensor, torch.Generator], Any]

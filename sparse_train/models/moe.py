@@ -90,7 +90,16 @@ class MoELayer(SparseFFN):
         self.gating_residual = (
             nn.Linear(self.num_choices, self.num_choices, bias=False) if moe.gating_residual and follows_moe else None
         )
-        self.experts = SwiGLUExperts(moe.num_experts, d_model, moe.expert_hidden, moe.kernel_backend)
+        self.experts = SwiGLUExperts(
+            moe.num_experts,
+            d_model,
+            moe.expert_hidden,
+            moe.kernel_backend,
+            activation=moe.expert_activation,
+            alpha=moe.expert_alpha,
+            limit=moe.expert_limit,
+            bias=moe.expert_bias,
+        )
         shared_hidden = moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
         self.shared_experts = SwiGLU(d_model, shared_hidden) if shared_hidden else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if moe.shared_expert_gate else None
@@ -123,7 +132,9 @@ class MoELayer(SparseFFN):
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.route(x_TD, S, previous_logits_TE)
         expert_input, handle = self.dispatcher.dispatch(x_TD, self.ffn_routing(routing))
-        y_TD = self.dispatcher.combine(self.experts(expert_input), handle)
+        # the down bias outside the experts' forward: after its tensor-parallel sum (counted once)
+        expert_out = self.experts.add_down_bias(self.experts(expert_input), expert_input)
+        y_TD = self.dispatcher.combine(expert_out, handle)
         if self.zero_computation is not None:
             y_TD = y_TD + self.zero_computation.output(x_TD, routing)
         if self.shared_experts is not None:

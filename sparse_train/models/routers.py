@@ -293,6 +293,12 @@ class TopKRouter(nn.Module):
         self.capacity_factor = capacity_factor  # expert_choice's per-sequence capacity
         self.step = 0  # the optimizer step being taken (Engine.set_step): selective Sinkhorn's schedule
         self.weight = nn.Parameter(torch.empty(num_experts, d_model), requires_grad=cfg.type != "random")
+        # gpt-oss: a learned bias on the logits [E] (zero-initialised: init.ZERO_INIT's ".bias"). Its
+        # routing, softmax over the top-k logits, is our softmax over all E then renormalised over
+        # the top k: exp(l_i) / sum_E exp(l_j) divided by sum_k exp(l_k) / sum_E exp(l_j) is
+        # exp(l_i) / sum_k exp(l_k), with the same top k (softmax is monotonic). So gpt-oss is
+        # score=softmax, renormalize=true, bias=true.
+        self.bias = nn.Parameter(torch.zeros(num_experts), requires_grad=cfg.type != "random") if cfg.bias else None
         # relu: the RMSNorm's gain over the experts' activations
         self.gain = nn.Parameter(torch.ones(num_experts)) if cfg.type == "relu" else None
         # Sinkhorn's sums over the batch's tokens: swapped for a data-parallel all-reduce by the
@@ -314,11 +320,12 @@ class TopKRouter(nn.Module):
         # Routing decisions are made in fp32 even under bf16 autocast: top-k on bf16 ties and
         # flips between steps, which makes the expert assignment noisy.
         with torch.autocast(x_TD.device.type, enabled=False):
+            bias_E = self.bias.float() if self.bias is not None else None
             if self.cfg.type == "random":
                 with torch.no_grad():
-                    logits_TE = F.linear(x_TD.detach().float(), self.weight.float())
+                    logits_TE = F.linear(x_TD.detach().float(), self.weight.float(), bias_E)
             else:
-                logits_TE = F.linear(x_TD.float(), self.weight.float())
+                logits_TE = F.linear(x_TD.float(), self.weight.float(), bias_E)
             if residual_TE is not None:
                 logits_TE = logits_TE + residual_TE.float()
         if self.cfg.type == "relu":

@@ -7,7 +7,8 @@ For every sparse layer (MoE experts, and FFF leaves alike):
   - under EP the layer's dispatcher is swapped for an all-to-all (or all-gather) one that moves
     tokens to the ranks holding their experts (sparse_train.parallel.dispatch);
   - under TP the experts' input gradient is all-reduced and their partial outputs summed over
-    the TP ranks (distribute_module input/output hooks, so parameter names stay unchanged);
+    the TP ranks (distribute_module input/output hooks, so parameter names stay unchanged); the
+    experts' down bias (gpt-oss) is whole on every TP rank and added after that sum, once;
   - a global_batch balancing loss sums its expert counts over the data-parallel ranks.
 
 Model code never sees a process group: everything here is installed from outside.
@@ -20,7 +21,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 
 from sparse_train.config import ParallelConfig
 from sparse_train.models.losses import GlobalBatchCounts
@@ -29,10 +30,14 @@ from sparse_train.parallel.collectives import SumOverGroup, SumOverRanks, copy_t
 from sparse_train.parallel.dims import Meshes, ParallelDims
 from sparse_train.parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 
-# Per stacked expert weight, the dim sharded over ("ep", "tp"): experts, then hidden units.
-EXPERT_SHARD_DIMS = {
+# Per stacked expert parameter, the dim sharded over ("ep", "tp"): experts, then hidden units
+# (None: whole on every TP rank).
+EXPERT_SHARD_DIMS: dict[str, tuple[int, int | None]] = {
     "w_gate_up": (0, 3),
-    "w_down": (0, 1),  # SwiGLUExperts
+    "w_down": (0, 1),
+    "b_gate_up": (0, 2),
+    # SwiGLUExperts.add_down_bias adds it after the TP sum, the same on every TP rank: replicated
+    "b_down": (0, None),
     "w_in": (0, 2),
     "w_out": (0, 1),  # GELUExperts
 }
@@ -43,7 +48,8 @@ def _shard_experts(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         full = getattr(module, param_name, None)
         if not isinstance(full, nn.Parameter) or isinstance(full.data, DTensor):
             continue
-        sharded = distribute_tensor(full.detach(), mesh, [Shard(expert_dim), Shard(hidden_dim)])
+        over_tp = Replicate() if hidden_dim is None else Shard(hidden_dim)
+        sharded = distribute_tensor(full.detach(), mesh, [Shard(expert_dim), over_tp])
         module.register_parameter(param_name, nn.Parameter(sharded, requires_grad=full.requires_grad))
 
 
