@@ -1,8 +1,8 @@
-"""Decoder-only language model: RMSNorm, rotary attention (SDPA, causal, GQA), SwiGLU, MoE or FFF FFNs.
+"""Decoder-only language model: RMSNorm, rotary attention (sparse_train.models.attention: GQA
+or MLA), SwiGLU, MoE or FFF FFNs.
 
 Single-device code only: no process groups here. Parameter names and the rotary convention
-(half-split rotation, as Llama/Mixtral in Hugging Face) are chosen so that weights map 1:1
-onto the HF Mixtral/Llama layout.
+are chosen so that weights map 1:1 onto the Hugging Face layouts (sparse_train.upcycle.hf).
 
 Shape legend: B batch, S sequence, D model width, H heads, Hkv key/value heads, Dh head width, V vocab.
 """
@@ -12,62 +12,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparse_train.config import FFFConfig, ModelConfig, MoEConfig, RouterConfig
+from sparse_train.models.attention import build_attention
 from sparse_train.models.experts import SwiGLU
 from sparse_train.models.fff import FFFLayer
 from sparse_train.models.init import init_parameters
 from sparse_train.models.moe import MoELayer
+from sparse_train.models.rope import rotary_tables
 from sparse_train.models.sparse import SparseAux, SparseFFN
-
-
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles_SF = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    angles_SDh = torch.cat([angles_SF, angles_SF], dim=-1)
-    return angles_SDh.cos().float(), angles_SDh.sin().float()
-
-
-def apply_rotary(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
-    half = x_BHSDh.shape[-1] // 2
-    rotated = torch.cat([-x_BHSDh[..., half:], x_BHSDh[..., :half]], dim=-1)
-    return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qkv_bias: bool = False) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
-        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
-        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
-
-    def forward(self, x_BSD: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
-        B, S, _ = x_BSD.shape
-        # Head counts come from the projections' outputs, not from self.n_heads: under tensor
-        # parallelism each rank holds n_heads / tp of them (sparse_train.parallel.tensor).
-        q = self.wq(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos_SDh, sin_SDh), apply_rotary(k, cos_SDh, sin_SDh)
-        if k.shape[1] != q.shape[1]:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
 
 
 class Block(nn.Module):
     """Pre-norm attention, then the FFN it is given (a dense SwiGLU, an MoE layer or an FFF tree)."""
 
-    def __init__(self, m: ModelConfig, ffn: nn.Module) -> None:
+    def __init__(self, m: ModelConfig, ffn: nn.Module, index: int = 0) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
-        self.attn = Attention(m.d_model, m.n_heads, m.n_kv_heads or m.n_heads, m.qkv_bias)
+        self.attn = build_attention(m, index)
         self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.ffn = ffn
 
@@ -111,7 +74,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         sparse = [i for i in range(m.n_layers) if m.ffn != "dense" and m.is_sparse_layer(i)]
         self.blocks = nn.ModuleList(
-            Block(m, sparse_ffn(m, moe, router, fff, follows_sparse=i > sparse[0]) if i in sparse else dense_ffn(m))
+            Block(m, sparse_ffn(m, moe, router, fff, follows_sparse=i > sparse[0]) if i in sparse else dense_ffn(m), i)
             for i in range(m.n_layers)
         )
         # MoE++ gating residuals pass router logits between MoE layers (and across pipeline stages)
@@ -121,7 +84,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rotary_tables(m.head_dim, m.max_seq_len, m.rope_theta)
+        cos, sin = rotary_tables(m)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if not self.embed.weight.is_meta:  # built on the meta device: `materialize` initialises
@@ -160,7 +123,7 @@ def materialize(module: nn.Module, m: ModelConfig, device: torch.device, seed: i
     (sparse_train.models.init) unless it is None, when the caller loads every parameter. The
     rotary tables are recomputed and the routers' expert biases start at zero."""
     module.to_empty(device=device)
-    cos, sin = rotary_tables(m.head_dim, m.max_seq_len, m.rope_theta)
+    cos, sin = rotary_tables(m)
     for sub in module.modules():
         if "rope_cos" in sub._buffers:
             sub.rope_cos, sub.rope_sin = cos.to(device), sin.to(device)

@@ -31,7 +31,8 @@ from sparse_train.data.corpus import (
     text_files,
 )
 from sparse_train.data.tokenizer import Tokenizer
-from sparse_train.models.transformer import Transformer, rotary_tables
+from sparse_train.models.rope import rotary_tables
+from sparse_train.models.transformer import Transformer
 
 HELD_OUT_FRACTION = 0.25
 
@@ -122,7 +123,7 @@ def ffn_inputs(
     with torch.device("meta"):  # the given weights become the parameters: no second copy, nothing drawn
         model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff)
     model.load_state_dict(state, strict=True, assign=True)
-    model.rope_cos, model.rope_sin = rotary_tables(cfg.model.head_dim, cfg.model.max_seq_len, cfg.model.rope_theta)
+    model.rope_cos, model.rope_sin = rotary_tables(cfg.model)
     model.eval()
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     hooks = [

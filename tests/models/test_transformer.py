@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sparse_train.models.transformer import Transformer, count_parameters
+from sparse_train.config import load_config
 from tests.conftest import tiny_config
 
 
@@ -53,17 +55,19 @@ def test_parameter_counts_total_and_active():
     assert dense["total"] == dense["active"]
 
 
-def test_rotary_matches_a_direct_complex_rotation():
-    from sparse_train.models.transformer import apply_rotary, rotary_tables
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_matches_a_direct_complex_rotation(interleaved):
+    from sparse_train.models.rope import apply_rotary, rotary_tables
 
-    cos, sin = rotary_tables(head_dim=4, max_seq_len=3, theta=10000.0)
+    cos, sin = rotary_tables(load_config(None, ["model.d_model=16", "model.n_heads=4"]).model, max_seq_len=3)
     x = torch.randn(1, 1, 3, 4)
-    got = apply_rotary(x, cos, sin)
-    # pairs (i, i + half) rotate by angle pos * theta^(-2i/d)
+    got = apply_rotary(x, cos, sin, interleaved)
+    # pairs (i, i + half), or (2i, 2i + 1) interleaved, rotate by angle pos * theta^(-2i/d)
     for pos in range(3):
         for i in range(2):
+            a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + 2)
             angle = pos * 10000.0 ** (-2 * i / 4)
-            z = complex(x[0, 0, pos, i], x[0, 0, pos, i + 2]) * complex(
+            z = complex(x[0, 0, pos, a], x[0, 0, pos, b]) * complex(
                 torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))
             )
-            assert abs(got[0, 0, pos, i] - z.real) < 1e-5 and abs(got[0, 0, pos, i + 2] - z.imag) < 1e-5
+            assert abs(got[0, 0, pos, a] - z.real) < 1e-5 and abs(got[0, 0, pos, b] - z.imag) < 1e-5
