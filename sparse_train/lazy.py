@@ -75,6 +75,22 @@ class Transposed(LazyTensor):
         return self.inner.read((region[1], region[0])).T
 
 
+class Deinterleaved(LazyTensor):
+    """[..., 2F] with pairs interleaved (gpt-oss's gate/up: gate at even, up at odd columns) as
+    [..., 2, F]; a region reads only the columns of its hidden units."""
+
+    def __init__(self, inner: LazyTensor) -> None:
+        self.inner, self.dtype = inner, inner.dtype
+        *lead, width = inner.shape
+        self.shape = torch.Size([*lead, 2, width // 2])
+
+    def read(self, region: Region) -> torch.Tensor:
+        *lead, pair, hidden = region
+        columns = slice(2 * hidden.start, 2 * hidden.stop)
+        pairs = self.inner.read((*lead, columns)).unflatten(-1, (-1, 2)).transpose(-1, -2)
+        return pairs[..., pair, :]
+
+
 class Stacked(LazyTensor):
     """torch.stack(items, dim) of same-shaped lazy tensors; a region reads only the items it covers."""
 

@@ -137,7 +137,8 @@ class LatentAttention(nn.Module):
         super().__init__()
         a = m.attention
         H = m.n_heads
-        self.nope, self.rope, self.v_dim, self.rank = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
+        self.nope, self.rope, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.rank = a.kv_lora_rank
         qk_head = self.nope + self.rope
         self.interleaved, self.scale = a.rope_interleave, mla_softmax_scale(m)  # YaRN-aware
         self.wq = self.q_down = self.q_norm = self.q_up = None

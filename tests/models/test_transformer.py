@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_train.models.transformer import Transformer, count_parameters
 from sparse_train.config import load_config
+from sparse_train.models.transformer import Transformer, count_parameters
 from tests.conftest import tiny_config
 
 

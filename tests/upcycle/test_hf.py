@@ -11,9 +11,9 @@ from sparse_train.config import ConfigError
 from sparse_train.lazy import read_all
 from sparse_train.models.transformer import Transformer
 from sparse_train.upcycle.hf import native_config, read_hf, to_native, write_hf
-from tests.upcycle.conftest import transformers
+from tests.upcycle.conftest import ALL_KINDS, transformers
 
-KINDS = ["llama", "mistral", "qwen2", "mixtral", "qwen2moe"]
+KINDS = ALL_KINDS
 
 
 def _native(path):
@@ -81,11 +81,70 @@ def test_bad_directories_get_one_line_errors(hf_dir, tmp_path):
 def test_unsupported_model_options_are_refused_by_name(hf_dir):
     path, _ = hf_dir("llama")
     config = json.loads((path / "config.json").read_text())
-    yarn = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}
-    for change, message in (({"hidden_act": "gelu"}, "hidden_act 'gelu'"), (yarn, "rope type 'yarn'")):
+    llama3 = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}
+    for change, message in (
+        ({"hidden_act": "gelu"}, "LlamaForCausalLM: hidden_act='gelu' is not supported"),
+        (llama3, "rope type 'llama3' is not supported"),
+        ({"clip_qkv": 8.0}, "LlamaForCausalLM: config field 'clip_qkv' is not understood by the importer"),
+        ({"quantization_config": {"quant_method": "fp8"}}, "config field 'quantization_config' is not understood"),
+        ({"pretraining_tp": 2}, "pretraining_tp=2 is not supported"),
+    ):
         (path / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ConfigError, match=message):
             native_config(read_hf(path))
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "message"),
+    [
+        ("deepseek_v3", {"scoring_func": "softmax"}, "DeepseekV3ForCausalLM: scoring_func='softmax' is not supported"),
+        ("deepseek_v3", {"topk_group": 2}, "num_experts_per_tok=2 with topk_group=2 is not supported"),
+        ("deepseek_v3", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
+        ("olmoe", {"clip_qkv": 8.0}, "OlmoeForCausalLM: clip_qkv=8.0 is not supported"),
+        ("qwen3", {"use_sliding_window": True}, "Qwen3ForCausalLM: use_sliding_window=True is not supported"),
+        ("gpt_oss", {"layer_types": ["chunked_attention"] * 3}, "layer type 'chunked_attention' is not supported"),
+    ],
+)
+def test_architecture_options_the_model_cannot_reproduce_are_refused(kind, change, message, hf_dir):
+    path, _ = hf_dir(kind)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConfigError, match=message):
+        native_config(read_hf(path))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_field_transformers_writes_is_understood_or_known_not_to_matter(kind):
+    from sparse_train.upcycle.hf_config import CONFIG_CLASSES, IGNORED, UNDERSTOOD
+    from tests.upcycle.conftest import build_hf
+
+    arch = type(build_hf(kind)).__name__
+    written = set(getattr(transformers, CONFIG_CLASSES[arch])().to_dict())
+    assert written - UNDERSTOOD[arch] - IGNORED == set()
+
+
+def test_missing_extra_and_misshapen_tensors_are_named(hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, _ = hf_dir("deepseek_v3")
+    weights = load_file(path / "model.safetensors")
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    for change, message in (
+        ({k: v for k, v in weights.items() if k != bias}, f"tensor {bias} is missing"),
+        (
+            {**weights, "model.layers.1.mlp.gate.extra": torch.zeros(2)},
+            "no place for, e.g. model.layers.1.mlp.gate.extra",
+        ),
+        (
+            {**weights, "model.layers.2.self_attn.kv_b_proj.weight": torch.zeros(8, 8)},
+            r"blocks.2.attn.kv_up.weight has shape \[8, 8\] but DeepseekV3ForCausalLM's config.json makes it "
+            r"\[64, 8\] \(read from model.layers.2.self_attn.kv_b_proj.weight\)",
+        ),
+    ):
+        save_file(change, path / "model.safetensors", metadata={"format": "pt"})
+        ckpt = read_hf(path)
+        with pytest.raises(ConfigError, match=message):
+            to_native(ckpt, native_config(ckpt))
 
 
 def test_ungated_shared_experts_export_exactly_as_qwen2_moe(tmp_path):
