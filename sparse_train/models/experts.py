@@ -12,6 +12,7 @@ local shard, which is itself a complete set of (fewer, or narrower) SwiGLU exper
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -52,9 +53,13 @@ class SwiGLUExperts(nn.Module):
     The plain swiglu experts without biases run the fused kernels.swiglu_experts; any other
     combination runs two grouped GEMMs around the activation (`_grouped_forward`).
 
-    The down bias is NOT added by `forward`: the MoE layer adds it with `add_down_bias` on the
-    experts' summed output, after the tensor-parallel reduction, so that it is counted once
-    (`forward` is the tensor-parallel region: its output is a partial sum over the TP ranks).
+    Expert tensor parallelism (each expert's hidden units split over the TP ranks) is installed
+    from outside through two seams, identities on one device: `enter_tp` (Megatron's f: the
+    gradients of the rows and routing weights are summed over the TP ranks) and `sum_tp` (g:
+    the routed outputs, partial sums over the TP ranks, summed). The down bias is added after
+    `sum_tp`, with the routing weights as they were before `enter_tp`: every TP rank adds the
+    same whole bias once, and its routing-weight gradient is not summed over the TP ranks.
+    Everything happens inside `forward`, where FSDP has the parameters unsharded.
     """
 
     def __init__(
@@ -87,8 +92,11 @@ class SwiGLUExperts(nn.Module):
         if bias:
             # [E, 2, F]: the gate/up layout of w_gate_up without D, so F shards with it over TP
             self.b_gate_up = nn.Parameter(torch.zeros(num_experts, 2, hidden))
-            # [E, D]: sharded over EP with the experts, whole on every TP rank (add_down_bias)
+            # [E, D]: sharded over EP with the experts, whole on every TP rank (_add_down_bias)
             self.b_down = nn.Parameter(torch.zeros(num_experts, d_model))
+
+        self.enter_tp: Callable[[ExpertInput], ExpertInput] = _same
+        self.sum_tp: Callable[[torch.Tensor], torch.Tensor] = _same
 
     @property
     def fused(self) -> bool:
@@ -96,8 +104,12 @@ class SwiGLUExperts(nn.Module):
         return self.activation == "swiglu" and self.b_gate_up is None
 
     def forward(self, inp: ExpertInput) -> torch.Tensor:
-        """y[r] = sum of weight_a * expert_e(a)(x[r]) over the assignments a that read row r
-        (without the down bias: add_down_bias)."""
+        """y[r] = sum of weight_a * expert_e(a)(x[r]) over the assignments a that read row r."""
+        y_RD = self.sum_tp(self._routed(self.enter_tp(inp)))
+        return self._add_down_bias(y_RD, inp)
+
+    def _routed(self, inp: ExpertInput) -> torch.Tensor:
+        """The weighted expert outputs without the down bias (on this rank's hidden units)."""
         if not self.fused:
             return self._grouped_forward(inp)
         w_gate_up_ED2F = local_shard(self.w_gate_up).flatten(2)
@@ -135,14 +147,11 @@ class SwiGLUExperts(nn.Module):
         up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * gate * torch.sigmoid(self.alpha * gate)
 
-    def add_down_bias(self, y_RD: torch.Tensor, inp: ExpertInput) -> torch.Tensor:
+    def _add_down_bias(self, y_RD: torch.Tensor, inp: ExpertInput) -> torch.Tensor:
         """y[r] + sum of weight_a * b_down[e(a)] over the assignments a that read row r: each
         assignment's expert output carries its expert's bias, weighted like the rest of it.
-
-        Called by the MoE layer on forward's output, outside the experts' tensor-parallel region:
-        there y is already summed over the TP ranks, and every TP rank adds the same whole
-        (replicated) bias once. Under EP it runs where the experts live (b_down sharded with
-        them on dim 0), on the rows they received, before the dispatcher's combine."""
+        After sum_tp (see the class docstring); under EP it runs where the experts live (b_down
+        sharded with them on dim 0), on the rows they received, before the dispatcher's combine."""
         if self.b_down is None:
             return y_RD
         bias_AD = local_shard(self.b_down).index_select(0, expert_of_assignment(inp)).to(y_RD.dtype)
@@ -165,6 +174,10 @@ class SwiGLUExperts(nn.Module):
 
     def up_EDF(self) -> torch.Tensor:
         return self.w_gate_up[:, :, 1]
+
+
+def _same(t):
+    return t
 
 
 def expert_of_assignment(inp: ExpertInput) -> torch.Tensor:

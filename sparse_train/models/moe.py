@@ -132,9 +132,7 @@ class MoELayer(SparseFFN):
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.route(x_TD, S, previous_logits_TE)
         expert_input, handle = self.dispatcher.dispatch(x_TD, self.ffn_routing(routing))
-        # the down bias outside the experts' forward: after its tensor-parallel sum (counted once)
-        expert_out = self.experts.add_down_bias(self.experts(expert_input), expert_input)
-        y_TD = self.dispatcher.combine(expert_out, handle)
+        y_TD = self.dispatcher.combine(self.experts(expert_input), handle)
         if self.zero_computation is not None:
             y_TD = y_TD + self.zero_computation.output(x_TD, routing)
         if self.shared_experts is not None:

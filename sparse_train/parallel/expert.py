@@ -7,8 +7,9 @@ For every sparse layer (MoE experts, and FFF leaves alike):
   - under EP the layer's dispatcher is swapped for an all-to-all (or all-gather) one that moves
     tokens to the ranks holding their experts (sparse_train.parallel.dispatch);
   - under TP the experts' input gradient is all-reduced and their partial outputs summed over
-    the TP ranks (distribute_module input/output hooks, so parameter names stay unchanged); the
-    experts' down bias (gpt-oss) is whole on every TP rank and added after that sum, once;
+    the TP ranks (SwiGLUExperts' enter_tp/sum_tp seams, other experts' distribute_module
+    input/output hooks; parameter names stay unchanged); the experts' down bias (gpt-oss) is
+    whole on every TP rank and added after that sum, once;
   - a global_batch balancing loss sums its expert counts over the data-parallel ranks.
 
 Model code never sees a process group: everything here is installed from outside.
@@ -24,6 +25,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 
 from sparse_train.config import ParallelConfig
+from sparse_train.models.dispatch import ExpertInput
+from sparse_train.models.experts import SwiGLUExperts
 from sparse_train.models.losses import GlobalBatchCounts
 from sparse_train.models.sparse import SparseFFN
 from sparse_train.parallel.collectives import SumOverGroup, SumOverRanks, copy_to_group, reduce_from_group
@@ -36,7 +39,7 @@ EXPERT_SHARD_DIMS: dict[str, tuple[int, int | None]] = {
     "w_gate_up": (0, 3),
     "w_down": (0, 1),
     "b_gate_up": (0, 2),
-    # SwiGLUExperts.add_down_bias adds it after the TP sum, the same on every TP rank: replicated
+    # SwiGLUExperts._add_down_bias adds it after the TP sum, the same on every TP rank: replicated
     "b_down": (0, None),
     "w_in": (0, 2),
     "w_out": (0, 1),  # GELUExperts
@@ -54,18 +57,31 @@ def _shard_experts(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
 
 
 def _tp_region(mesh: DeviceMesh):
-    """Input/output hooks making the experts a tensor-parallel region over the mesh's "tp" dim."""
+    """(enter, total) making the experts a tensor-parallel region over the mesh's "tp" dim."""
     group = mesh.get_group("tp")
 
-    def input_fn(_module: nn.Module, inputs: tuple, _mesh: DeviceMesh) -> tuple:
-        (inp,) = inputs
+    def enter(inp: ExpertInput) -> ExpertInput:
         # Each TP rank's backward sees only its hidden units: the gradients of the rows and of
         # the routing weights it returns are partial sums over the TP ranks.
         weight = copy_to_group(inp.weight_A, group) if inp.weight_A is not None else None
-        return (replace(inp, x=copy_to_group(inp.x, group), weight_A=weight),)
+        return replace(inp, x=copy_to_group(inp.x, group), weight_A=weight)
+
+    def total(y: torch.Tensor) -> torch.Tensor:
+        return reduce_from_group(y, group)
+
+    return enter, total
+
+
+def _tp_hooks(mesh: DeviceMesh):
+    """The region as distribute_module input/output hooks, for experts without the seams."""
+    enter, total = _tp_region(mesh)
+
+    def input_fn(_module: nn.Module, inputs: tuple, _mesh: DeviceMesh) -> tuple:
+        (inp,) = inputs
+        return (enter(inp),)
 
     def output_fn(_module: nn.Module, y: torch.Tensor, _mesh: DeviceMesh) -> torch.Tensor:
-        return reduce_from_group(y, group)
+        return total(y)
 
     return input_fn, output_fn
 
@@ -82,7 +98,12 @@ def apply_expert_parallel(model: nn.Module, dims: ParallelDims, meshes: Meshes, 
             router.token_sum = SumOverRanks(dp_group)  # Sinkhorn balances the whole data-parallel batch
         if dims.ep == 1 and dims.tp == 1:
             continue
-        hooks = _tp_region(mesh) if dims.tp > 1 else (None, None)
+        hooks = (None, None)
+        if dims.tp > 1 and isinstance(layer.experts, SwiGLUExperts):
+            # its seams: the down bias is added after the TP sum, inside forward (FSDP's unit)
+            layer.experts.enter_tp, layer.experts.sum_tp = _tp_region(mesh)
+        elif dims.tp > 1:
+            hooks = _tp_hooks(mesh)
         distribute_module(layer.experts, mesh, _shard_experts, *hooks)
         if dims.ep > 1:
             group = meshes.expert["ep"].get_group()
