@@ -3,9 +3,9 @@ multi-head latent attention (DeepSeek-V2/V3), chosen by model.attention.kind.
 
 Single-device code. Head counts are read from the projections' outputs, never from the config,
 so under tensor parallelism (sparse_train.parallel.tensor) the same code runs on the rank's
-n_heads / tp heads. The two places where a rank's heads are not self-contained take their
-cross-rank step through a seam the parallelizer sets (`QKNorm.weight_in`, `QKNorm.sum_shards`):
-identity on one device.
+n_heads / tp heads. The places where a rank's heads are not self-contained take their
+cross-rank step through a seam the parallelizer sets (`QKNorm.weight_in`, `QKNorm.sum_shards`,
+`LatentAttention.rope_key_in`): identity on one device.
 
 Shape legend: B batch, S sequence, D model width, H (local) heads, Hkv key/value heads,
 Dh head width, Dq query/key head width, Dv value head width, R latent rank.
@@ -152,6 +152,9 @@ class LatentAttention(nn.Module):
         self.kv_norm = nn.RMSNorm(self.rank, eps=LATENT_NORM_EPS)
         self.kv_up = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, m.d_model, bias=a.out_bias)
+        # Under tensor parallelism the shared rotary key feeds every rank's heads without passing
+        # a column-parallel projection: its gradient is summed over the ranks here (identity on one device)
+        self.rope_key_in: Callable[[torch.Tensor], torch.Tensor] = _identity
 
     def forward(self, x_BSD: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
@@ -161,7 +164,7 @@ class LatentAttention(nn.Module):
         kv = self.kv_up(self.kv_norm(latent)).view(B, S, -1, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q_rot = apply_rotary(q_rot, cos_SDh, sin_SDh, self.interleaved)
-        k_rot = apply_rotary(k_rot.view(B, 1, S, self.rope), cos_SDh, sin_SDh, self.interleaved)
+        k_rot = apply_rotary(self.rope_key_in(k_rot).view(B, 1, S, self.rope), cos_SDh, sin_SDh, self.interleaved)
         q = torch.cat([q_nope, q_rot], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
         out_BHSDv = attend(q, k, v, self.scale)

@@ -5,7 +5,8 @@
                 weight's gradient summed over the ranks), over the whole projection sharded
                 (their mean square summed over the ranks)
     latent      q_up (or wq) and kv_up column-parallel (heads split), wo row-parallel; the
-    attention   down projections and latent norms replicated (their inputs are)
+    attention   down projections and latent norms replicated (their inputs are), the shared
+                rotary key's gradient summed over the ranks
     dense FFN   w_gate, w_up column-parallel, w_down row-parallel (also the shared experts)
 
 Column-parallel layers take the replicated input and all-reduce its gradient; row-parallel
@@ -53,6 +54,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     for module in model.modules():
         if isinstance(module, Attention):
             _shard_head_parameters(module, tp_mesh)
+        elif isinstance(module, LatentAttention):  # the shared rotary key reaches every rank's heads
+            module.rope_key_in = partial(copy_to_group, group=tp_mesh.get_group())
 
 
 def _shard_head_parameters(attn: Attention, tp_mesh: DeviceMesh) -> None:

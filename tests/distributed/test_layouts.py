@@ -130,7 +130,11 @@ def _train(cfg: Config, run_dir: str, data: TokenData):
     tensors; on rank 0."""
     from sparse_train.train.trainer import Trainer
 
-    trainer = Trainer(cfg, Path(run_dir), data=data, log=lambda msg: None)
+    return train_steps(Trainer(cfg, Path(run_dir), data=data, log=lambda msg: None))
+
+
+def train_steps(trainer) -> tuple | None:
+    """STEPS steps of a built trainer: what `_train` returns."""
     first_grads: dict[str, torch.Tensor] = {}
 
     def record_first_gradients(optimizer, args, kwargs) -> None:  # what the optimizer applies (after clipping)

@@ -59,17 +59,19 @@ GPT_OSS_ROPE = dict(
 ALL_KINDS = ["llama", "mistral", "qwen2", "mixtral", "qwen2moe", "qwen3", "qwen3moe", "olmoe", "deepseek_v3", "gpt_oss"]
 
 
-def build_hf(kind: str):
+def build_hf(kind: str, vocab_size: int = 64):
+    """A random tiny model of `kind` (ALL_KINDS), weights drawn from seed 0."""
     torch.manual_seed(0)
+    common = {**COMMON, "vocab_size": vocab_size}
     t = transformers
     model = {
-        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**COMMON)),
-        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**COMMON, sliding_window=None)),
-        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**COMMON, tie_word_embeddings=True)),
-        "mixtral": lambda: t.MixtralForCausalLM(t.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)),
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**common)),
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**common, sliding_window=None)),
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**common, tie_word_embeddings=True)),
+        "mixtral": lambda: t.MixtralForCausalLM(t.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)),
         "qwen2moe": lambda: t.Qwen2MoeForCausalLM(
             t.Qwen2MoeConfig(
-                **COMMON,
+                **common,
                 moe_intermediate_size=12,
                 shared_expert_intermediate_size=16,
                 num_experts=4,
@@ -77,10 +79,10 @@ def build_hf(kind: str):
                 mlp_only_layers=[0],
             )
         ),
-        "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**COMMON, head_dim=16)),
+        "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**common, head_dim=16)),
         "qwen3moe": lambda: t.Qwen3MoeForCausalLM(
             t.Qwen3MoeConfig(
-                **COMMON,
+                **common,
                 head_dim=16,
                 moe_intermediate_size=12,
                 num_experts=4,
@@ -89,11 +91,11 @@ def build_hf(kind: str):
                 mlp_only_layers=[0],
             )  # fmt: skip
         ),
-        "olmoe": lambda: t.OlmoeForCausalLM(t.OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2)),
-        "deepseek_v3": lambda: t.DeepseekV3ForCausalLM(t.DeepseekV3Config(**DEEPSEEK_V3)),
+        "olmoe": lambda: t.OlmoeForCausalLM(t.OlmoeConfig(**common, num_experts=4, num_experts_per_tok=2)),
+        "deepseek_v3": lambda: t.DeepseekV3ForCausalLM(t.DeepseekV3Config(**{**DEEPSEEK_V3, "vocab_size": vocab_size})),
         "gpt_oss": lambda: t.GptOssForCausalLM(
             t.GptOssConfig(
-                **{**COMMON, "num_hidden_layers": 3},
+                **{**common, "num_hidden_layers": 3},
                 num_local_experts=4,
                 num_experts_per_tok=2,
                 head_dim=8,
