@@ -610,6 +610,14 @@ class Config(Section):
             )
         if self.model.ffn == "moe" and self.router.type == "relu" and self.moe.capacity_factor is not None:
             raise ConfigError("moe.capacity_factor", "router.type=relu picks a variable number of experts: no capacity")
+        if self.model.mtp_depth and self.parallel.pp > 1:
+            raise ConfigError(
+                "model.mtp_depth", "multi-token prediction under pipeline parallelism is not supported yet (pp=1)"
+            )
+        if self.model.mtp_depth >= self.data.seq_len:
+            raise ConfigError(
+                "model.mtp_depth", f"must be < data.seq_len ({self.data.seq_len}), got {self.model.mtp_depth}"
+            )
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 "data.seq_len",

@@ -20,6 +20,7 @@ from sparse_train.models.experts import SwiGLU
 from sparse_train.models.fff import FFFLayer
 from sparse_train.models.init import init_parameters
 from sparse_train.models.moe import MoELayer
+from sparse_train.models.mtp import MTPModule
 from sparse_train.models.rope import rotary_tables
 from sparse_train.models.sparse import SparseAux, SparseFFN
 
@@ -50,6 +51,8 @@ class Block(nn.Module):
 class ModelOutput:
     logits_BSV: torch.Tensor
     sparse_aux: list[SparseAux] = field(default_factory=list)  # one entry per sparse (MoE/FFF) block, in order
+    # multi-token prediction: module k's logits [B, S - k, V] for the tokens k + 1 places on (sparse_train.models.mtp)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
 
 
 class Transformer(nn.Module):
@@ -77,6 +80,12 @@ class Transformer(nn.Module):
             Block(m, sparse_ffn(m, moe, router, fff, follows_sparse=i > sparse[0]) if i in sparse else dense_ffn(m), i)
             for i in range(m.n_layers)
         )
+
+        # multi-token prediction modules, each with a block like the last one (DeepSeek-V3: MoE)
+        def mtp_ffn() -> nn.Module:
+            return sparse_ffn(m, moe, router, fff) if m.n_layers - 1 in sparse else dense_ffn(m)
+
+        self.mtp = nn.ModuleList(MTPModule(m, Block(m, mtp_ffn(), m.n_layers + k)) for k in range(m.mtp_depth))
         # MoE++ gating residuals pass router logits between MoE layers (and across pipeline stages)
         self.carry_width = moe.num_experts + moe.zero_experts + moe.copy_experts + moe.constant_experts
         self.carry_width = self.carry_width if m.ffn == "moe" and moe.gating_residual else 0
@@ -92,7 +101,9 @@ class Transformer(nn.Module):
 
     @property
     def sparse_layers(self) -> list[SparseFFN]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, SparseFFN)]
+        """The sparse FFNs in the order of ModelOutput.sparse_aux: the blocks', then the MTP modules'."""
+        blocks = [*self.blocks, *(module.block for module in self.mtp)]
+        return [b.ffn for b in blocks if isinstance(b.ffn, SparseFFN)]
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """Seeded, layout-independent initialisation (sparse_train.models.init); without a seed,
@@ -114,7 +125,16 @@ class Transformer(nn.Module):
             if layer_aux is not None:
                 aux.append(layer_aux)
                 carry = layer_aux.carry
-        return ModelOutput(self.lm_head(self.norm(x_BSD)), aux)
+        main_BSD, mtp_logits = x_BSD, []
+        for k, module in enumerate(self.mtp, start=1):  # module k sees S - k positions
+            if S <= k:
+                raise ValueError(f"multi-token prediction module {k} needs sequences longer than {k} tokens")
+            x_BSD, normed_BSD, layer_aux = module(
+                x_BSD[:, : S - k], self.embed(tokens_BS[:, k:]), cos[: S - k], sin[: S - k]
+            )
+            aux += [layer_aux] if layer_aux is not None else []
+            mtp_logits.append(self.lm_head(normed_BSD))
+        return ModelOutput(self.lm_head(self.norm(main_BSD)), aux, mtp_logits)
 
 
 def materialize(module: nn.Module, m: ModelConfig, device: torch.device, seed: int | None) -> None:

@@ -39,6 +39,6 @@ def apply_data_parallel(module: nn.Module, dims: ParallelDims, meshes: Meshes) -
                 # Not on one rank, where FSDP2 (torch 2.13) would then divide twice.
                 layer.experts.set_force_sum_reduction_for_comms(True)
     blocks = module.blocks.values() if isinstance(module.blocks, nn.ModuleDict) else module.blocks
-    for block in blocks:
+    for block in [*blocks, *getattr(module, "mtp", ())]:  # multi-token prediction modules: one unit each
         fully_shard(block, mesh=dp_mesh)
     fully_shard(module, mesh=dp_mesh)

@@ -73,7 +73,8 @@ class Engine:
             parallel = parallelize(model, cfg, runtime, loss_fn=lm_loss)
             self.module, self.schedule, self.stage = parallel.module, parallel.schedule, parallel.stage
         self.aux_names = aux_loss_names(cfg)
-        self.loss_keys = ("loss", "lm_loss", *self.aux_names)
+        self.mtp_coef = cfg.model.mtp_loss_coef
+        self.loss_keys = ("loss", "lm_loss", *self.aux_names, *(("mtp_loss",) if cfg.model.mtp_depth else ()))
         self.num_sparse_layers = len(model.sparse_layers)
 
     # ---- layout helpers -------------------------------------------------------------------
@@ -144,7 +145,7 @@ class Engine:
 
     def loss_of(self, output, targets: torch.Tensor):
         """The training objective of one micro-batch (LM loss + sparse layers' losses), LossParts."""
-        return total_loss(output, targets, self.aux_names)
+        return total_loss(output, targets, self.aux_names, self.mtp_coef)
 
     def _pipelined(self, micro_batches: list[Batch], autocast):
         stage = self.stage
@@ -329,8 +330,10 @@ class Engine:
 
 
 def _sparse_layer_names(module: nn.Module) -> list[str]:
-    """Names ("block<i>") of the sparse layers of `module`, in block order."""
-    return [f"block{name.split('.')[1]}" for name, m in module.named_modules() if isinstance(m, SparseFFN)]
+    """Names ("block<i>", "mtp<k>" for multi-token prediction module k) of the sparse layers of
+    `module`, in the order of ModelOutput.sparse_aux."""
+    names = [name.split(".") for name, m in module.named_modules() if isinstance(m, SparseFFN)]
+    return [f"{'mtp' if parts[0] == 'mtp' else 'block'}{parts[1]}" for parts in names]
 
 
 def _cpu(v: Any) -> Any:

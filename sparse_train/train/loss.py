@@ -4,6 +4,8 @@
     MoE:  aux_loss_coef * LBL + z_loss_coef * z            (router.*)
     FFF:  balance_coef * leaf LBL + hardening_coef * H     (fff.*)
 
+    MTP:  mtp_loss_coef * mean over the multi-token prediction modules of their cross-entropy
+
 The coefficients apply per layer, as in Megatron-Core and Switch. The logged auxiliary losses
 (`aux_loss` and `z_loss`, or `aux_loss` and `hardening_loss`) are unweighted means over the
 sparse layers, so an evenly balanced model logs aux_loss ~= 1.
@@ -40,11 +42,25 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
 
 
-def total_loss(output: ModelOutput, targets_BS: torch.Tensor, names: tuple[str, ...]) -> LossParts:
+def mtp_loss(output: ModelOutput, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Mean over the multi-token prediction modules of their cross-entropy: module k's logits at
+    position i predict targets[i + k] (the token k + 1 places after input i)."""
+    losses = [lm_loss(logits, targets_BS[:, k:]) for k, logits in enumerate(output.mtp_logits, start=1)]
+    return torch.stack(losses).mean()
+
+
+def total_loss(
+    output: ModelOutput, targets_BS: torch.Tensor, names: tuple[str, ...], mtp_coef: float = 0.0
+) -> LossParts:
+    """lm_loss + the sparse layers' objectives (+ mtp_coef * mtp_loss, logged as `mtp_loss`,
+    when the model has multi-token prediction modules)."""
     lm = lm_loss(output.logits_BSV, targets_BS)
     layers = output.sparse_aux
-    if not layers:
-        return LossParts(lm, lm, {name: lm.new_zeros(()) for name in names})
-    loss = lm + torch.stack([a.objective for a in layers]).sum()
-    aux = {name: torch.stack([a.losses[name] for a in layers]).mean() for name in names}
+    loss, aux = lm, {name: lm.new_zeros(()) for name in names}
+    if layers:
+        loss = lm + torch.stack([a.objective for a in layers]).sum()
+        aux = {name: torch.stack([a.losses[name] for a in layers]).mean() for name in names}
+    if output.mtp_logits:
+        aux["mtp_loss"] = mtp_loss(output, targets_BS)
+        loss = loss + mtp_coef * aux["mtp_loss"]
     return LossParts(loss, lm, aux)

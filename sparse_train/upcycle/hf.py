@@ -98,7 +98,7 @@ def read_hf(path: Path) -> HFCheckpoint:
 # ---- tensor names -----------------------------------------------------------------------------
 def _attn_pairs(i: int, m: ModelConfig, qkv_bias: bool, out_bias: bool) -> list[tuple[str, str]]:
     """(native, HF) names of block i's norms and attention tensors."""
-    hf, nat = f"model.layers.{i}", f"blocks.{i}"
+    hf, nat = f"model.layers.{i}", native_block(m, i)
     pairs = [
         (f"{nat}.attn_norm.weight", f"{hf}.input_layernorm.weight"),
         (f"{nat}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight"),
@@ -126,6 +126,24 @@ def _attn_pairs(i: int, m: ModelConfig, qkv_bias: bool, out_bias: bool) -> list[
     return pairs
 
 
+def native_block(m: ModelConfig, i: int) -> str:
+    """Our name of HF decoder layer i: a block, or (from n_layers on) the block of a multi-token
+    prediction module (DeepSeek-V3 stores module k as layer n_layers + k)."""
+    return f"blocks.{i}" if i < m.n_layers else f"mtp.{i - m.n_layers}.block"
+
+
+def block_is_moe(m: ModelConfig, i: int) -> bool:
+    """Whether HF layer i has an MoE FFN (an MTP module's block is like the last block)."""
+    return m.ffn == "moe" and m.is_sparse_layer(min(i, m.n_layers - 1))
+
+
+def _mtp_pairs(m: ModelConfig, i: int) -> list[tuple[str, str]]:
+    """(native, HF) names of MTP module i - n_layers' own tensors (besides its block)."""
+    nat, hf = f"mtp.{i - m.n_layers}", f"model.layers.{i}"
+    names = (("enorm", "enorm"), ("hnorm", "hnorm"), ("proj", "eh_proj"), ("norm", "shared_head.norm"))
+    return [(f"{nat}.{ours}.weight", f"{hf}.{theirs}.weight") for ours, theirs in names]
+
+
 def _swiglu_pairs(nat: str, hf: str, names: tuple[str, str, str]) -> list[tuple[str, str]]:
     gate, up, down = names
     return [
@@ -149,7 +167,7 @@ def _expert_names(arch: str) -> tuple[str, str, str]:
 def _router_pairs(arch: str, i: int, cfg: Config) -> list[tuple[str, str]]:
     """(native, HF) names of block i's router: its weight, gpt-oss's logit bias, DeepSeek-V3's
     selection bias (our aux-loss-free expert bias)."""
-    prefix, nat = _moe_prefix(arch, i), f"blocks.{i}.ffn.router"
+    prefix, nat = _moe_prefix(arch, i), f"{native_block(cfg.model, i)}.ffn.router"
     gate = f"{prefix}.router" if arch == "GptOssForCausalLM" else f"{prefix}.gate"
     pairs = [(f"{nat}.weight", f"{gate}.weight")]
     if cfg.router.bias:
@@ -159,9 +177,9 @@ def _router_pairs(arch: str, i: int, cfg: Config) -> list[tuple[str, str]]:
     return pairs
 
 
-def _shared_pairs(arch: str, i: int) -> list[tuple[str, str]]:
+def _shared_pairs(arch: str, i: int, m: ModelConfig) -> list[tuple[str, str]]:
     hf = f"{_moe_prefix(arch, i)}.{'shared_experts' if arch == 'DeepseekV3ForCausalLM' else 'shared_expert'}"
-    return _swiglu_pairs(f"blocks.{i}.ffn.shared_experts", hf, PROJ_NAMES)
+    return _swiglu_pairs(f"{native_block(m, i)}.ffn.shared_experts", hf, PROJ_NAMES)
 
 
 def to_native(ckpt: HFCheckpoint, cfg: Config) -> dict[str, LazyTensor]:
@@ -180,14 +198,19 @@ def to_native(ckpt: HFCheckpoint, cfg: Config) -> dict[str, LazyTensor]:
     state["lm_head.weight"] = state["embed.weight"] if m.tie_embeddings else take("lm_head.weight")
     if m.tie_embeddings and "lm_head.weight" in t:
         used.add("lm_head.weight")
-    for i in range(m.n_layers):
+    for i in range(m.n_layers + m.mtp_depth):
         for ours, theirs in _attn_pairs(i, m, m.qkv_bias, m.attention.out_bias):
             state[ours] = take(theirs)
-        if m.ffn == "moe" and m.is_sparse_layer(i):
+        if block_is_moe(m, i):
             state.update(_experts_to_native(ckpt.arch, i, cfg, take))
         else:
-            for ours, theirs in _swiglu_pairs(f"blocks.{i}.ffn", f"model.layers.{i}.mlp", PROJ_NAMES):
+            for ours, theirs in _swiglu_pairs(f"{native_block(m, i)}.ffn", f"model.layers.{i}.mlp", PROJ_NAMES):
                 state[ours] = take(theirs)
+        if i >= m.n_layers:
+            state.update({ours: take(theirs) for ours, theirs in _mtp_pairs(m, i)})
+            # DeepSeek-V3 stores copies of the embedding and output head with each MTP module; the
+            # modules use the model's own (as in training), so the copies are not read
+            used.update(f"model.layers.{i}.{name}.weight" for name in ("embed_tokens", "shared_head.head"))
     unused = sorted(set(t) - used)
     if unused:
         raise HFFormatError(
@@ -222,7 +245,7 @@ def _source_names(t: LazyTensor) -> str:
 
 def _experts_to_native(arch: str, i: int, cfg: Config, take) -> dict[str, LazyTensor]:
     prefix, (w_gate, w_up, w_down) = _moe_prefix(arch, i), _expert_names(arch)
-    E, nat = cfg.moe.num_experts, f"blocks.{i}.ffn"
+    E, nat = cfg.moe.num_experts, f"{native_block(cfg.model, i)}.ffn"
     state = {ours: take(theirs) for ours, theirs in _router_pairs(arch, i, cfg)}
     if arch == "GptOssForCausalLM":  # fused [E, D, 2F] with gate and up interleaved; down [E, F, D] as ours
         state[f"{nat}.experts.w_gate_up"] = Deinterleaved(take(f"{prefix}.experts.gate_up_proj"))
@@ -240,7 +263,7 @@ def _experts_to_native(arch: str, i: int, cfg: Config, take) -> dict[str, LazyTe
     )
     state[f"{nat}.experts.w_down"] = Stacked([expert(e, w_down) for e in range(E)], dim=0)
     if cfg.moe.num_shared_experts:
-        state.update({ours: take(theirs) for ours, theirs in _shared_pairs(arch, i)})
+        state.update({ours: take(theirs) for ours, theirs in _shared_pairs(arch, i, cfg.model)})
         if cfg.moe.shared_expert_gate:
             state[f"{nat}.shared_gate.weight"] = take(f"{prefix}.shared_expert_gate.weight")
     elif arch == "Qwen2MoeForCausalLM":  # a zero-width shared expert (our own exports write one)
@@ -265,11 +288,16 @@ def _hf_block(state: Mapping[str, torch.Tensor], cfg: Config, arch: str, i: int)
     for ours, theirs in _attn_pairs(i, cfg.model, *attention_bias(cfg, arch)):
         # a bias the format always has and the model lacks is written as zeros (the same function)
         out[theirs] = state[ours] if ours in state else torch.zeros(state[ours.replace(".bias", ".weight")].shape[0])
-    if cfg.model.ffn == "moe" and cfg.model.is_sparse_layer(i):
+    m = cfg.model
+    if block_is_moe(m, i):
         out.update(_experts_from_native(arch, i, cfg, state))
     else:
-        for ours, theirs in _swiglu_pairs(f"blocks.{i}.ffn", f"model.layers.{i}.mlp", PROJ_NAMES):
+        for ours, theirs in _swiglu_pairs(f"{native_block(m, i)}.ffn", f"model.layers.{i}.mlp", PROJ_NAMES):
             out[theirs] = state[ours]
+    if i >= m.n_layers:  # an MTP module, with the copies of the embedding and head DeepSeek-V3 stores
+        out.update({theirs: state[ours] for ours, theirs in _mtp_pairs(m, i)})
+        out[f"model.layers.{i}.embed_tokens.weight"] = state["embed.weight"]
+        out[f"model.layers.{i}.shared_head.head.weight"] = state["lm_head.weight"]
     return _on_cpu(out)
 
 
@@ -279,7 +307,7 @@ def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _experts_from_native(arch: str, i: int, cfg: Config, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     prefix, (w_gate, w_up, w_down) = _moe_prefix(arch, i), _expert_names(arch)
-    nat = f"blocks.{i}.ffn"
+    nat = f"{native_block(cfg.model, i)}.ffn"
     w_ED2F, down_EFD = state[f"{nat}.experts.w_gate_up"], state[f"{nat}.experts.w_down"]
     E, D, _, F = w_ED2F.shape
     # DeepSeek-V3 always has a selection bias: a router without one (no aux-free balancing) has zeros
@@ -297,7 +325,7 @@ def _experts_from_native(arch: str, i: int, cfg: Config, state: Mapping[str, tor
         out[f"{prefix}.experts.{e}.{w_up}.weight"] = w_ED2F[e, :, 1].t()
         out[f"{prefix}.experts.{e}.{w_down}.weight"] = down_EFD[e].t()
     if cfg.moe.num_shared_experts:
-        out.update({theirs: state[ours] for ours, theirs in _shared_pairs(arch, i)})
+        out.update({theirs: state[ours] for ours, theirs in _shared_pairs(arch, i, cfg.model)})
         if cfg.moe.shared_expert_gate:
             out[f"{prefix}.shared_expert_gate.weight"] = state[f"{nat}.shared_gate.weight"]
         elif arch == "Qwen2MoeForCausalLM":  # it always gates: sigmoid(0) = 1/2 times a doubled down projection
@@ -342,7 +370,8 @@ def write_hf(target: Path, state: Mapping[str, torch.Tensor], cfg: Config, token
 
 
 def _write_shards(target: Path, state: Mapping[str, torch.Tensor], cfg: Config, arch: str) -> None:
-    parts: list[int | None] = [*range(cfg.model.n_layers), None]  # the blocks in order, then the rest
+    # the blocks in order, the MTP modules, then the rest
+    parts: list[int | None] = [*range(cfg.model.n_layers + cfg.model.mtp_depth), None]
     weight_map: dict[str, str] = {}
     total = 0
     for n, part in enumerate(parts):

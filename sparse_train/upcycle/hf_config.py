@@ -129,6 +129,12 @@ def native_config(ckpt: Any, base: Config | None = None) -> Config:
         data["model"]["ffn"] = "moe"
         data["moe"], data["router"], model_fields = _moe_sections(c, arch, data)
         data["model"].update(model_fields)
+    if arch == "DeepseekV3ForCausalLM":
+        # MTP modules are layers n_layers, n_layers + 1, ... when the file has them (transformers
+        # saves none and ignores them: a model without them computes the same logits)
+        n = int(c["num_hidden_layers"])
+        depth = int(c.get("num_nextn_predict_layers") or 0)
+        data["model"]["mtp_depth"] = sum(f"model.layers.{n + k}.eh_proj.weight" in ckpt.tensors for k in range(depth))
     data.setdefault("data", {})["seq_len"] = min(data.get("data", {}).get("seq_len", 128), data["model"]["max_seq_len"])
     return compose_config(data)
 

@@ -1,6 +1,7 @@
 """Each architecture imported from Hugging Face trains alike in every layout: `train --init-from`
 a small random model built by transformers, then a few steps on one process and on
-ep=2 / tp=2 x ep=2 (dense models: dp_shard=2 / tp=2), compared as in test_layouts (losses,
+ep=2 / tp=2 x ep=2 (dense models: dp_shard=2 / tp=2; DeepSeek-V3 with a multi-token
+prediction module), compared as in test_layouts (losses,
 gradient norms, first-step gradients and final weights to 1e-5 relative)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 
 from sparse_train.launch.local import run_ranks
 from tests.distributed.test_layouts import STEPS, _assert_same_tensors, _data, train_steps
-from tests.upcycle.conftest import build_hf
+from tests.upcycle.conftest import build_hf, save_deepseek_v3_with_mtp
 
 RUN = [
     "moe.kernel_backend=torch",
@@ -46,6 +47,9 @@ def _train_from(source: str, overrides: list[str], run_dir: str, data):
 def test_an_imported_architecture_trains_alike_in_every_layout(kind, layout, tmp_path):
     source = tmp_path / kind
     build_hf(kind, vocab_size=258).save_pretrained(source)  # the byte tokenizer's ids
+    if kind == "deepseek_v3":  # with its multi-token prediction module, as DeepSeek's checkpoints
+        save_deepseek_v3_with_mtp(source, tmp_path / "with-mtp")
+        source = tmp_path / "with-mtp"
     data = _data()
     ref_losses, ref_norms, ref_grads, ref_weights = _train_from(str(source), RUN, str(tmp_path / "single"), data)
     world, parallel = KINDS[kind][layout]

@@ -138,3 +138,23 @@ def save_tiny_tokenizer(path: Path, vocab_size: int = 64) -> None:
     tok.train_from_iterator(text, trainer)
     wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
     wrapped.save_pretrained(str(path))
+
+
+def save_deepseek_v3_with_mtp(source: Path, target: Path) -> None:
+    """An HF DeepSeek-V3 directory with one multi-token prediction module (layer n_layers, as
+    DeepSeek's checkpoints hold it): the model at `source` plus a module drawn from seed 1,
+    written by our exporter (transformers neither builds nor saves MTP modules)."""
+    from sparse_train.config import compose_config
+    from sparse_train.lazy import read_all
+    from sparse_train.models.transformer import Transformer
+    from sparse_train.upcycle.hf import native_config, read_hf, to_native, write_hf
+
+    ckpt = read_hf(source)
+    cfg = native_config(ckpt)
+    data = cfg.to_dict()
+    cfg = compose_config({**data, "model": {**data["model"], "mtp_depth": 1}})
+    model = Transformer(cfg.model, cfg.moe, cfg.router, cfg.fff)
+    model.reset_parameters(seed=1)
+    missing, _ = model.load_state_dict(read_all(to_native(ckpt, native_config(ckpt))), strict=False)
+    assert missing and all(name.startswith("mtp.") for name in missing)
+    write_hf(target, model.state_dict(), cfg)

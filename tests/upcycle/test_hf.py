@@ -184,3 +184,26 @@ def test_a_trained_sparse_train_moe_run_exports_to_mixtral(tmp_path):
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert _rel(theirs(tokens).logits, ours(tokens).logits_BSV) <= 1e-4
+
+
+def test_deepseek_v3_multi_token_prediction_modules_round_trip(hf_dir, tmp_path):
+    from tests.upcycle.conftest import save_deepseek_v3_with_mtp
+
+    path, hf_model = hf_dir("deepseek_v3")
+    save_deepseek_v3_with_mtp(path, tmp_path / "mtp")
+    ckpt, cfg, model = _native(tmp_path / "mtp")
+    assert cfg.model.mtp_depth == 1 and "model.layers.3.eh_proj.weight" in ckpt.tensors
+    assert ckpt.tensors["model.layers.3.mlp.gate.e_score_correction_bias"].shape == (4,)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        output = model(tokens)
+        assert _rel(output.logits_BSV, hf_model(tokens).logits) <= 1e-4  # MTP does not change the logits
+        assert [tuple(t.shape) for t in output.mtp_logits] == [(2, 15, 64)]
+    write_hf(tmp_path / "again", model.state_dict(), cfg)
+    again = read_hf(tmp_path / "again")
+    assert set(again.tensors) == set(ckpt.tensors)
+    for name, tensor in ckpt.tensors.items():
+        assert torch.equal(again.tensors[name].full(), tensor.full()), name
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert _rel(reloaded(tokens).logits, hf_model(tokens).logits) <= 1e-4
