@@ -103,6 +103,10 @@ class SwiGLUExperts(nn.Module):
         """Whether forward runs the fused SwiGLU kernel (plain swiglu, no biases)."""
         return self.activation == "swiglu" and self.b_gate_up is None
 
+    def bias_parameters(self) -> list[nn.Parameter]:
+        """The stacked biases (exempt from weight decay like any bias: sparse_train.train.optim)."""
+        return [b for b in (self.b_gate_up, self.b_down) if b is not None]
+
     def forward(self, inp: ExpertInput) -> torch.Tensor:
         """y[r] = sum of weight_a * expert_e(a)(x[r]) over the assignments a that read row r."""
         y_RD = self.sum_tp(self._routed(self.enter_tp(inp)))

@@ -5,7 +5,8 @@ Decayed: every weight matrix, i.e. attention and FFN projections, stacked expert
 weights, the token embedding, the lm_head (one tensor with the embedding when tied), the MoE
 router and shared-expert gate, and the FFF node neurons (the tree is the FFF's router, so it
 is treated as the MoE router is). Not decayed: normalisation layers' parameters and every
-vector (biases, FFF node biases, the master-leaf blend logit). Megatron-Core skips decay on
+vector (biases, FFF node biases, the master-leaf blend logit), and stacked expert biases.
+Megatron-Core skips decay on
 1-D parameters and on `*.bias`; nanoGPT on every parameter of fewer than two dimensions;
 neither spares embeddings, the output layer or the router.
 """
@@ -65,10 +66,13 @@ def _split_by_mesh(group: dict) -> list[dict]:
 
 
 def no_decay_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of the parameters weight decay skips: those of normalisation layers, and every
-    parameter of fewer than two dimensions (biases, node biases, blend logits). Chosen by
+    """ids of the parameters weight decay skips: those of normalisation layers, the stacked
+    expert biases (a module's `bias_parameters()`), and every parameter of fewer than two
+    dimensions (biases, node biases, blend logits). Chosen by
     module type and shape, not by name, so renaming a parameter cannot change its decay."""
     exempt = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
+    # stacked per-expert biases ([E, ...]: gpt-oss's) are biases, whatever their rank
+    exempt |= {id(p) for m in model.modules() if hasattr(m, "bias_parameters") for p in m.bias_parameters()}
     return exempt | {id(p) for p in model.parameters() if p.dim() < 2}
 
 

@@ -114,3 +114,16 @@ def test_decay_is_applied_to_matrices_and_not_to_norm_scales_in_a_step():
     optimizer.step()
     torch.testing.assert_close(model.embed.weight.detach(), embed * (1 - 0.1 * 0.5))
     torch.testing.assert_close(norm.detach(), scale)
+
+
+def test_gpt_oss_parts_stacked_expert_biases_sinks_and_qk_norms_are_not_decayed():
+    model, groups = _model_and_groups(
+        "moe.expert_bias=true", "router.bias=true", "model.attention.sinks=true", "model.attention.qk_norm=full"
+    )
+    experts = [m.experts for m in model.modules() if isinstance(m, MoELayer)]
+    stacked = [p for e in experts for p in (e.b_gate_up, e.b_down)]
+    assert stacked and all(p.dim() >= 2 for p in stacked), "the case the shape rule alone would decay"
+    assert _decay(groups, stacked) == {0.0}
+    assert _decay(groups, [b.attn.sinks for b in model.blocks]) == {0.0}
+    assert _decay(groups, [b.attn.q_norm.weight for b in model.blocks]) == {0.0}
+    assert _decay(groups, [e.w_gate_up for e in experts]) == {WEIGHT_DECAY}
