@@ -39,7 +39,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="copy/split: slices each dense FFN is cut into, each copied into E/g experts (default: copy 1, split E)",
     )
-    up.add_argument("--num-shared", type=int, default=1, help="cmoe: shared experts from the highest-rate neurons")
+    up.add_argument(
+        "--num-shared",
+        type=int,
+        default=None,
+        help="shared experts beside the routed ones: copy (default 0) the dense FFN cut into this many, "
+        "shared and routed parts each half-weighted (DeepSeek-V3's layout); cmoe (default 1) the highest-rate neurons",
+    )
+    up.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the upcycled config, e.g. router.score=sigmoid (repeatable)",
+    )
     up.add_argument("--noise", type=float, default=0.0, help="copy: relative Gaussian noise on each expert")
     up.add_argument(
         "--drop-ratio",
@@ -84,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         partition=args.partition,
         granularity=args.granularity,
         num_shared=args.num_shared,
+        overrides=tuple(args.overrides),
     )
     what = upcycle(
         Path(args.source),

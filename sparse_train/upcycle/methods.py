@@ -2,7 +2,9 @@
 
     copy         (sparse upcycling) every expert a copy of the dense SwiGLU, the router small
                  and random; combine weights renormalised over the top k, so at step 0 the layer
-                 computes exactly the dense FFN (k equal outputs, weights summing to 1). Options:
+                 computes exactly the dense FFN (k equal outputs, weights summing to 1). With
+                 shared experts (`num_shared`, DeepSeek-V3's layout) they hold the dense FFN too,
+                 and shared and routed parts each carry half of its output. Options:
                  `noise` (each expert's weights times 1 + noise * N(0, 1)) and `drop_ratio`
                  (Drop-Upcycling: per expert, that share of hidden neurons re-initialised at
                  random, a different subset per expert), both breaking the equality on purpose.
@@ -53,7 +55,15 @@ class UpcycleSpec:
     drop_ratio: float = 0.0  # copy (Drop-Upcycling)
     partition: Partition = "contiguous"  # split
     granularity: int | None = None  # copy / split: slices per dense FFN; None = 1 (copy) or E (split)
-    num_shared: int = 1  # cmoe: shared experts carved from the highest-rate neurons
+    num_shared: int | None = None  # shared experts: copy (default 0) the dense FFN, half-weighted; cmoe (default 1)
+    overrides: tuple[str, ...] = ()  # `section.key=value` on the upcycled config (e.g. DeepSeek-V3's router)
+
+    @property
+    def shared(self) -> int:
+        """Shared experts: num_shared, or the method's default (cmoe 1, others 0)."""
+        if self.num_shared is not None:
+            return self.num_shared
+        return 1 if self.method == "cmoe" else 0
 
     @property
     def slices(self) -> int:
@@ -81,7 +91,7 @@ def _sparse_config(dense: Config, spec: UpcycleSpec, sections: dict[str, dict]) 
     }
     for section, values in sections.items():
         data[section] = {**data[section], **values}
-    return compose_config(data)
+    return compose_config(data, spec.overrides)
 
 
 def _moe_config(dense: Config, spec: UpcycleSpec, expert_hidden: int, combine: str, **moe) -> Config:
@@ -105,6 +115,8 @@ def _divides(width: int, parts: int, what: str = "") -> int:
 def upcycled_config(dense_cfg: Config, spec: UpcycleSpec) -> Config:
     """The sparse config `spec` makes of a dense model (every request checked here, before any work)."""
     F, E = dense_cfg.model.ffn_hidden, spec.num_experts
+    if spec.shared and spec.method not in ("copy", "cmoe"):
+        raise ConfigError("--num-shared", f"{spec.method} has no shared experts (copy and cmoe have)")
     if spec.method in ("copy", "split"):
         g = spec.slices
         if g < 1 or E % g:
@@ -115,14 +127,21 @@ def upcycled_config(dense_cfg: Config, spec: UpcycleSpec) -> Config:
             raise ConfigError("--top-k", f"must be a multiple of --granularity ({g}) to select whole copies")
         if F % g:
             raise ConfigError("--granularity", f"must divide the FFN width ({F}), got {g}")
+        shared = spec.shared
+        if shared:  # DeepSeek-V3's layout: shared experts beside the routed ones
+            shared_width = _divides(F, shared, "--num-shared ")
+            return _moe_config(
+                dense_cfg, spec, F // g, "weights", num_shared_experts=shared, shared_expert_hidden=shared_width
+            )
         return _moe_config(dense_cfg, spec, F // g, "weights")
     if spec.method == "moefication":
         return _moe_config(dense_cfg, spec, _divides(F, E), "unit")
     if spec.method == "cmoe":
-        if spec.num_shared < 1:
-            raise ConfigError("--num-shared", f"must be >= 1 (cmoe carves shared experts), got {spec.num_shared}")
-        G = _divides(F, E + spec.num_shared, "with --num-shared, their sum ")
-        return _moe_config(dense_cfg, spec, G, "unit", num_shared_experts=spec.num_shared, shared_expert_hidden=G)
+        shared = spec.shared
+        if shared < 1:
+            raise ConfigError("--num-shared", f"must be >= 1 (cmoe carves shared experts), got {shared}")
+        G = _divides(F, E + shared, "with --num-shared, their sum ")
+        return _moe_config(dense_cfg, spec, G, "unit", num_shared_experts=shared, shared_expert_hidden=G)
     if spec.method == "fff":
         if E < 2 or E & (E - 1):
             raise ConfigError("--num-experts", f"fff: the number of leaves must be a power of two >= 2, got {E}")
@@ -210,6 +229,8 @@ class UpcycledState(Mapping[str, torch.Tensor]):
         g = torch.Generator().manual_seed(tile_seed(self.spec.seed, "upcycle", (i,)))
         x = self.calib.fit[i] if self.calib is not None else None
         block = _CONVERT[self.spec.method](gate.float(), up.float(), down.float(), self.spec, g, x)
+        if self.cfg.model.ffn == "moe" and self.cfg.router.bias_update_rate > 0:  # aux-free balancing starts unbiased
+            block["router.expert_bias_E"] = torch.zeros(self.cfg.moe.num_experts)
         if self.progress is not None:
             self.progress(i)
         return {f"blocks.{i}.ffn.{k}": v.to(gate.dtype).contiguous() for k, v in block.items()}
@@ -278,7 +299,13 @@ def _granular_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x=Non
     if spec.noise > 0:
         experts = [w * (1 + spec.noise * torch.randn(w.shape, generator=g)) for w in experts]
     router = _random_router(E // slices, gate.shape[1], g).repeat_interleave(slices, dim=0)
-    return {**_stacked(*experts), "router.weight": router}
+    if not spec.shared:
+        return {**_stacked(*experts), "router.weight": router}
+    # shared experts (one SwiGLU, the dense FFN's width) and routed copies each carry half the
+    # FFN's output: together the dense FFN again at step 0
+    experts[2] = experts[2] / 2
+    shared = {"shared_experts.w_gate.weight": gate, "shared_experts.w_up.weight": up}
+    return {**_stacked(*experts), "router.weight": router, **shared, "shared_experts.w_down.weight": down / 2}
 
 
 def _split_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x=None) -> dict[str, torch.Tensor]:
@@ -295,7 +322,7 @@ def _moefication_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x)
 
 
 def _cmoe_block(gate, up, down, spec: UpcycleSpec, g: torch.Generator, x) -> dict[str, torch.Tensor]:
-    shared, groups_EG, router_ED = carve.cmoe(gate, up, down, x, spec.num_experts, spec.num_shared, spec.top_k, g)
+    shared, groups_EG, router_ED = carve.cmoe(gate, up, down, x, spec.num_experts, spec.shared, spec.top_k, g)
     return {
         **_experts_of(gate, up, down, groups_EG),
         "router.weight": router_ED,
