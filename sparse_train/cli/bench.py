@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sparse_train.bench.hf_models import KINDS as HF_KINDS  # no torch: --help stays light
 from sparse_train.cli.common import ArgumentParser, add_config_args, add_json_flag, add_overrides
 from sparse_train.errors import UsageError
 
@@ -76,6 +77,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     repro.add_argument("--seeds", type=int, default=5, help="runs per (depth, variant), seeds 0..N-1")
     repro.add_argument("--epochs", type=int, default=150)
 
+    convert = bench_sub.add_parser(
+        "convert", help="HF import/export of each architecture vs transformers: logit errors, exact round trip"
+    )
+    add_json_flag(convert)
+    convert.add_argument("--archs", nargs="+", default=list(HF_KINDS), choices=HF_KINDS, help="default: all")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
+
     kernels = bench_sub.add_parser(
         "kernels", help="every Triton kernel compiled ahead of time for GPU targets (no GPU needed): resources"
     )
@@ -92,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     commands = {"moe-layer": _moe_layer, "dispatch": _dispatch, "fff-infer": _fff_infer, "fff-repro": _fff_repro}
     commands["memory"] = _memory
+    commands["convert"] = _convert
     if args.bench == "kernels":
         return _kernels(args)
     commands[args.bench](args)
@@ -211,6 +220,17 @@ def _memory(args: argparse.Namespace) -> None:
     if args.nproc < 1 or args.steps < 1 or args.timeout <= 0:
         raise UsageError("sparse-train bench memory: --nproc >= 1, --steps >= 1 and --timeout > 0 required")
     memory.run(args.config, args.overrides, args.nproc, steps=args.steps, timeout=args.timeout, as_json=args.json)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from sparse_train.bench import convert
+    from sparse_train.bench.hf_models import import_transformers
+
+    try:
+        import_transformers()
+    except RuntimeError as err:
+        raise UsageError(f"sparse-train bench convert: {err}") from None
+    convert.run(list(dict.fromkeys(args.archs)), seed=args.seed, as_json=args.json)
 
 
 def _kernels(args: argparse.Namespace) -> int:
