@@ -207,3 +207,20 @@ def test_deepseek_v3_multi_token_prediction_modules_round_trip(hf_dir, tmp_path)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
     with torch.no_grad():
         assert _rel(reloaded(tokens).logits, hf_model(tokens).logits) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "gpt_oss", "olmoe"])
+def test_convert_to_a_native_run_and_back_reproduces_every_tensor(kind, hf_dir, tmp_path):
+    from sparse_train.cli import main
+    from tests.upcycle.conftest import save_deepseek_v3_with_mtp
+
+    path, _ = hf_dir(kind)
+    if kind == "deepseek_v3":
+        save_deepseek_v3_with_mtp(path, tmp_path / "source")
+        path = tmp_path / "source"
+    for source, target, fmt in ((path, tmp_path / "native", "native"), (tmp_path / "native", tmp_path / "hf", "hf")):
+        assert main(["convert", "--from", str(source), "--to", str(target), "--format", fmt]) == 0
+    before, after = read_hf(path), read_hf(tmp_path / "hf")
+    assert set(after.tensors) == set(before.tensors)
+    for name, tensor in before.tensors.items():
+        assert torch.equal(after.tensors[name].full(), tensor.full()), name
