@@ -15,7 +15,9 @@ publishers differ:
   to, not the one with it (37.6B), so it is compared without the embedding too.
 The published totals and DeepSeek-V3's active count exclude the multi-token-prediction module
 (parameters named `mtp.`; 11.6B here, plus the embedding and output head it shares: the 14B
-DeepSeek states). Total counts never depend on the convention.
+DeepSeek states). Total counts never depend on the convention. Totals are checked to 1%; active counts, which are
+published to two or three significant digits, by rounding to the published figure (DeepSeek-V3's
+36.63B and OLMoE's 1.282B are 1.0% and 1.4% below the rounded figures they round to).
 """
 
 from __future__ import annotations
@@ -46,15 +48,6 @@ PUBLISHED = {
     "olmoe-1b-7b": Published(total=6.9e9, active=1.3e9, digits=2, embedding_active=True),
     "gpt-oss-120b": Published(total=116.83e9, active=5.13e9, digits=3, embedding_active=False),
 }
-
-# Active counts more than 1% from the published figure, with the measured value and why. The
-# figures are published to two significant digits, so they are only as exact as their rounding
-# (test_active_counts_round_to_the_published_figure checks that they agree to it).
-ACTIVE_MISSES = {
-    "deepseek-v3-671b": "36.63B (-1.01%) without the embedding (37.55B, +1.5%, with it), which rounds to '37B'",
-    "olmoe-1b-7b": "1.282B (-1.4%), which rounds to the published '1.3B'",
-}
-
 
 def _recipes() -> list[Path]:
     return sorted(CONFIGS.glob("*.yaml"))
@@ -98,18 +91,6 @@ def test_total_parameters_match_the_published_count(name: str) -> None:
 def _active(name: str) -> float:
     _, active, embedding = _counts(name)
     return active if PUBLISHED[name].embedding_active else active - embedding
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=ACTIVE_MISSES[n])) if n in ACTIVE_MISSES else n
-        for n in PUBLISHED
-    ],
-)
-def test_active_parameters_within_one_percent_of_the_published_count(name: str) -> None:
-    active = _active(name)
-    assert abs(_rel(active, PUBLISHED[name].active)) <= 0.01, f"{active:,} vs {PUBLISHED[name].active:,.0f}"
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
