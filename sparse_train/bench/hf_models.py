@@ -99,12 +99,13 @@ def import_transformers() -> Any:
     return transformers
 
 
-def build_hf(kind: str, seed: int = 0) -> Any:
+def build_hf(kind: str, seed: int = 0, vocab_size: int = 64) -> Any:
     """A random tiny transformers model of `kind` (KINDS), in evaluation mode."""
     import torch
 
     t = import_transformers()
     prefix, fields = CONFIGS[kind]
+    fields = {**fields, "vocab_size": vocab_size}
     torch.manual_seed(seed)
     model = getattr(t, f"{prefix}ForCausalLM")(getattr(t, f"{prefix}Config")(**fields))
     with torch.no_grad():

@@ -12,21 +12,12 @@ import numpy as np
 import pytest
 
 from sparse_train.launch.local import run_ranks
-from tests.distributed.test_layouts import STEPS, _assert_same_tensors, _data, train_steps
+from tests.distributed.test_layouts import BASE, _assert_same_tensors, _data, train_steps
 from tests.upcycle.conftest import build_hf, save_deepseek_v3_with_mtp
 
-RUN = [
-    "moe.kernel_backend=torch",
-    "router.balance_scope=global_batch",
-    "data.seq_len=16",
-    "train.batch_size=4",
-    "train.grad_accum=2",
-    f"train.steps={STEPS}",
-    "optimizer.warmup_steps=1",
-    "optimizer.eps=1e-6",
-    "checkpoint.every=0",
-    "checkpoint.save_final=false",
-]
+# the layout tests' training settings; the model sections come from the HF source
+RUN = [o for o in BASE if o.split(".")[0] in ("train", "optimizer", "checkpoint")]
+RUN += ["moe.kernel_backend=torch", "router.balance_scope=global_batch", "data.seq_len=16"]
 MOE_LAYOUTS = {"ep2": (2, ["parallel.ep=2"]), "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"])}
 DENSE_LAYOUTS = {"dp_shard2": (2, ["parallel.dp_shard=2"]), "tp2": (2, ["parallel.tp=2"])}
 KINDS = {"qwen3": DENSE_LAYOUTS, "qwen3moe": MOE_LAYOUTS, "olmoe": MOE_LAYOUTS, "deepseek_v3": MOE_LAYOUTS,

@@ -73,6 +73,9 @@ RELU = ["router.type=relu"]
 ZERO_COMPUTATION = ["moe.zero_experts=1", "moe.copy_experts=1", "moe.constant_experts=1", "router.top_k=3",
                     "moe.gating_residual=true"]  # fmt: skip
 SELECTIVE_SINKHORN = ["router.type=selective_sinkhorn", "router.sinkhorn_fraction=0.5"]
+# gpt-oss's experts: biases (the down bias added once, after the TP sum) and the clamped
+# activation, with a limit small enough that the clamps bind at initialisation; a router bias
+GPT_OSS_MOE = ["moe.expert_activation=gpt_oss", "moe.expert_limit=1.0", "moe.expert_bias=true", "router.bias=true"]
 
 LAYOUTS = {
     # name: (processes, parallel overrides, extra model overrides)
@@ -108,13 +111,22 @@ LAYOUTS = {
     # the transport plan's gradients cross the data-parallel ranks on steps 1 and 3
     "ep2-selective-sinkhorn": (2, ["parallel.ep=2"], SELECTIVE_SINKHORN),
     "tp2-ep2-selective-sinkhorn": (4, ["parallel.tp=2", "parallel.ep=2"], SELECTIVE_SINKHORN),
+    "ep2-gpt-oss-moe": (2, ["parallel.ep=2"], GPT_OSS_MOE),
+    "tp2-gpt-oss-moe": (2, ["parallel.tp=2"], GPT_OSS_MOE),
+    "tp2-ep2-gpt-oss-moe": (4, ["parallel.tp=2", "parallel.ep=2"], GPT_OSS_MOE),
+    "ep2-edp2-gpt-oss-moe": (4, ["parallel.ep=2"], GPT_OSS_MOE),  # each expert slice FSDP-sharded over 2 ranks
     # FFF trees: leaves sharded over EP ranks like experts, node neurons replicated
     "fff-hard-ep2": (2, ["parallel.ep=2"], [*FFF, "fff.mode=hard", "fff.master_leaf=true"]),
     "fff-topk-ep2-gelu": (2, ["parallel.ep=2"], [*FFF, "fff.mode=topk_paths", "fff.leaf_activation=gelu"]),
     "fff-soft-tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"], [*FFF, "fff.mode=soft", "fff.master_leaf=true"]),
     "fff-hard-pp2": (2, ["parallel.pp=2"], [*FFF, "fff.mode=hard"]),
 }
-FAST = {"ep2-dp_shard2", "tp2"}  # the rest, pp and FFF included, in the slow suite (`make test` < 4 min)
+FAST = {
+    "ep2-dp_shard2",
+    "tp2",
+    "ep2-gpt-oss-moe",
+    "tp2-gpt-oss-moe",
+}  # the rest, pp and FFF included, in the slow suite (`make test` < 4 min)
 
 
 def _data() -> TokenData:

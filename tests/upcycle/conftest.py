@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+from sparse_train.bench.hf_models import KINDS
+from sparse_train.bench.hf_models import build_hf as build_tiny_hf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -22,95 +24,13 @@ COMMON = dict(
 )
 
 
-# DeepSeek-V3 in small: MLA with both latents, 2 groups of 2 routed experts (a token's 2 experts
-# from its best group), one shared expert, the first block dense, the real rotary layout and YaRN.
-DEEPSEEK_V3 = dict(
-    COMMON,
-    num_hidden_layers=3,
-    num_key_value_heads=4,
-    moe_intermediate_size=12,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    n_shared_experts=1,
-    first_k_dense_replace=1,
-    q_lora_rank=16,
-    kv_lora_rank=8,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
-    routed_scaling_factor=2.5,
-    rope_parameters=dict(
-        rope_type="yarn",
-        rope_theta=10000.0,
-        factor=4.0,
-        original_max_position_embeddings=16,
-        beta_fast=32.0,
-        beta_slow=1.0,
-        mscale=1.0,
-        mscale_all_dim=1.0,
-    ),  # fmt: skip
-)
-GPT_OSS_ROPE = dict(
-    rope_type="yarn", rope_theta=150000.0, factor=4.0, original_max_position_embeddings=16,
-    beta_fast=32.0, beta_slow=1.0, truncate=False,
-)  # fmt: skip
-ALL_KINDS = ["llama", "mistral", "qwen2", "mixtral", "qwen2moe", "qwen3", "qwen3moe", "olmoe", "deepseek_v3", "gpt_oss"]
+ALL_KINDS = list(KINDS)
 
 
 def build_hf(kind: str, vocab_size: int = 64):
-    """A random tiny model of `kind` (ALL_KINDS), weights drawn from seed 0."""
-    torch.manual_seed(0)
-    common = {**COMMON, "vocab_size": vocab_size}
-    t = transformers
-    model = {
-        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**common)),
-        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**common, sliding_window=None)),
-        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**common, tie_word_embeddings=True)),
-        "mixtral": lambda: t.MixtralForCausalLM(t.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)),
-        "qwen2moe": lambda: t.Qwen2MoeForCausalLM(
-            t.Qwen2MoeConfig(
-                **common,
-                moe_intermediate_size=12,
-                shared_expert_intermediate_size=16,
-                num_experts=4,
-                num_experts_per_tok=2,
-                mlp_only_layers=[0],
-            )
-        ),
-        "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**common, head_dim=16)),
-        "qwen3moe": lambda: t.Qwen3MoeForCausalLM(
-            t.Qwen3MoeConfig(
-                **common,
-                head_dim=16,
-                moe_intermediate_size=12,
-                num_experts=4,
-                num_experts_per_tok=2,
-                norm_topk_prob=True,
-                mlp_only_layers=[0],
-            )  # fmt: skip
-        ),
-        "olmoe": lambda: t.OlmoeForCausalLM(t.OlmoeConfig(**common, num_experts=4, num_experts_per_tok=2)),
-        "deepseek_v3": lambda: t.DeepseekV3ForCausalLM(t.DeepseekV3Config(**{**DEEPSEEK_V3, "vocab_size": vocab_size})),
-        "gpt_oss": lambda: t.GptOssForCausalLM(
-            t.GptOssConfig(
-                **{**common, "num_hidden_layers": 3},
-                num_local_experts=4,
-                num_experts_per_tok=2,
-                head_dim=8,
-                sliding_window=4,
-                rope_parameters=GPT_OSS_ROPE,
-            )  # fmt: skip
-        ),
-    }[kind]()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's selection bias: a trained buffer
-                b.normal_(0, 0.2)
-    return model.eval()
+    """A random tiny model of `kind` (ALL_KINDS), weights drawn from seed 0
+    (sparse_train.bench.hf_models: the conversion benchmark's models)."""
+    return build_tiny_hf(kind, seed=0, vocab_size=vocab_size)
 
 
 @pytest.fixture
