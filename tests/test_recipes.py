@@ -49,6 +49,7 @@ PUBLISHED = {
     "gpt-oss-120b": Published(total=116.83e9, active=5.13e9, digits=3, embedding_active=False),
 }
 
+
 def _recipes() -> list[Path]:
     return sorted(CONFIGS.glob("*.yaml"))
 
