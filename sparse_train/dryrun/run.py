@@ -24,6 +24,7 @@ Routing is balanced where the real split sizes are data-dependent (dryrun.balanc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -41,6 +42,7 @@ from sparse_train.config import Config, compose_config
 from sparse_train.data.dataset import TokenData
 from sparse_train.dryrun import balanced, fake_cuda
 from sparse_train.dryrun.checks import Checks, Finding, served_devices, traceback_site
+from sparse_train.dryrun.measure import StepCost, measuring
 from sparse_train.dryrun.shards import ShardsInMemory, load_without_collectives
 from sparse_train.parallel.dims import ParallelDims
 from sparse_train.parallel.runtime import DistributedRuntime, process_group_backend
@@ -60,6 +62,7 @@ class DryRunReport:
     collectives: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> op -> calls
     host_reads: dict[str, int] = field(default_factory=dict)  # phase -> reads seen
     local_parameters: int = 0
+    step_cost: StepCost | None = None  # the unreported train step's peak memory and FLOPs (measure=True)
 
     @property
     def ok(self) -> bool:
@@ -86,6 +89,7 @@ class DryRunReport:
             "collectives": self.collectives,
             "host_reads": self.host_reads,
             "local_parameters": self.local_parameters,
+            **({"step_cost": dataclasses.asdict(self.step_cost)} if self.step_cost is not None else {}),
         }
 
 
@@ -126,8 +130,12 @@ def dry_run(
     device: str = "cuda",
     backend: str | None = None,
     devices_per_node: int = 8,
+    measure: bool = False,
+    phases_to_run: int | None = None,
 ) -> DryRunReport:
-    """Run `rank` of a `world`-rank layout of `cfg` on fake tensors (module docstring)."""
+    """Run `rank` of a `world`-rank layout of `cfg` on fake tensors (module docstring).
+    `measure`: also the unreported train step's peak memory and FLOPs (report.step_cost,
+    dryrun.measure); `phases_to_run`: only the first that many phases (a planner needs three)."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
     from sparse_train.train.trainer import Trainer
@@ -206,6 +214,11 @@ def dry_run(
                 ("init from", lambda: start(run_dir=Path(run_dir) / "init-from",
                                             init_weights=CheckpointWeights(saved[0])), True, served, True),
             ]  # fmt: skip
+            if measure:
+                report.step_cost = StepCost()
+                name, run, *rest = phases[2]
+                phases[2] = (name, measuring(run, lambda: trainers[0], device, report.step_cost), *rest)
+            phases = phases[:phases_to_run]
             with FakeTensorMode(allow_non_fake_inputs=True), checks:
                 for name, run, reads, devices, cpu_tensors in phases:
                     try:

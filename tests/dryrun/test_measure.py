@@ -1,0 +1,63 @@
+"""A dry run measures a rank's train step: peak memory by kind and FLOPs, on fake tensors. A rank
+of dp_shard=2 has half the FLOPs of the same step run for real in one CPU process, and its
+parameters' bytes are those of its own shards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import tempfile
+    from torch.utils.flop_counter import FlopCounterMode
+    from sparse_train.dryrun.run import dry_run, synthetic_data
+    from sparse_train.train.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    overrides = json.loads(sys.argv[1])
+    report = dry_run(tiny_config(*overrides, "parallel.dp_shard=2"), 2, 0, device="cpu", measure=True, phases_to_run=3)
+    cfg = tiny_config(*overrides, "train.device=cpu", "logging.tensorboard=false", "logging.plots=false")
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, Path(run_dir), data=synthetic_data(cfg.data.seq_len, 64), log=lambda m: None)
+        trainer.train_step(report=False)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            trainer.train_step(report=False)
+        real = counter.get_total_flops()
+        trainer.close()
+    print(json.dumps({"report": report.as_dict(), "real_flops": real}))
+    """
+)
+
+
+@pytest.mark.parametrize("ffn", ["moe", "dense"])
+def test_the_measured_step_has_the_real_steps_flops_and_the_ranks_parameter_bytes(ffn):
+    from sparse_train.dryrun.fake_cuda import preload_environment
+
+    overrides = [f"model.ffn={ffn}", "moe.kernel_backend=torch", "train.batch_size=4"]
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(overrides)],
+        env=preload_environment(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    out = json.loads(child.stdout.strip().splitlines()[-1])
+    report, cost = out["report"], out["report"]["step_cost"]
+    assert report["phases"] == ["build", "first step", "train step"], report
+    # rank 0 of dp_shard=2 runs half the tokens of the one-process step
+    assert cost["flops"] > 0 and 2 * cost["flops"] == out["real_flops"]
+    # its fp32 parameter shards on the device (plus, at the peak, the blocks FSDP has gathered
+    # whole), and Adam's two moments of each shard
+    assert cost["peak_bytes"]["Parameter"] >= 4 * report["local_parameters"]
+    assert cost["peak_bytes"]["Optstate"] >= 2 * 4 * report["local_parameters"]
+    assert cost["peak_bytes"]["Activation"] > 0
+    assert cost["peak_bytes"]["Total"] >= sum(v for k, v in cost["peak_bytes"].items() if k != "Total") // 2
