@@ -79,6 +79,8 @@ class Checks(TorchDispatchMode):
     device_type: str
     findings: list[Finding] = field(default_factory=list)
     collectives: Counter = field(default_factory=Counter)  # (phase, op) -> calls
+    # phase -> each collective call: (op, bytes of its largest tensor, the group's global ranks)
+    collective_calls: dict[str, list[CollectiveCall]] = field(default_factory=dict)
     host_reads: Counter = field(default_factory=Counter)  # phase -> reads (where allowed: answered with zeros)
     current: Phase | None = None
 
@@ -118,6 +120,7 @@ class Checks(TorchDispatchMode):
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if phase is not None and name.startswith(("c10d::", "_c10d_functional::")) and "wait_tensor" not in name:
             self.collectives[(phase.name, name)] += 1
+            self.collective_calls.setdefault(phase.name, []).append(_call(name, tensors, args))
             # a barrier's tensor is made by the backend itself, on a device it serves (NCCL: the
             # current CUDA device); under the fake group it is a CPU one, not the caller's doing
             checked = [] if name == "c10d::barrier" else tensors
@@ -137,6 +140,34 @@ class Checks(TorchDispatchMode):
             self.report("host read", f"{name} (device to CPU)")
         elif not inputs or "lift_fresh" in name:  # a factory, or a tensor made from Python data
             self.report("cpu tensor", f"{name} creates a CPU tensor")
+
+
+@dataclass(frozen=True)
+class CollectiveCall:
+    """One collective of a phase: what a cost model needs (the bytes of its largest tensor, the
+    whole buffer of an all-gather's output or a reduce-scatter's input, and who takes part)."""
+
+    op: str
+    nbytes: int
+    ranks: tuple[int, ...]
+
+
+def _call(name: str, tensors: list[torch.Tensor], args: tuple) -> CollectiveCall:
+    import torch.distributed as dist
+
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    nbytes = max((t.numel() * t.element_size() for t in tensors), default=0)
+    group = None
+    for arg in tree_flatten(args)[0]:
+        if isinstance(arg, torch.ScriptObject):  # c10d ops: the group, boxed
+            group = dist.ProcessGroup.unbox(arg)
+        elif isinstance(arg, str) and name.startswith("_c10d_functional::"):  # functional ones: its name
+            group = _resolve_process_group(arg)
+        if group is not None:
+            break
+    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else ()
+    return CollectiveCall(name, nbytes, ranks)
 
 
 def _fake_mode_active() -> bool:

@@ -41,7 +41,7 @@ import yaml
 from sparse_train.config import Config, compose_config
 from sparse_train.data.dataset import TokenData
 from sparse_train.dryrun import balanced, fake_cuda
-from sparse_train.dryrun.checks import Checks, Finding, served_devices, traceback_site
+from sparse_train.dryrun.checks import Checks, CollectiveCall, Finding, served_devices, traceback_site
 from sparse_train.dryrun.measure import StepCost, measuring
 from sparse_train.dryrun.shards import ShardsInMemory, load_without_collectives
 from sparse_train.parallel.dims import ParallelDims
@@ -63,6 +63,7 @@ class DryRunReport:
     host_reads: dict[str, int] = field(default_factory=dict)  # phase -> reads seen
     local_parameters: int = 0
     step_cost: StepCost | None = None  # the unreported train step's peak memory and FLOPs (measure=True)
+    collective_calls: dict[str, list[CollectiveCall]] = field(default_factory=dict)  # phase -> calls, in order
 
     @property
     def ok(self) -> bool:
@@ -89,8 +90,18 @@ class DryRunReport:
             "collectives": self.collectives,
             "host_reads": self.host_reads,
             "local_parameters": self.local_parameters,
+            "collective_bytes": self.collective_bytes(),
             **({"step_cost": dataclasses.asdict(self.step_cost)} if self.step_cost is not None else {}),
         }
+
+    def collective_bytes(self) -> dict[str, dict[str, int]]:
+        """phase -> op -> the bytes of the calls' largest tensors, summed (CollectiveCall)."""
+        out: dict[str, dict[str, int]] = {}
+        for phase, calls in self.collective_calls.items():
+            for call in calls:
+                out.setdefault(phase, {})
+                out[phase][call.op] = out[phase].get(call.op, 0) + call.nbytes
+        return out
 
 
 def synthetic_data(seq_len: int, sequences: int) -> TokenData:
@@ -235,6 +246,7 @@ def dry_run(
                 trainer.close()
     report.findings = list(checks.findings)
     report.host_reads = dict(checks.host_reads)
+    report.collective_calls = dict(checks.collective_calls)
     for (phase, op), calls in checks.collectives.items():
         report.collectives.setdefault(phase, {})[op] = calls
     return report

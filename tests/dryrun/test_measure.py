@@ -32,7 +32,10 @@ CHILD = textwrap.dedent(
             trainer.train_step(report=False)
         real = counter.get_total_flops()
         trainer.close()
-    print(json.dumps({"report": report.as_dict(), "real_flops": real}))
+    calls = report.collective_calls["train step"]
+    whole = sum(p.numel() for p in trainer.model.parameters())
+    print(json.dumps({"report": report.as_dict(), "real_flops": real, "whole": whole,
+                      "ranks": sorted({r for c in calls for r in c.ranks})}))
     """
 )
 
@@ -60,4 +63,8 @@ def test_the_measured_step_has_the_real_steps_flops_and_the_ranks_parameter_byte
     assert cost["peak_bytes"]["Parameter"] >= 4 * report["local_parameters"]
     assert cost["peak_bytes"]["Optstate"] >= 2 * 4 * report["local_parameters"]
     assert cost["peak_bytes"]["Activation"] > 0
+    # every collective of the step is between the two ranks; FSDP gathers every parameter (fp32)
+    assert out["ranks"] == [0, 1]
+    gathered = report["collective_bytes"]["train step"]["c10d::_allgather_base_"]
+    assert gathered >= 4 * out["whole"]
     assert cost["peak_bytes"]["Total"] >= sum(v for k, v in cost["peak_bytes"].items() if k != "Total") // 2
