@@ -154,7 +154,6 @@ class CollectiveCall:
 
 def _call(name: str, tensors: list[torch.Tensor], args: tuple) -> CollectiveCall:
     import torch.distributed as dist
-
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     nbytes = max((t.numel() * t.element_size() for t in tensors), default=0)
