@@ -29,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="the planned run's device (default cuda)")
     p.add_argument("--backend", help="process-group backend of the planned run (default: the trainer's for the device)")
     p.add_argument("--devices-per-node", type=int, default=8, help="GPUs per node (LOCAL_RANK = rank %% this)")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also the train step's peak device memory by kind and its FLOPs (in the JSON: step_cost)",
+    )
     add_json_flag(p)
 
 
@@ -57,7 +62,13 @@ def run(args: argparse.Namespace) -> int:
     failed = False
     for rank in args.rank or stage_ranks(cfg, args.world):
         report = dry_run(
-            cfg, args.world, rank, device=args.device, backend=args.backend, devices_per_node=args.devices_per_node
+            cfg,
+            args.world,
+            rank,
+            device=args.device,
+            backend=args.backend,
+            devices_per_node=args.devices_per_node,
+            measure=args.measure,
         )
         failed |= not report.ok
         print(json.dumps(report.as_dict()))

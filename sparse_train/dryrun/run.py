@@ -74,7 +74,13 @@ class DryRunReport:
         head = f"dry run, rank {self.rank} of {self.world} ({self.layout or 'layout not built'}, {self.device}):"
         if self.ok:
             per_step = sum(self.collectives.get("train step", {}).values())
-            return f"{head} ok ({', '.join(self.phases)}; {per_step} collectives in an unreported step)"
+            cost = ""
+            if self.step_cost is not None:
+                cost = (
+                    f"; the step's peak {self.step_cost.peak_total / 1e9:.2f} GB, "
+                    f"{self.step_cost.flops / 1e9:,.4g} GFLOP"
+                )
+            return f"{head} ok ({', '.join(self.phases)}; {per_step} collectives in an unreported step{cost})"
         return "\n".join(f"{head} {finding.line()}" for finding in self.findings)
 
     def as_dict(self) -> dict[str, Any]:
