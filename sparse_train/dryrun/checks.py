@@ -157,14 +157,14 @@ def _call(name: str, tensors: list[torch.Tensor], args: tuple) -> CollectiveCall
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     nbytes = max((t.numel() * t.element_size() for t in tensors), default=0)
+    flat = tree_flatten(args)[0]
+    boxed = [arg for arg in flat if isinstance(arg, torch.ScriptObject)]  # c10d ops: the group, boxed
+    names = [arg for arg in flat if isinstance(arg, str)]  # functional ops: its name, their last string
     group = None
-    for arg in tree_flatten(args)[0]:
-        if isinstance(arg, torch.ScriptObject):  # c10d ops: the group, boxed
-            group = dist.ProcessGroup.unbox(arg)
-        elif isinstance(arg, str) and name.startswith("_c10d_functional::"):  # functional ones: its name
-            group = _resolve_process_group(arg)
-        if group is not None:
-            break
+    if boxed:
+        group = dist.ProcessGroup.unbox(boxed[0])
+    elif names and name.startswith("_c10d_functional::"):
+        group = _resolve_process_group(names[-1])
     ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else ()
     return CollectiveCall(name, nbytes, ranks)
 

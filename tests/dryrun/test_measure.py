@@ -70,11 +70,13 @@ def test_the_measured_step_has_the_real_steps_flops_and_the_ranks_parameter_byte
     assert cost["peak_bytes"]["Total"] >= sum(v for k, v in cost["peak_bytes"].items() if k != "Total") // 2
 
 
-def test_the_cli_prints_the_measured_step():
+def test_the_cli_prints_the_measured_step_under_tensor_and_expert_parallelism():
     argv = ["dry-run", "--config", "configs/tiny-deepseek-v3.yaml", "--world", "4", "--rank", "0", "--measure",
-            "--set", "parallel.ep=2", "--set", "train.batch_size=8", "--json"]  # fmt: skip
+            "--set", "parallel.ep=2", "--set", "parallel.tp=2", "--set", "train.batch_size=8", "--json"]  # fmt: skip
     child = subprocess.run([sys.executable, "-m", "sparse_train", *argv], capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     report = json.loads(child.stdout.strip().splitlines()[-1])
     assert report["ok"] and report["step_cost"]["flops"] > 0 and report["step_cost"]["peak_bytes"]["Total"] > 0
-    assert report["collective_bytes"]["train step"]["c10d::alltoall_base_"] > 0  # the MoE dispatch
+    step = report["collective_bytes"]["train step"]
+    assert step["c10d::alltoall_base_"] > 0  # the MoE dispatch
+    assert step["_c10d_functional::all_reduce"] > 0  # tensor parallelism's (a functional op: its group by name)
