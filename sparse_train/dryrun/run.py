@@ -40,7 +40,7 @@ import yaml
 
 from sparse_train.config import Config, compose_config
 from sparse_train.data.dataset import TokenData
-from sparse_train.dryrun import balanced, fake_cuda
+from sparse_train.dryrun import balanced, fake_cuda, lazy_chunks
 from sparse_train.dryrun.checks import Checks, CollectiveCall, Finding, served_devices, traceback_site
 from sparse_train.dryrun.measure import StepCost, measuring
 from sparse_train.dryrun.shards import ShardsInMemory, load_without_collectives
@@ -114,7 +114,7 @@ def synthetic_data(seq_len: int, sequences: int) -> TokenData:
     """Token ids (below 32: valid for any tokenizer) for a few steps' batches; the dry run never
     looks at their values."""
     tokens = (sequences + 1) * (seq_len + 1) * 4
-    ids = (np.arange(tokens) % 32).astype(np.uint16)
+    ids = np.tile(np.arange(32, dtype=np.uint16), tokens // 32 + 1)[:tokens]  # tiling: fast at 10^8 tokens
     return TokenData(ids, ids.copy(), "dry run")
 
 
@@ -166,6 +166,7 @@ def dry_run(
     patches = contextlib.ExitStack()
     if device == "cuda":
         patches.enter_context(fake_cuda.patched(devices_per_node))
+    patches.enter_context(lazy_chunks.patched())
     # the meshes hold real rank tables: built with fake mode off
     patches.enter_context(mock.patch("torch.distributed.all_gather_object", _all_gather_object_locally))
     patches.enter_context(mock.patch("torch.distributed.broadcast_object_list", _broadcast_object_list_locally))

@@ -38,18 +38,28 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, queue,
             "SPARSE_TRAIN_DIST_TIMEOUT": "60",
         }
     )
+    succeeded = False
     try:
         import torch
 
         torch.set_num_threads(1)
         # plain pickle: tensors travel as bytes, not as shared memory that dies with this process
         queue.put((rank, True, pickle.dumps(fn(*args))))
+        succeeded = True
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         queue.put((rank, False, traceback.format_exc()))
     finally:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if succeeded:
+                # A rank that closes its sockets while a peer is still reading the last collective's
+                # data can reset that connection ("Connection closed by peer" on the peer): leave
+                # together. Its result is already queued, so a failing barrier changes nothing.
+                try:
+                    dist.barrier()
+                except Exception:  # noqa: BLE001
+                    pass
             dist.destroy_process_group()
 
 
