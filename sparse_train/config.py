@@ -521,6 +521,11 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = option("fp32", "fp32, or bf16 autocast with fp32 master weights")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available, else cpu")
     max_nonfinite_steps: int = option(5, "stop after this many non-finite steps in a row")
+    activation_checkpointing: Literal["none", "all", "sparse", "dense"] = option(
+        "none",
+        "recompute blocks' activations in the backward instead of keeping them: none, all blocks, only the "
+        "sparse (MoE/FFF) blocks, or only the dense ones",
+    )
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "grad_accum", "log_every", "eval_batches")

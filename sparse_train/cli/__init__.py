@@ -22,6 +22,7 @@ from sparse_train.cli import (
     generate,
     info,
     launch,
+    plan,
     plot_runs,
     sweep,
     train,
@@ -39,7 +40,7 @@ from sparse_train.errors import (
     UsageError,
 )
 
-COMMANDS = (train, launch, evaluate, generate, bench, upcycle, ckpt, sweep, plot_runs, info, config, dryrun)
+COMMANDS = (train, launch, evaluate, generate, bench, upcycle, ckpt, sweep, plot_runs, info, config, dryrun, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

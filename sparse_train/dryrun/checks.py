@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import traceback
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,8 @@ class Checks(TorchDispatchMode):
     collective_calls: dict[str, list[CollectiveCall]] = field(default_factory=dict)
     host_reads: Counter = field(default_factory=Counter)  # phase -> reads (where allowed: answered with zeros)
     current: Phase | None = None
+    # where a collective is called from (a measured step sets it: the model's unit, dryrun.measure)
+    unit_of_call: Callable[[], str] | None = None
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -120,7 +122,8 @@ class Checks(TorchDispatchMode):
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if phase is not None and name.startswith(("c10d::", "_c10d_functional::")) and "wait_tensor" not in name:
             self.collectives[(phase.name, name)] += 1
-            self.collective_calls.setdefault(phase.name, []).append(_call(name, tensors, args))
+            unit = self.unit_of_call() if self.unit_of_call is not None else ""
+            self.collective_calls.setdefault(phase.name, []).append(_call(name, tensors, args, unit))
             # a barrier's tensor is made by the backend itself, on a device it serves (NCCL: the
             # current CUDA device); under the fake group it is a CPU one, not the caller's doing
             checked = [] if name == "c10d::barrier" else tensors
@@ -150,9 +153,10 @@ class CollectiveCall:
     op: str
     nbytes: int
     ranks: tuple[int, ...]
+    unit: str = ""  # the model's unit calling it ("blocks.3", "mtp.0"; "" the rest), in a measured step
 
 
-def _call(name: str, tensors: list[torch.Tensor], args: tuple) -> CollectiveCall:
+def _call(name: str, tensors: list[torch.Tensor], args: tuple, unit: str) -> CollectiveCall:
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
 
@@ -166,7 +170,7 @@ def _call(name: str, tensors: list[torch.Tensor], args: tuple) -> CollectiveCall
     elif names and name.startswith("_c10d_functional::"):
         group = _resolve_process_group(names[-1])
     ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else ()
-    return CollectiveCall(name, nbytes, ranks)
+    return CollectiveCall(name, nbytes, ranks, unit)
 
 
 def _fake_mode_active() -> bool:

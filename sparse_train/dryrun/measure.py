@@ -1,49 +1,171 @@
 """What one training step costs a rank, measured on the fake tensors of a dry run: the peak
 device memory by kind (torch's MemTracker: parameters, gradients, optimizer state, activations,
-temporaries, buffers) and the FLOPs of its operators (FlopCounterMode). The real trainer runs;
-nothing is allocated and no kernel runs, so a rank of a 1,000-GPU layout measures in seconds.
+temporaries, buffers), the FLOPs of its operators (FlopCounterMode), and both per unit of the
+model (a block, an MTP module, or the rest: embedding, final norm, head), which a planner scales
+to other depths. The real trainer runs; nothing is allocated and no kernel runs, so a rank of a
+1,000-GPU layout measures in seconds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+ROOT_UNIT = ""  # the model's parts outside its blocks and MTP modules
+_UNIT = re.compile(r"\.((?:blocks|mtp)\.\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class ParameterShard:
+    """How the layout split one parameter: what a planner needs to size it under other layouts."""
+
+    name: str
+    shape: tuple[int, ...]  # the whole parameter's
+    itemsize: int
+    tp_dim: int | None  # the dimension tensor parallelism splits (None: replicated over tp)
+    expert: bool  # on the expert mesh: dimension 0 split over ep, then sharded over edp
+    shard_mesh_dims: tuple[str, ...]  # the mesh dimensions FSDP shards it over (dimension 0)
+
+
+def parameter_shards(model: Any) -> list[ParameterShard]:
+    """Every parameter of a parallelized model, with how its layout splits it (module docstring)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    out = []
+    for name, param in model.named_parameters():
+        dims: tuple[str, ...] = ()
+        tp_dim, fsdp = None, []
+        if isinstance(param, DTensor):
+            dims = tuple(param.device_mesh.mesh_dim_names or ())
+            for dim_name, placement in zip(dims, param.placements, strict=True):
+                if isinstance(placement, Shard) and dim_name == "tp":
+                    tp_dim = placement.dim
+                elif isinstance(placement, Shard) and dim_name != "ep":  # _StridedShard is a Shard
+                    fsdp.append(dim_name)
+        out.append(ParameterShard(name, tuple(param.shape), param.element_size(), tp_dim, "edp" in dims, tuple(fsdp)))
+    return out
 
 
 @dataclass
 class StepCost:
     peak_bytes: dict[str, int] = field(default_factory=dict)  # kind -> bytes at the device's peak
     flops: int = 0
+    flops_by_unit: dict[str, int] = field(default_factory=dict)  # unit -> FLOPs (forward and backward)
+    activation_bytes_by_unit: dict[str, int] = field(default_factory=dict)  # unit -> kept by its forward
 
     @property
     def peak_total(self) -> int:
         return self.peak_bytes.get("Total", 0)
 
 
+def unit_of(module_names: Iterable[str]) -> str:
+    """The unit ("blocks.3", "mtp.0", or ROOT_UNIT) of the innermost of the modules running now,
+    named as torch's module trackers name them ("Transformer.blocks.3.ffn")."""
+    for name in sorted(module_names, key=len, reverse=True):
+        if match := _UNIT.search(name):
+            return match.group(1)
+    return ROOT_UNIT
+
+
+class UnitTracker:
+    """Which unit of the model runs now, forward and backward: a unit's forward pre-hook starts
+    it, and the gradient of its output starts its backward (units run one after the other, the
+    backward in reverse; the rest of the model is ROOT_UNIT, except the embedding's backward,
+    which follows the first block's and is counted with it). torch's module trackers do not
+    follow our backward (their stale entries name a unit whose backward ended long before).
+    `on_switch(previous_unit)` runs at every change, to close the previous unit's account."""
+
+    def __init__(self, model: Any, on_switch: Callable[[str], None]) -> None:
+        from torch.utils._pytree import tree_flatten
+
+        self.current, self.backward = ROOT_UNIT, False
+        self._handles = []
+        self._on_switch = on_switch
+        for name, module in model.named_modules():
+            if not _UNIT.fullmatch("." + name):
+                continue
+            self._handles.append(module.register_forward_pre_hook(lambda m, a, unit=name: self._switch(unit, False)))
+
+            def ended(module: Any, args: Any, output: Any, unit: str = name) -> None:
+                self._switch(ROOT_UNIT, False)
+                grads = [t for t in tree_flatten(output)[0] if getattr(t, "requires_grad", False)]
+                if grads:
+                    grads[0].register_hook(lambda grad: self._switch(unit, True))
+
+            self._handles.append(module.register_forward_hook(ended))
+
+    def _switch(self, unit: str, backward: bool) -> None:
+        self._on_switch(self.current)
+        self.current, self.backward = unit, backward
+
+    def close(self) -> None:
+        self._on_switch(self.current)
+        for handle in self._handles:
+            handle.remove()
+
+
 @contextmanager
-def measured_step(trainer: Any, device: str, cost: StepCost) -> Iterator[None]:
-    """Track `trainer`'s model and optimizer while the block runs; fill `cost` when it ends."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+def measured_step(trainer: Any, device: str, cost: StepCost, checks: Any = None) -> Iterator[None]:
+    """Track `trainer`'s model and optimizer while the block runs; fill `cost` when it ends.
+    `checks` (dryrun.checks.Checks): its collective calls are then tagged with their unit."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
     from torch.utils.flop_counter import FlopCounterMode
 
     tracker = MemTracker()
     tracker.track_external(trainer.model, trainer.optimizer)
     flops = FlopCounterMode(display=False)
-    with tracker, flops:
-        yield
+    counted = [0]
+
+    def account(unit: str) -> None:
+        total = flops.get_total_flops()
+        cost.flops_by_unit[unit] = cost.flops_by_unit.get(unit, 0) + int(total - counted[0])
+        counted[0] = total
+
+    units = UnitTracker(trainer.model, account)
+    if checks is not None:
+        checks.unit_of_call = lambda: units.current
+    try:
+        with tracker, flops:
+            yield
+            units.close()
+    finally:
+        if checks is not None:
+            checks.unit_of_call = None
     for dev, snapshot in tracker.get_tracker_snapshot("peak").items():
         if str(dev).startswith(device):
             cost.peak_bytes = {str(getattr(kind, "value", kind)): int(v) for kind, v in snapshot.items()}
     cost.flops = int(flops.get_total_flops())
+    for stats in tracker.memory_tracking.values():
+        unit = unit_of([stats.mod_fqn])
+        if unit == ROOT_UNIT or not stats.mod_fqn.endswith("." + unit):
+            continue
+        before, after = stats.snapshots.get(_ModState.PRE_FW), stats.snapshots.get(_ModState.POST_FW)
+        if before and after:
+            cost.activation_bytes_by_unit[unit] = sum(
+                _of_device(end, device) - _of_device(start, device) for start, end in zip(before, after, strict=False)
+            )
 
 
-def measuring(run: Callable[[], Any], trainer_of: Callable[[], Any], device: str, cost: StepCost) -> Callable[[], Any]:
+def _of_device(snapshot: dict[Any, dict[Any, int]], device: str) -> int:
+    return sum(
+        int(v)
+        for dev, kinds in snapshot.items()
+        if str(dev).startswith(device)
+        for kind, v in kinds.items()
+        if str(getattr(kind, "value", kind)) == "Activation"
+    )
+
+
+def measuring(
+    run: Callable[[], Any], trainer_of: Callable[[], Any], device: str, cost: StepCost, checks: Any = None
+) -> Callable[[], Any]:
     """`run` (a dry-run phase) measured into `cost`."""
 
     def phase() -> Any:
-        with measured_step(trainer_of(), device, cost):
+        with measured_step(trainer_of(), device, cost, checks):
             return run()
 
     return phase

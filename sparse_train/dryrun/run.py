@@ -40,9 +40,9 @@ import yaml
 
 from sparse_train.config import Config, compose_config
 from sparse_train.data.dataset import TokenData
-from sparse_train.dryrun import balanced, fake_cuda, lazy_chunks
+from sparse_train.dryrun import balanced, fake_cuda, gpu_attention, lazy_chunks
 from sparse_train.dryrun.checks import Checks, CollectiveCall, Finding, served_devices, traceback_site
-from sparse_train.dryrun.measure import StepCost, measuring
+from sparse_train.dryrun.measure import ParameterShard, StepCost, measuring, parameter_shards
 from sparse_train.dryrun.shards import ShardsInMemory, load_without_collectives
 from sparse_train.parallel.dims import ParallelDims
 from sparse_train.parallel.runtime import DistributedRuntime, process_group_backend
@@ -64,6 +64,7 @@ class DryRunReport:
     local_parameters: int = 0
     step_cost: StepCost | None = None  # the unreported train step's peak memory and FLOPs (measure=True)
     collective_calls: dict[str, list[CollectiveCall]] = field(default_factory=dict)  # phase -> calls, in order
+    parameter_shards: list[ParameterShard] = field(default_factory=list)  # how the layout split each (measure=True)
 
     @property
     def ok(self) -> bool:
@@ -149,10 +150,13 @@ def dry_run(
     devices_per_node: int = 8,
     measure: bool = False,
     phases_to_run: int | None = None,
+    initialise: bool = True,
 ) -> DryRunReport:
     """Run `rank` of a `world`-rank layout of `cfg` on fake tensors (module docstring).
     `measure`: also the unreported train step's peak memory and FLOPs (report.step_cost,
-    dryrun.measure); `phases_to_run`: only the first that many phases (a planner needs three)."""
+    dryrun.measure); `phases_to_run`: only the first that many phases (a planner needs three);
+    `initialise=False`: the weights are not drawn (a measuring run never reads their values, and
+    drawing them op by op on fake tensors is most of a large rank's build)."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
     from sparse_train.train.trainer import Trainer
@@ -166,7 +170,10 @@ def dry_run(
     patches = contextlib.ExitStack()
     if device == "cuda":
         patches.enter_context(fake_cuda.patched(devices_per_node))
+        patches.enter_context(gpu_attention.patched())  # the GPU's attention kernels, not the math fallback
     patches.enter_context(lazy_chunks.patched())
+    if not initialise:
+        patches.enter_context(mock.patch("sparse_train.models.transformer.init_parameters", _leave_uninitialised))
     # the meshes hold real rank tables: built with fake mode off
     patches.enter_context(mock.patch("torch.distributed.all_gather_object", _all_gather_object_locally))
     patches.enter_context(mock.patch("torch.distributed.broadcast_object_list", _broadcast_object_list_locally))
@@ -207,6 +214,8 @@ def dry_run(
                 report.layout = trainer.layout()
                 balanced.install(trainer.model)
                 report.local_parameters = sum(_local_numel(p) for p in trainer.model.parameters())
+                if measure:
+                    report.parameter_shards = parameter_shards(trainer.model)
                 shards.whole_model = _whole_model(trainer.cfg)
 
             def evaluate() -> None:
@@ -235,7 +244,7 @@ def dry_run(
             if measure:
                 report.step_cost = StepCost()
                 name, run, *rest = phases[2]
-                phases[2] = (name, measuring(run, lambda: trainers[0], device, report.step_cost), *rest)
+                phases[2] = (name, measuring(run, lambda: trainers[0], device, report.step_cost, checks), *rest)
             phases = phases[:phases_to_run]
             with FakeTensorMode(allow_non_fake_inputs=True), checks:
                 for name, run, reads, devices, cpu_tensors in phases:
@@ -264,6 +273,10 @@ def stage_ranks(cfg: Config, world: int) -> list[int]:
     blocks; the ranks within a stage differ only in their shards)."""
     pp = ParallelDims.from_config(cfg.parallel, world).pp
     return [stage * (world // pp) for stage in range(pp)]
+
+
+def _leave_uninitialised(*args: Any, **kwargs: Any) -> None:
+    """models.init.init_parameters for a run whose values are never read."""
 
 
 def _all_gather_object_locally(object_list: list[Any], obj: Any, group: Any = None) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from sparse_train.config import MoEConfig, RouterConfig
 from sparse_train.models.experts import SwiGLU, SwiGLUExperts
 from sparse_train.models.losses import expert_counts, load_balancing_loss, router_entropy, router_z_loss
+from sparse_train.models.recompute import recomputing
 from sparse_train.models.routers import (
     Routing,
     TopKRouter,
@@ -144,7 +145,10 @@ class MoELayer(SparseFFN):
 
     # ---- aux-loss-free balancing (router.bias_update_rate) ---------------------------------
     def _count_for_bias(self, experts_Tk: torch.Tensor) -> None:
-        """Add this micro-batch's selections per expert to the step's counts (on the device)."""
+        """Add this micro-batch's selections per expert to the step's counts (on the device);
+        once, not again when a checkpointed block recomputes its forward."""
+        if recomputing():
+            return
         counts_E = expert_counts(experts_Tk, self.num_choices).float()
         self.bias_counts_E = counts_E if self.bias_counts_E is None else self.bias_counts_E + counts_E
 

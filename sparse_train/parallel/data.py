@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from sparse_train.models.sparse import SparseFFN
 from sparse_train.parallel.dims import Meshes, ParallelDims
@@ -25,6 +26,26 @@ def data_parallel_mesh(dims: ParallelDims, meshes: Meshes):
     return meshes.world["dp_shard"]
 
 
+def even_expert_shards(edp: int):
+    """FSDP2's placement of an expert weight over the `edp` ranks: dimension 0 (the local experts)
+    when it splits evenly, else the first dimension that does and that tp and ep leave whole.
+    FSDP2 pads dimension 0 to a multiple of the ranks, so a large data-parallel world over few
+    local experts would gather mostly padding (16 experts over 128 ranks: 8x the weights, in
+    memory and on the wire); torchtitan places its experts the same way."""
+
+    def place(param: nn.Parameter) -> Shard | None:
+        local = param.to_local() if isinstance(param, DTensor) else param
+        taken = {p.dim for p in param.placements if isinstance(p, Shard)} if isinstance(param, DTensor) else set()
+        if local.shape[0] % edp == 0:
+            return None  # FSDP's default, Shard(0)
+        for dim in range(1, local.dim()):
+            if dim not in taken and local.shape[dim] % edp == 0:
+                return Shard(dim)
+        return None
+
+    return place
+
+
 def apply_data_parallel(module: nn.Module, dims: ParallelDims, meshes: Meshes) -> None:
     if dims.dp == 1:
         return
@@ -32,7 +53,7 @@ def apply_data_parallel(module: nn.Module, dims: ParallelDims, meshes: Meshes) -
     sharded_experts = dims.ep > 1 or dims.tp > 1  # DTensors on the expert mesh: their own unit
     for layer in (m for m in module.modules() if isinstance(m, SparseFFN)):
         if sharded_experts:
-            fully_shard(layer.experts, mesh=meshes.expert["edp"])
+            fully_shard(layer.experts, mesh=meshes.expert["edp"], shard_placement_fn=even_expert_shards(dims.edp))
             layer.experts.set_gradient_divide_factor(float(dims.dp))
             if dims.edp > 1:
                 # plain sums plus a local division: gloo has no pre-multiplied sum (PREMUL_SUM).

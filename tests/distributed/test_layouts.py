@@ -115,6 +115,10 @@ LAYOUTS = {
     "tp2-gpt-oss-moe": (2, ["parallel.tp=2"], GPT_OSS_MOE),
     "tp2-ep2-gpt-oss-moe": (4, ["parallel.tp=2", "parallel.ep=2"], GPT_OSS_MOE),
     "ep2-edp2-gpt-oss-moe": (4, ["parallel.ep=2"], GPT_OSS_MOE),  # each expert slice FSDP-sharded over 2 ranks
+    # 3 local experts over 2 edp ranks: FSDP shards the experts on another dimension (parallel.data)
+    "ep2-edp2-odd-local-experts": (4, ["parallel.ep=2"], ["moe.num_experts=6"]),
+    # recomputed blocks under FSDP, EP and TP: the all-to-alls and TP collectives run again in the backward
+    "tp2-ep2-recompute": (4, ["parallel.tp=2", "parallel.ep=2"], ["train.activation_checkpointing=all"]),
     # FFF trees: leaves sharded over EP ranks like experts, node neurons replicated
     "fff-hard-ep2": (2, ["parallel.ep=2"], [*FFF, "fff.mode=hard", "fff.master_leaf=true"]),
     "fff-topk-ep2-gelu": (2, ["parallel.ep=2"], [*FFF, "fff.mode=topk_paths", "fff.leaf_activation=gelu"]),

@@ -1,0 +1,110 @@
+"""The planner: every layout the trainer accepts for a cluster, one probe per tensor-parallel
+degree, every layout predicted from its probe (plan.cost), ranked: the layouts that fit first,
+fastest first."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sparse_train.config import Config, ConfigError
+from sparse_train.errors import UsageError
+from sparse_train.plan.cost import Prediction, predict
+from sparse_train.plan.hardware import GPUSpec
+from sparse_train.plan.layouts import Layout, candidate_layouts, check_layout
+from sparse_train.plan.probe import Probe, probe_config, run_probe
+
+GROWTH_LIMIT = 64  # how many times the cluster the "smallest cluster that fits" search looks
+
+
+@dataclass
+class Plan:
+    gpus: int
+    gpus_per_node: int
+    gpu: GPUSpec
+    predictions: list[Prediction]  # best first
+    rejected: dict[str, int] = field(default_factory=dict)  # the trainer's reason -> layouts
+    probes: list[Probe] = field(default_factory=list)
+
+    @property
+    def best(self) -> Prediction | None:
+        return self.predictions[0] if self.predictions and self.predictions[0].fits else None
+
+
+def accepted_layouts(cfg: Config, gpus: int, gpus_per_node: int, sequences: int) -> tuple[list[Layout], dict[str, int]]:
+    """The candidates the trainer's validation accepts, and how many it refused for each reason."""
+    accepted, rejected = [], {}
+    for layout in candidate_layouts(cfg, gpus, gpus_per_node, sequences):
+        _, why = check_layout(cfg, layout)
+        if why is None:
+            accepted.append(layout)
+        else:
+            rejected[why] = rejected.get(why, 0) + 1
+    return accepted, rejected
+
+
+def probe_ep(cfg: Config, gpus: int, tp: int, layouts: list[Layout]) -> int:
+    """The expert-parallel degree of a probe: the median of those the layouts of `tp` use that
+    the probe's own layout (pp=1, all other ranks data-parallel) admits. Per-rank activations and
+    FLOPs do not depend on it under balanced routing; parameters are sized per layout."""
+    options = sorted({layout.ep for layout in layouts if layout.tp == tp and (gpus // tp) % layout.ep == 0})
+    for ep in options[len(options) // 2 :] + options[: len(options) // 2][::-1]:
+        try:
+            probe_config(cfg, gpus, tp, ep)
+        except ConfigError:
+            continue
+        return ep
+    return 1
+
+
+def make_plan(
+    cfg: Config,
+    gpus: int,
+    gpus_per_node: int,
+    gpu: GPUSpec,
+    sequences: int,
+    *,
+    skew: float = 0.0,
+    log: Callable[[str], None] = lambda msg: None,
+) -> Plan:
+    """Rank every accepted layout of `cfg` on `gpus` GPUs for `sequences` per step (module docstring).
+    Needs the fake CUDA device loaded in this process (dryrun.fake_cuda)."""
+    layouts, rejected = accepted_layouts(cfg, gpus, gpus_per_node, sequences)
+    if not layouts:
+        raise UsageError(_no_layout(cfg, gpus, gpus_per_node, sequences, rejected))
+    probes = {}
+    for tp in sorted({layout.tp for layout in layouts}):
+        ep = probe_ep(cfg, gpus, tp, layouts)
+        log(f"probing tp={tp} (ep={ep}) on {gpus} fake ranks ...")
+        probes[tp] = run_probe(cfg, gpus, tp, ep, gpus_per_node)
+    predictions = [predict(cfg, probes[layout.tp], layout, gpu, gpus_per_node, skew) for layout in layouts]
+    predictions.sort(key=lambda p: (not p.fits, -p.tokens_per_s if p.fits else p.peak_bytes))
+    return Plan(gpus, gpus_per_node, gpu, predictions, rejected, list(probes.values()))
+
+
+def _no_layout(cfg: Config, gpus: int, gpus_per_node: int, sequences: int, rejected: dict[str, int]) -> str:
+    if not rejected:
+        return (
+            f"plan: a global batch of {sequences} sequences splits over no data-parallel degree of {gpus} GPUs "
+            f"(with tp <= {gpus_per_node} and pp <= {cfg.model.n_layers} blocks): use a multiple of {gpus} sequences"
+        )
+    reason = max(rejected, key=lambda r: rejected[r])
+    return f"plan: the trainer accepts no layout of {gpus} GPUs for this model and batch; most often: {reason}"
+
+
+def smallest_fitting_cluster(
+    cfg: Config, gpus: int, gpus_per_node: int, gpu: GPUSpec, sequences: int, *, skew: float = 0.0
+) -> tuple[int, Prediction] | None:
+    """The first of 2x, 4x, ... (up to GROWTH_LIMIT x) `gpus` on which some layout fits, with that
+    layout; the global batch grows with the cluster where it has to (one sequence per rank)."""
+    scale = 2
+    while scale <= GROWTH_LIMIT:
+        bigger = gpus * scale
+        batch = max(sequences, bigger) // bigger * bigger if sequences % bigger else sequences
+        layouts, _ = accepted_layouts(cfg, bigger, gpus_per_node, batch)
+        if layouts:
+            plan = make_plan(cfg, bigger, gpus_per_node, gpu, batch, skew=skew)
+            if plan.best is not None:
+                return bigger, plan.best
+        scale *= 2
+    return None
