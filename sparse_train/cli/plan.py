@@ -108,6 +108,6 @@ def _table(plan, top: int) -> None:  # type: ignore[no-untyped-def]
     print(
         f"{len(plan.predictions)} layouts the trainer accepts, {fitting} fit; "
         f"{sum(plan.rejected.values())} refused by its validation; "
-        f"probes: {', '.join(f'tp={p.tp} {p.seconds:.1f}s' for p in plan.probes)}",
+        f"probes: {', '.join(f'tp={p.tp} ac={p.activation_checkpointing} {p.seconds:.1f}s' for p in plan.probes)}",
         file=sys.stderr,
     )

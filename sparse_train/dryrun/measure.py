@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch.distributed._tools.mem_tracker import MemTracker, _ModState
+
 ROOT_UNIT = ""  # the model's parts outside its blocks and MTP modules
 _UNIT = re.compile(r"\.((?:blocks|mtp)\.\d+)(?:\.|$)")
 
@@ -107,14 +109,46 @@ class UnitTracker:
             handle.remove()
 
 
+class _StepMemTracker(MemTracker):
+    """torch's MemTracker for a step of several micro-batches: its per-module statistics are
+    for one forward each, so they are kept from the first micro-batch and cleared before the
+    next (MemTracker refuses a module's second forward otherwise)."""
+
+    def __init__(self, cost: StepCost, device: str) -> None:
+        super().__init__()
+        self._cost, self._device = cost, device
+
+    def _pre_fw_hook(self, module: Any, inputs: Any) -> None:
+        if module in self.memory_tracking and not self._mod_tracker.is_bw:
+            name = self._mod_tracker.get_known_fqn(module)
+            if set(self._mod_tracker.parents) - {name} == {"Global"}:  # the model again: a new micro-batch
+                self.keep_unit_activations()
+                self.reset_mod_stats()
+        super()._pre_fw_hook(module, inputs)
+
+    def keep_unit_activations(self) -> None:
+        """Each unit's activations kept by its forward (the first micro-batch's)."""
+        if self._cost.activation_bytes_by_unit:
+            return
+        for stats in self.memory_tracking.values():
+            unit = unit_of([stats.mod_fqn])
+            if unit == ROOT_UNIT or not stats.mod_fqn.endswith("." + unit):
+                continue
+            before, after = stats.snapshots.get(_ModState.PRE_FW), stats.snapshots.get(_ModState.POST_FW)
+            if before and after:
+                self._cost.activation_bytes_by_unit[unit] = sum(
+                    _of_device(end, self._device) - _of_device(start, self._device)
+                    for start, end in zip(before, after, strict=False)
+                )
+
+
 @contextmanager
 def measured_step(trainer: Any, device: str, cost: StepCost, checks: Any = None) -> Iterator[None]:
     """Track `trainer`'s model and optimizer while the block runs; fill `cost` when it ends.
     `checks` (dryrun.checks.Checks): its collective calls are then tagged with their unit."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
     from torch.utils.flop_counter import FlopCounterMode
 
-    tracker = MemTracker()
+    tracker = _StepMemTracker(cost, device)
     tracker.track_external(trainer.model, trainer.optimizer)
     flops = FlopCounterMode(display=False)
     counted = [0]
@@ -138,15 +172,7 @@ def measured_step(trainer: Any, device: str, cost: StepCost, checks: Any = None)
         if str(dev).startswith(device):
             cost.peak_bytes = {str(getattr(kind, "value", kind)): int(v) for kind, v in snapshot.items()}
     cost.flops = int(flops.get_total_flops())
-    for stats in tracker.memory_tracking.values():
-        unit = unit_of([stats.mod_fqn])
-        if unit == ROOT_UNIT or not stats.mod_fqn.endswith("." + unit):
-            continue
-        before, after = stats.snapshots.get(_ModState.PRE_FW), stats.snapshots.get(_ModState.POST_FW)
-        if before and after:
-            cost.activation_bytes_by_unit[unit] = sum(
-                _of_device(end, device) - _of_device(start, device) for start, end in zip(before, after, strict=False)
-            )
+    tracker.keep_unit_activations()
 
 
 def _of_device(snapshot: dict[Any, dict[Any, int]], device: str) -> int:

@@ -36,24 +36,35 @@ def even_expert_shards(edp: int):
     def place(param: nn.Parameter) -> Shard | None:
         local = param.to_local() if isinstance(param, DTensor) else param
         taken = {p.dim for p in param.placements if isinstance(p, Shard)} if isinstance(param, DTensor) else set()
-        if local.shape[0] % edp == 0:
-            return None  # FSDP's default, Shard(0)
-        for dim in range(1, local.dim()):
-            if dim not in taken and local.shape[dim] % edp == 0:
-                return Shard(dim)
-        return None
+        dim = expert_shard_dim(tuple(local.shape), taken, edp)
+        return None if dim == 0 else Shard(dim)  # None: FSDP's default, Shard(0)
 
     return place
+
+
+def expert_shard_dim(local_shape: tuple[int, ...], taken: set[int], edp: int) -> int:
+    """The dimension FSDP shards an expert weight of this (ep- and tp-local) shape on (above)."""
+    if local_shape[0] % edp == 0:
+        return 0
+    return next((d for d in range(1, len(local_shape)) if d not in taken and local_shape[d] % edp == 0), 0)
 
 
 def apply_data_parallel(module: nn.Module, dims: ParallelDims, meshes: Meshes) -> None:
     if dims.dp == 1:
         return
     dp_mesh = data_parallel_mesh(dims, meshes)
+    # Under a pipeline every unit would be gathered again for each micro-batch's forward and
+    # backward; kept gathered, it is gathered once per step (torchtitan's choice too)
+    reshard = dims.pp == 1
     sharded_experts = dims.ep > 1 or dims.tp > 1  # DTensors on the expert mesh: their own unit
     for layer in (m for m in module.modules() if isinstance(m, SparseFFN)):
         if sharded_experts:
-            fully_shard(layer.experts, mesh=meshes.expert["edp"], shard_placement_fn=even_expert_shards(dims.edp))
+            fully_shard(
+                layer.experts,
+                mesh=meshes.expert["edp"],
+                shard_placement_fn=even_expert_shards(dims.edp),
+                reshard_after_forward=reshard,
+            )
             layer.experts.set_gradient_divide_factor(float(dims.dp))
             if dims.edp > 1:
                 # plain sums plus a local division: gloo has no pre-multiplied sum (PREMUL_SUM).
@@ -61,5 +72,5 @@ def apply_data_parallel(module: nn.Module, dims: ParallelDims, meshes: Meshes) -
                 layer.experts.set_force_sum_reduction_for_comms(True)
     blocks = module.blocks.values() if isinstance(module.blocks, nn.ModuleDict) else module.blocks
     for block in [*blocks, *getattr(module, "mtp", ())]:  # multi-token prediction modules: one unit each
-        fully_shard(block, mesh=dp_mesh)
-    fully_shard(module, mesh=dp_mesh)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
+    fully_shard(module, mesh=dp_mesh)  # the root: FSDP keeps it gathered from forward to backward

@@ -10,9 +10,13 @@ Memory of a pipeline stage's rank (each stage a kind of rank; the peak is the la
                pipeline) FSDP keeps the unsharded gradients until the step's one reduce-scatter
   optimizer    the probe's optimizer state per parameter byte (AdamW: 2)
   gathered     FSDP's all-gathered parameters (and, without accumulation, the gradients before
-               their reduce-scatter) at the probe's peak, scaled by the largest unit gathered
-  activations  each block's kept forward activations per sequence, measured, times the blocks of
-               the stage, the micro-batch, and the micro-batches in flight (1F1B: pp - stage)
+               their reduce-scatter) at the probe's peak, scaled by the largest unit gathered;
+               under a pipeline all of the stage's units, kept gathered for the step
+  activations  each block's kept forward activations per sequence, measured (kept, or recomputed
+               when the layout checkpoints its kind), times the blocks of the stage, the
+               micro-batch, and the micro-batches in flight (1F1B: pp - stage); plus the rest of
+               the probe's activations at its peak (the head's) and, with recomputation, the
+               largest recomputed block's whole activations (alive during its backward)
   temporaries  the probe's temporaries at its peak, per sequence of the micro-batch
 A layout fits when the peak is within the GPU's memory less MEMORY_RESERVE (CUDA context,
 NCCL buffers, allocator fragmentation).
@@ -20,7 +24,8 @@ NCCL buffers, allocator fragmentation).
 Step time: micro-batches of a stage run one after the other; each takes its measured FLOPs at the
 GPU's achievable rate, plus its tensor-parallel collectives and its all-to-alls (not overlapped:
 the engine waits for them), plus the pipeline's sends, plus the part of FSDP's all-gathers that
-the micro-batch's compute does not hide (FSDP prefetches the next unit while one computes). A
+the micro-batch's compute does not hide (FSDP prefetches the next unit while one computes; under
+a pipeline the units are gathered once per step, spread here over its micro-batches). A
 step of 1F1B is (accumulation + pp - 1) of the slowest stage's micro-batches; the step's
 reduce-scatters overlap its last backward (2/3 of a micro-batch's compute). Collectives follow
 an alpha-beta model: ring all-gather / reduce-scatter move (n-1)/n of the buffer, all-reduce
@@ -39,10 +44,11 @@ from typing import Any
 from sparse_train.config import Config
 from sparse_train.dryrun.checks import CollectiveCall
 from sparse_train.dryrun.measure import ROOT_UNIT, ParameterShard, unit_of
+from sparse_train.parallel.data import expert_shard_dim
 from sparse_train.parallel.pipeline import stage_blocks
 from sparse_train.plan.hardware import GPUSpec
 from sparse_train.plan.layouts import Layout
-from sparse_train.plan.probe import Probe, block_kinds
+from sparse_train.plan.probe import MTP, BlockKind, Probe, Probes, block_kinds
 
 MEMORY_RESERVE = 0.05  # of the GPU's memory, kept for the CUDA context, NCCL and fragmentation
 BACKWARD_SHARE = 2 / 3  # of a micro-batch's compute: what the step's reduce-scatters overlap
@@ -142,57 +148,77 @@ class Prediction:
 
 
 def predict(
-    cfg: Config, probe: Probe, layout: Layout, gpu: GPUSpec, gpus_per_node: int, skew: float = 0.0
+    cfg: Config, probes: Probes, layout: Layout, gpu: GPUSpec, gpus_per_node: int, skew: float = 0.0
 ) -> Prediction:
-    """Memory and step time of `layout` (whose tp is the probe's) for `cfg` (module docstring)."""
+    """Memory and step time of `layout` (whose tp is the probes') for `cfg` (module docstring)."""
+    probe = probes.kept
     stages = stage_units(cfg, probe, layout.pp)
     inventory = _Inventory(probe)
-    memory, times = [], []
+    sparse_units = _sparse_units(cfg, probe)
+    checkpointed = _checkpointed_units(probe, sparse_units, layout.activation_checkpointing)
     probe_layout = Layout(1, probe.world // probe.tp, probe.ep, probe.tp, 1, 1, 1)
     probe_units = probe_stage(probe)
     probe_params = inventory.sharded(probe_units, probe_layout)
     probe_largest = inventory.largest_unit(probe_units, probe_layout)
-    peak = probe.peak_bytes
+    # What is at the step's peak besides the blocks' kept activations, from the probe whose peak
+    # is like this layout's: with every block recomputed, the peak comes while one recomputes
+    basis = probes.recomputed if layout.activation_checkpointing == "all" else probe
+    peak = basis.peak_bytes
     gathered_probe = max(0, peak.get("Parameter", 0) - probe_params)
     grad_transient_probe = max(0, peak.get("Gradient", 0) - probe_params)
     opt_per_param_byte = peak.get("Optstate", 0) / probe_params if probe_params else 0.0
-    root_activations = max(0, peak.get("Activation", 0) - sum(u.activation_bytes for u in probe.units.values()))
+    kept_peak = probe.peak_bytes.get("Activation", 0)
+    root_activations = max(0, kept_peak - sum(u.activation_bytes for u in probe.units.values()))
     mb = layout.micro_batch
     accumulating = layout.grad_accum > 1 or layout.pp > 1
-    rs_exposed = 0.0
+    rs_exposed, useful_flops = 0.0, 0.0
+    memory, times = [], []
     for s, units in enumerate(stages):
         last = units.last
         params = inventory.sharded(units, layout)
         ratio = inventory.largest_unit(units, layout) / probe_largest if probe_largest else 1.0
         in_flight = min(layout.pp - s, layout.grad_accum)
-        block_acts = sum(n * probe.units[u].activation_bytes for u, n in units.blocks().items())
+        costs = {u: (n, probes.unit(u, u in checkpointed)) for u, n in units.blocks().items()}
+        kept_acts = sum(n * cost.activation_bytes for n, cost in costs.values())
+        # a recomputed block's whole activations live again during its backward
+        recomputed = max((probe.units[u].activation_bytes for u in costs if u in checkpointed), default=0)
+        grads = inventory.unsharded(units, layout) if accumulating else params + grad_transient_probe * ratio
+        acts = kept_acts * in_flight + recomputed + (root_activations if last else 0)
+        if in_flight > 1:
+            # 1F1B: the most activations come before the stage's first backward, its gradients
+            # after it, when one micro-batch's activations are gone: the peak is the larger
+            grads = max(0.0, grads - kept_acts * mb)
         memory.append(
             StageMemory(
                 parameters=params,
-                gradients=inventory.unsharded(units, layout) if accumulating else params + grad_transient_probe * ratio,
+                gradients=grads,
                 optimizer=opt_per_param_byte * params,
-                gathered=gathered_probe * ratio,
-                activations=mb * (block_acts * in_flight + (root_activations if last else 0)),
+                # under a pipeline the stage's units stay gathered for the step (parallel.data)
+                gathered=inventory.unsharded(units, layout) if layout.pp > 1 else gathered_probe * ratio,
+                activations=mb * acts,
                 temporaries=mb * peak.get("Temp", 0) + peak.get("Buffer", 0) + peak.get("Other", 0),
             )
         )
-        stage_time = StageTime()
-        flops = sum(n * probe.units[u].flops for u, n in units.blocks().items())
-        flops += probe.units[ROOT_UNIT].flops if last else 0
-        stage_time.compute = mb * flops / gpu.achievable_flops
-        for unit, n in units.blocks().items():
-            unit_cost, node = probe.units[unit], gpus_per_node
-            stage_time.tp += n * sum(_ring_s(c.op, c.nbytes * mb, layout.tp, 1, gpu, node) for c in unit_cost.tp_calls)
-            stage_time.ep += n * sum(_all_to_all_s(c.nbytes * mb, layout, gpu, node, skew) for c in unit_cost.ep_calls)
+        root_flops = probe.units[ROOT_UNIT].flops if last else 0
+        flops = mb * (sum(n * c.flops for n, c in costs.values()) + root_flops)  # recomputation included
+        stage_time = StageTime(compute=flops / gpu.achievable_flops)
+        useful_flops += mb * (sum(n * probe.units[u].flops for u, (n, _) in costs.items()) + root_flops)
+        node = gpus_per_node
+        for n, cost in costs.values():
+            stage_time.tp += n * sum(_ring_s(c.op, c.nbytes * mb, layout.tp, 1, gpu, node) for c in cost.tp_calls)
+            stage_time.ep += n * sum(_all_to_all_s(c.nbytes * mb, layout, gpu, node, skew) for c in cost.ep_calls)
         if layout.pp > 1:
-            hidden = mb * cfg.data.seq_len * cfg.model.d_model * RESIDUAL_ITEMSIZE
+            hidden = mb * cfg.data.seq_len * cfg.model.d_model * RESIDUAL_ITEMSIZE  # one micro-batch's
             inter = layout.world // layout.pp >= gpus_per_node
-            sends = (0 if units.first else 1) + (0 if last else 1)  # forward's activations in, gradients out, and back
+            sends = (0 if units.first else 1) + (0 if last else 1)  # activations in and out, gradients back
             stage_time.pp = 2 * sends * gpu.transfer_s(hidden, 1, inter)
         gathers = inventory.fsdp_groups(units, layout)
-        stage_time.fsdp = sum(
-            times_per_micro_batch * _ring_s("all_gather", nbytes, size, stride, gpu, gpus_per_node)
-            for nbytes, size, stride, times_per_micro_batch in gathers
+        stage_time.fsdp = (
+            sum(  # per micro-batch: the step's gathers spread over its micro-batches
+                gathers_per_step * _ring_s("all_gather", nbytes, size, stride, gpu, gpus_per_node)
+                for nbytes, size, stride, gathers_per_step in gathers
+            )
+            / layout.grad_accum
         )
         stage_time.fsdp_exposed = max(0.0, stage_time.fsdp - stage_time.compute)
         reduce_scatters = sum(
@@ -207,13 +233,16 @@ def predict(
         times.append(stage_time)
     slowest = max(t.micro_batch for t in times)
     step = (layout.grad_accum + layout.pp - 1) * slowest + rs_exposed
-    flops_per_rank_micro = [t.compute * gpu.achievable_flops for t in times]
-    flops_per_step = sum(flops_per_rank_micro) * layout.grad_accum * (layout.world // layout.pp)
     prediction = Prediction(
         layout, memory, times, rs_exposed, step, layout.micro_batch * layout.dp * layout.grad_accum * cfg.data.seq_len,
-        flops_per_step, layout.world, gpu,
+        useful_flops * layout.grad_accum * (layout.world // layout.pp), layout.world, gpu,
     )  # fmt: skip
-    prediction.collective_bytes = collective_bytes(probe, stages[0], layout, inventory)
+    biased = cfg.model.ffn == "moe" and cfg.router.bias_update_rate > 0
+    choices = cfg.moe.num_experts + cfg.moe.zero_experts + cfg.moe.copy_experts + cfg.moe.constant_experts
+    prediction.collective_bytes = collective_bytes(
+        probes, checkpointed, stages[0], layout, inventory, cfg.data.seq_len * cfg.model.d_model * RESIDUAL_ITEMSIZE,
+        sparse_units, choices * 4 if biased else 0,
+    )  # fmt: skip
     usable = gpu.memory_bytes * (1 - MEMORY_RESERVE)
     if prediction.peak_bytes > usable:
         worst = max(range(len(memory)), key=lambda s: memory[s].total)
@@ -224,17 +253,63 @@ def predict(
     return prediction
 
 
-def collective_bytes(probe: Probe, units: StageUnits, layout: Layout, inventory: _Inventory) -> dict[str, int]:
+def _sparse_units(cfg: Config, probe: Probe) -> set[str]:
+    """The probe's units with a sparse FFN (an MTP module's block is sparse when the model's last
+    block is, models.transformer)."""
+    last_sparse = cfg.model.ffn != "dense" and cfg.model.is_sparse_layer(cfg.model.n_layers - 1)
+    return {
+        unit
+        for unit, kind in probe.unit_kinds.items()
+        if (kind.sparse if isinstance(kind, BlockKind) else kind == MTP and last_sparse)
+    }
+
+
+def _checkpointed_units(probe: Probe, sparse_units: set[str], mode: str) -> set[str]:
+    """The probe's units whose blocks recompute under `mode`."""
+    blocks = [unit for unit in probe.unit_kinds if unit != ROOT_UNIT]
+    if mode in ("all", "none"):
+        return set(blocks) if mode == "all" else set()
+    return {unit for unit in blocks if (unit in sparse_units) == (mode == "sparse")}
+
+
+def collective_bytes(
+    probes: Probes,
+    checkpointed: set[str],
+    units: StageUnits,
+    layout: Layout,
+    inventory: _Inventory,
+    sequence_hidden_bytes: int,
+    sparse_units: set[str],
+    bias_row_bytes: int,
+) -> dict[str, int]:
     """op -> the bytes of the calls' largest tensors (dryrun.checks.CollectiveCall) of one step
-    of the first stage's ranks: what `bench`/the dry run count, to compare with."""
+    of the first stage's ranks: what the dry run counts, to compare with."""
     out: Counter[str] = Counter()
     for unit, n in units.counts.items():
-        for call in probe.units[unit].tp_calls + probe.units[unit].ep_calls:
+        cost = probes.unit(unit, unit in checkpointed)
+        for call in cost.tp_calls + cost.ep_calls:
             out[collective_kind(call)] += n * call.nbytes * layout.micro_batch * layout.grad_accum
-    for nbytes, size, _, times in inventory.fsdp_groups(units, layout):
+    for nbytes, size, _, gathers_per_step in inventory.fsdp_groups(units, layout):
         if size > 1:
-            out["all_gather"] += nbytes * times * layout.grad_accum
+            out["all_gather"] += nbytes * gathers_per_step
             out["reduce_scatter"] += nbytes
+    if layout.dp_replicate > 1:  # HSDP: the reduced shards all-reduced over the replicas
+        out["all_reduce"] += int(inventory.sharded(units, layout, experts=False))
+    if layout.pp > 1:  # activations forward, their gradients back, per micro-batch and neighbour
+        hidden = layout.micro_batch * sequence_hidden_bytes * layout.grad_accum
+        neighbours = int(not units.first) + int(not units.last)
+        out["send"] += hidden * neighbours
+        out["recv"] += hidden * neighbours
+    # The step's own (gradient norm, metrics) as the probe made them, but the aux-loss-free
+    # biases' counts: one [biased layers, experts] all-reduce (train.engine), as many rows as
+    # the stage has sparse blocks
+    probe_rows = len(sparse_units)
+    stage_rows = sum(n for unit, n in units.counts.items() if unit in sparse_units)
+    for call in probes.kept.step_calls:
+        nbytes = call.nbytes
+        if bias_row_bytes and probe_rows and nbytes == probe_rows * bias_row_bytes:
+            nbytes = stage_rows * bias_row_bytes
+        out[collective_kind(call)] += nbytes
     return dict(out)
 
 
@@ -340,44 +415,51 @@ class _Inventory:
         return max((nbytes for nbytes, *_ in sizes), default=0.0)
 
     def _fsdp_units(self, units: StageUnits, layout: Layout) -> list[tuple[float, int, int, int, int]]:
-        """(unsharded bytes, ranks, stride, all-gathers per micro-batch, how many) per FSDP unit:
-        the root (embedding and head together without a pipeline) is gathered once per
-        micro-batch (FSDP keeps the root's after its forward), the others twice."""
+        """(unsharded bytes, ranks, stride, all-gathers per step, how many) per FSDP unit. Without a
+        pipeline a unit is gathered for each micro-batch's forward and again for its backward,
+        the root (embedding and head together) once per micro-batch (FSDP keeps the root's
+        gathered from forward to backward); under a pipeline every unit stays gathered for the
+        whole step (parallel.data): once per step."""
         out = []
         present = dict(self._present(units))
+        ga = layout.grad_accum
+        pipelined = layout.pp > 1
         root = [key for key in present if key[0] == ROOT_UNIT]
-        if root and layout.pp == 1:
+        if root and not pipelined:
             nbytes = sum(_group_bytes(tuple(self.groups[key]), layout)[1] for key in root)
-            out.append((nbytes, layout.dp_shard, layout.tp, 1, 1))
+            out.append((nbytes, layout.dp_shard, layout.tp, ga, 1))
         for key, n in present.items():
-            if key[0] == ROOT_UNIT and layout.pp == 1:
+            if key[0] == ROOT_UNIT and not pipelined:
                 continue
             nbytes = _group_bytes(tuple(self.groups[key]), layout)[1]
+            gathers = 1 if pipelined else 2 * ga
             if key[1] == "experts":
-                out.append((nbytes, layout.dp // layout.ep, layout.tp * layout.ep, 2, n))
+                out.append((nbytes, layout.dp // layout.ep, layout.tp * layout.ep, gathers, n))
             else:
-                out.append((nbytes, layout.dp_shard, layout.tp, 1 if key[0] == ROOT_UNIT else 2, n))
+                out.append((nbytes, layout.dp_shard, layout.tp, gathers, n))
         return out
 
     def fsdp_groups(self, units: StageUnits, layout: Layout) -> list[tuple[float, int, int, int]]:
-        """(unsharded bytes, ranks, stride, all-gathers per micro-batch), one per FSDP unit of the stage."""
-        units_of_stage = self._fsdp_units(units, layout)
-        return [(nbytes, size, stride, times) for nbytes, size, stride, times, n in units_of_stage for _ in range(n)]
+        """(unsharded bytes, ranks, stride, all-gathers per step), one per FSDP unit of the stage."""
+        return [unit[:4] for unit in self._fsdp_units(units, layout) for _ in range(unit[4])]
 
 
 @cache
 def _group_bytes(shards: tuple[ParameterShard, ...], layout: Layout) -> tuple[float, float]:
-    """(this rank's shard, the all-gathered unit) in bytes, for the ranks with the most rows."""
+    """(this rank's shard, the all-gathered unit) in bytes, for the ranks with the most: FSDP's
+    dim-0 chunks padded to a multiple of the ranks, experts on the dimension parallel.data picks."""
     sharded = unsharded = 0
     for shard in shards:
         shape = list(shard.shape)
         if shard.tp_dim is not None:
             shape[shard.tp_dim] = math.ceil(shape[shard.tp_dim] / layout.tp)
+        ranks, dim = layout.dp_shard, 0
         if shard.expert:
             shape[0] //= layout.ep
-        ranks = layout.dp // layout.ep if shard.expert else layout.dp_shard
-        rest = math.prod(shape[1:]) * shard.itemsize
-        rows = math.ceil(shape[0] / ranks)
+            ranks = layout.dp // layout.ep
+            dim = expert_shard_dim(tuple(shape), {0} | ({shard.tp_dim} if shard.tp_dim is not None else set()), ranks)
+        rest = math.prod(shape) // shape[dim] * shard.itemsize
+        rows = math.ceil(shape[dim] / ranks)
         sharded += rows * rest
         unsharded += rows * ranks * rest
     return sharded, unsharded

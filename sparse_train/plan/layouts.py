@@ -4,7 +4,9 @@ and ParallelDims.check_model), the rest with the reason it gives.
 
 Candidates: tp within a node (a power of two dividing the GPUs per node), pp up to the blocks,
 ep a divisor of the data-parallel ranks, dp_replicate a power of two (HSDP replicas), the
-micro-batch per rank a power of two; the global batch fixes the accumulation.
+micro-batch per rank a power of two, and activation checkpointing of no block, every block, or
+(when the model has both) only its sparse or only its dense blocks; the global batch fixes the
+accumulation.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Layout:
     pp: int
     micro_batch: int  # sequences per data-parallel rank per micro-batch
     grad_accum: int  # micro-batches per step
+    activation_checkpointing: str = "none"  # train.activation_checkpointing: none, all, sparse, dense
 
     @property
     def dp(self) -> int:
@@ -46,15 +49,16 @@ class Layout:
             f"parallel.pp={self.pp}",
             f"train.batch_size={self.micro_batch * self.dp}",
             f"train.grad_accum={self.grad_accum}",
+            f"train.activation_checkpointing={self.activation_checkpointing}",
         ]
 
     def name(self) -> str:
         return (
             f"dpr{self.dp_replicate}-dps{self.dp_shard}-ep{self.ep}-tp{self.tp}-pp{self.pp}"
-            f"-mb{self.micro_batch}-ga{self.grad_accum}"
+            f"-mb{self.micro_batch}-ga{self.grad_accum}-ac{self.activation_checkpointing}"
         )
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
 
@@ -76,9 +80,17 @@ def sequences_per_step(global_batch_tokens: int, seq_len: int) -> int:
     return global_batch_tokens // seq_len
 
 
+def checkpointing_modes(cfg: Config) -> list[str]:
+    """The activation-checkpointing choices that differ for the model: none, all, and per block
+    kind when it has both dense and sparse blocks."""
+    sparse = {cfg.model.ffn != "dense" and cfg.model.is_sparse_layer(i) for i in range(cfg.model.n_layers)}
+    return ["none", "all", "sparse", "dense"] if len(sparse) == 2 else ["none", "all"]
+
+
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, sequences: int) -> list[Layout]:
     """Every candidate of the module docstring for `gpus` ranks and `sequences` per step."""
     out = []
+    modes = checkpointing_modes(cfg)
     for tp in (t for t in _powers_of_two(gpus_per_node) if gpus % t == 0 and gpus_per_node % t == 0):
         for pp in (p for p in _divisors(gpus // tp) if p <= cfg.model.n_layers):
             dp = gpus // (tp * pp)
@@ -88,7 +100,10 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, sequences: int
                     if left:
                         continue
                     for micro in (m for m in _powers_of_two(per_rank) if per_rank % m == 0):
-                        out.append(Layout(dp_replicate, dp // dp_replicate, ep, tp, pp, micro, per_rank // micro))
+                        for mode in modes:
+                            out.append(
+                                Layout(dp_replicate, dp // dp_replicate, ep, tp, pp, micro, per_rank // micro, mode)
+                            )
     return out
 
 
@@ -103,7 +118,10 @@ def check_layout(cfg: Config, layout: Layout) -> tuple[Config | None, str | None
             cfg.parallel, "parallel", dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard,
             ep=layout.ep, tp=layout.tp, pp=layout.pp,
         )  # fmt: skip
-        train = _section(cfg.train, "train", batch_size=layout.micro_batch * layout.dp, grad_accum=layout.grad_accum)
+        train = _section(
+            cfg.train, "train", batch_size=layout.micro_batch * layout.dp, grad_accum=layout.grad_accum,
+            activation_checkpointing=layout.activation_checkpointing,
+        )  # fmt: skip
         run = dataclasses.replace(cfg, parallel=parallel, train=train)
         ParallelDims.from_config(run.parallel, layout.world).check_model(run)
     except ConfigError as err:
@@ -111,7 +129,7 @@ def check_layout(cfg: Config, layout: Layout) -> tuple[Config | None, str | None
     return run, None
 
 
-def _section(section: Any, name: str, **changes: int) -> Any:
+def _section(section: Any, name: str, **changes: int | str) -> Any:
     try:
         return dataclasses.replace(section, **changes)
     except ConfigError as err:

@@ -71,6 +71,7 @@ class Probe:
     world: int
     tp: int
     ep: int
+    activation_checkpointing: str  # "none" or "all": each unit measured kept and recomputed
     units: dict[str, UnitCost]  # "blocks.0", "mtp.0", ROOT_UNIT
     unit_kinds: dict[str, BlockKind | str]  # unit -> its block kind, MTP or ROOT
     shards: list[ParameterShard]
@@ -79,18 +80,29 @@ class Probe:
     seconds: float = 0.0  # how long the probe took
 
 
-def probe_config(cfg: Config, world: int, tp: int, ep: int) -> Config:
+@dataclass
+class Probes:
+    """The two probes of one tensor-parallel degree: blocks keeping their activations, and recomputing them."""
+
+    kept: Probe
+    recomputed: Probe
+
+    def unit(self, unit: str, checkpointed: bool) -> UnitCost:
+        return (self.recomputed if checkpointed else self.kept).units[unit]
+
+
+def probe_config(cfg: Config, world: int, tp: int, ep: int, checkpointing: str = "none") -> Config:
     """The probe's run: the reduced model, pp=1, one sequence per data-parallel rank, no accumulation."""
     reduced, _ = reduced_model(cfg.model)
     dp = world // tp
     parallel = dataclasses.replace(cfg.parallel, dp_replicate=1, dp_shard=dp, ep=ep, tp=tp, pp=1)
-    train = dataclasses.replace(cfg.train, batch_size=dp, grad_accum=1)
+    train = dataclasses.replace(cfg.train, batch_size=dp, grad_accum=1, activation_checkpointing=checkpointing)
     run = dataclasses.replace(cfg, model=reduced, parallel=parallel, train=train)
     ParallelDims.from_config(run.parallel, world).check_model(run)
     return run
 
 
-def run_probe(cfg: Config, world: int, tp: int, ep: int, devices_per_node: int) -> Probe:
+def run_probe(cfg: Config, world: int, tp: int, ep: int, devices_per_node: int, checkpointing: str = "none") -> Probe:
     """Measure the probe of `cfg` at `world` ranks, tensor-parallel degree `tp` (module docstring).
     Needs the fake CUDA device (dryrun.fake_cuda) loaded in this process."""
     import time
@@ -98,7 +110,7 @@ def run_probe(cfg: Config, world: int, tp: int, ep: int, devices_per_node: int) 
     from sparse_train.dryrun.run import dry_run
 
     started = time.perf_counter()
-    run = probe_config(cfg, world, tp, ep)
+    run = probe_config(cfg, world, tp, ep, checkpointing)
     report = dry_run(
         run, world, 0, device="cuda", devices_per_node=devices_per_node, measure=True, phases_to_run=3,
         initialise=False,
@@ -111,7 +123,9 @@ def run_probe(cfg: Config, world: int, tp: int, ep: int, devices_per_node: int) 
     unit_kinds[ROOT_UNIT] = ROOT
     cost = report.step_cost
     flops, activations = cost.flops_by_unit, cost.activation_bytes_by_unit
-    units = {unit: UnitCost(flops.get(unit, 0), activations.get(unit, 0)) for unit in unit_kinds}
+    # a recomputed block keeps its input, which its predecessor made: nothing of its own (its
+    # measured difference can be below zero by what the checkpoint frees)
+    units = {unit: UnitCost(flops.get(unit, 0), max(0, activations.get(unit, 0))) for unit in unit_kinds}
     tp_group = tuple(range(tp))
     ep_group = tuple(range(0, ep * tp, tp))
     step_calls = []
@@ -124,7 +138,7 @@ def run_probe(cfg: Config, world: int, tp: int, ep: int, devices_per_node: int) 
         elif not _is_fsdp(call, tp, ep, world):  # FSDP's are sized from the parameters (plan.cost)
             step_calls.append(call)
     return Probe(
-        world, tp, ep, units, unit_kinds, report.parameter_shards, dict(cost.peak_bytes), step_calls,
+        world, tp, ep, checkpointing, units, unit_kinds, report.parameter_shards, dict(cost.peak_bytes), step_calls,
         time.perf_counter() - started,
     )  # fmt: skip
 

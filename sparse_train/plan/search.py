@@ -12,7 +12,7 @@ from sparse_train.errors import UsageError
 from sparse_train.plan.cost import Prediction, predict
 from sparse_train.plan.hardware import GPUSpec
 from sparse_train.plan.layouts import Layout, candidate_layouts, check_layout
-from sparse_train.plan.probe import Probe, probe_config, run_probe
+from sparse_train.plan.probe import Probe, Probes, probe_config, run_probe
 
 GROWTH_LIMIT = 64  # how many times the cluster the "smallest cluster that fits" search looks
 
@@ -75,11 +75,12 @@ def make_plan(
     probes = {}
     for tp in sorted({layout.tp for layout in layouts}):
         ep = probe_ep(cfg, gpus, tp, layouts)
-        log(f"probing tp={tp} (ep={ep}) on {gpus} fake ranks ...")
-        probes[tp] = run_probe(cfg, gpus, tp, ep, gpus_per_node)
+        log(f"probing tp={tp} (ep={ep}) on {gpus} fake ranks, blocks keeping and recomputing activations ...")
+        probes[tp] = Probes(*(run_probe(cfg, gpus, tp, ep, gpus_per_node, mode) for mode in ("none", "all")))
     predictions = [predict(cfg, probes[layout.tp], layout, gpu, gpus_per_node, skew) for layout in layouts]
     predictions.sort(key=lambda p: (not p.fits, -p.tokens_per_s if p.fits else p.peak_bytes))
-    return Plan(gpus, gpus_per_node, gpu, predictions, rejected, list(probes.values()))
+    measured = [probe for pair in probes.values() for probe in (pair.kept, pair.recomputed)]
+    return Plan(gpus, gpus_per_node, gpu, predictions, rejected, measured)
 
 
 def _no_layout(cfg: Config, gpus: int, gpus_per_node: int, sequences: int, rejected: dict[str, int]) -> str:

@@ -1,0 +1,63 @@
+"""The planner against the trainer: a layout's prediction (scaled from the reduced-depth probes)
+beside the dry run of that very layout (full depth, its pipeline, accumulation and checkpointing:
+the real trainer on fake tensors), for the rank the planner calls the largest. Peak memory and
+the bytes of every collective kind of a step, side by side (`sparse-train bench plan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+from sparse_train.config import Config
+from sparse_train.plan.cost import collective_kind, predict
+from sparse_train.plan.hardware import GPUSpec
+from sparse_train.plan.layouts import Layout, check_layout
+from sparse_train.plan.probe import Probes, run_probe
+from sparse_train.plan.search import probe_ep
+
+
+def compare(
+    cfg: Config, layout: Layout, gpu: GPUSpec, gpus_per_node: int, probes: dict[int, Probes] | None = None
+) -> dict[str, Any]:
+    """Predicted and measured peak memory (bytes) and collective bytes per kind for `layout`.
+    `probes` (tp -> Probes) is filled and reused across calls of the same world."""
+    from sparse_train.dryrun.run import dry_run
+
+    run, why = check_layout(cfg, layout)
+    if run is None:
+        raise ValueError(f"{layout.name()}: the trainer refuses it: {why}")
+    probes = {} if probes is None else probes
+    if layout.tp not in probes:
+        ep = probe_ep(cfg, layout.world, layout.tp, [layout])
+        probes[layout.tp] = Probes(
+            *(run_probe(cfg, layout.world, layout.tp, ep, gpus_per_node, mode) for mode in ("none", "all"))
+        )
+    prediction = predict(cfg, probes[layout.tp], layout, gpu, gpus_per_node)
+    stage = max(range(layout.pp), key=lambda s: prediction.memory[s].total)
+    rank = stage * (layout.world // layout.pp)  # the stage's first rank
+    report = dry_run(
+        dataclasses.replace(run), layout.world, rank, device="cuda", devices_per_node=gpus_per_node,
+        measure=True, phases_to_run=3, initialise=False,
+    )  # fmt: skip
+    if not report.ok or report.step_cost is None:
+        raise RuntimeError(f"{layout.name()}: the dry run failed: {report.summary()}")
+    measured: Counter[str] = Counter()
+    for call in report.collective_calls["train step"]:
+        measured[collective_kind(call)] += call.nbytes
+    predicted_bytes = prediction.collective_bytes if stage == 0 else {}
+    return {
+        "layout": layout.name(),
+        "world": layout.world,
+        "rank": rank,
+        "predicted_peak_bytes": prediction.memory[stage].total,
+        "measured_peak_bytes": report.step_cost.peak_total,
+        "memory_error": prediction.memory[stage].total / report.step_cost.peak_total - 1,
+        "predicted_collective_bytes": predicted_bytes,
+        "measured_collective_bytes": dict(measured) if stage == 0 else {},
+        "predicted_memory": dataclasses.asdict(prediction.memory[stage]),
+        "measured_memory": report.step_cost.peak_bytes,
+        "predicted_flops": prediction.time[stage].compute * gpu.achievable_flops * layout.grad_accum,
+        "measured_flops": report.step_cost.flops,
+    }
