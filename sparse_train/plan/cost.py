@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from typing import Any
 
 from sparse_train.config import Config
@@ -66,7 +66,7 @@ class StageMemory:
 
     @property
     def total(self) -> float:
-        return sum(asdict(self).values())
+        return self.parameters + self.gradients + self.optimizer + self.gathered + self.activations + self.temporaries
 
 
 @dataclass
@@ -99,7 +99,7 @@ class Prediction:
     collective_bytes: dict[str, int] = field(default_factory=dict)  # op -> bytes per step, rank 0
     reason: str | None = None
 
-    @property
+    @cached_property
     def peak_bytes(self) -> float:
         return max(m.total for m in self.memory)
 
@@ -148,12 +148,20 @@ class Prediction:
 
 
 def predict(
-    cfg: Config, probes: Probes, layout: Layout, gpu: GPUSpec, gpus_per_node: int, skew: float = 0.0
+    cfg: Config,
+    probes: Probes,
+    layout: Layout,
+    gpu: GPUSpec,
+    gpus_per_node: int,
+    skew: float = 0.0,
+    model_flops_per_sequence: float | None = None,
 ) -> Prediction:
-    """Memory and step time of `layout` (whose tp is the probes') for `cfg` (module docstring)."""
+    """Memory and step time of `layout` (whose tp is the probes') for `cfg` (module docstring).
+    MFU counts `model_flops_per_sequence` (model_flops: the model's, once), else every rank's
+    FLOPs without recomputation (which counts what tensor parallelism repeats on each rank)."""
     probe = probes.kept
     stages = stage_units(cfg, probe, layout.pp)
-    inventory = _Inventory(probe)
+    inventory = _inventory(probe)
     sparse_units = _sparse_units(cfg, probe)
     checkpointed = _checkpointed_units(probe, sparse_units, layout.activation_checkpointing)
     probe_layout = Layout(1, probe.world // probe.tp, probe.ep, probe.tp, 1, 1, 1)
@@ -171,71 +179,46 @@ def predict(
     root_activations = max(0, kept_peak - sum(u.activation_bytes for u in probe.units.values()))
     mb = layout.micro_batch
     accumulating = layout.grad_accum > 1 or layout.pp > 1
+    temporaries = mb * peak.get("Temp", 0) + peak.get("Buffer", 0) + peak.get("Other", 0)
     rs_exposed, useful_flops = 0.0, 0.0
     memory, times = [], []
+    parts: dict[StageUnits, _StageParts] = {}  # stages holding the same blocks cost the same
     for s, units in enumerate(stages):
-        last = units.last
-        params = inventory.sharded(units, layout)
-        ratio = inventory.largest_unit(units, layout) / probe_largest if probe_largest else 1.0
+        if units not in parts:
+            parts[units] = _stage_parts(cfg, probes, units, layout, gpu, gpus_per_node, skew, checkpointed, inventory)
+        part = parts[units]
         in_flight = min(layout.pp - s, layout.grad_accum)
-        costs = {u: (n, probes.unit(u, u in checkpointed)) for u, n in units.blocks().items()}
-        kept_acts = sum(n * cost.activation_bytes for n, cost in costs.values())
-        # a recomputed block's whole activations live again during its backward
-        recomputed = max((probe.units[u].activation_bytes for u in costs if u in checkpointed), default=0)
-        grads = inventory.unsharded(units, layout) if accumulating else params + grad_transient_probe * ratio
-        acts = kept_acts * in_flight + recomputed + (root_activations if last else 0)
+        ratio = part.largest_unit / probe_largest if probe_largest else 1.0
+        grads = part.unsharded if accumulating else part.params + grad_transient_probe * ratio
         if in_flight > 1:
             # 1F1B: the most activations come before the stage's first backward, its gradients
             # after it, when one micro-batch's activations are gone: the peak is the larger
-            grads = max(0.0, grads - kept_acts * mb)
+            grads = max(0.0, grads - part.kept_activations * mb)
+        root = root_activations if units.last else 0
         memory.append(
             StageMemory(
-                parameters=params,
+                parameters=part.params,
                 gradients=grads,
-                optimizer=opt_per_param_byte * params,
+                optimizer=opt_per_param_byte * part.params,
                 # under a pipeline the stage's units stay gathered for the step (parallel.data)
-                gathered=inventory.unsharded(units, layout) if layout.pp > 1 else gathered_probe * ratio,
-                activations=mb * acts,
-                temporaries=mb * peak.get("Temp", 0) + peak.get("Buffer", 0) + peak.get("Other", 0),
+                gathered=part.unsharded if layout.pp > 1 else gathered_probe * ratio,
+                activations=mb * (part.kept_activations * in_flight + part.recomputed + root),
+                temporaries=temporaries,
             )
         )
-        root_flops = probe.units[ROOT_UNIT].flops if last else 0
-        flops = mb * (sum(n * c.flops for n, c in costs.values()) + root_flops)  # recomputation included
-        stage_time = StageTime(compute=flops / gpu.achievable_flops)
-        useful_flops += mb * (sum(n * probe.units[u].flops for u, (n, _) in costs.items()) + root_flops)
-        node = gpus_per_node
-        for n, cost in costs.values():
-            stage_time.tp += n * sum(_ring_s(c.op, c.nbytes * mb, layout.tp, 1, gpu, node) for c in cost.tp_calls)
-            stage_time.ep += n * sum(_all_to_all_s(c.nbytes * mb, layout, gpu, node, skew) for c in cost.ep_calls)
-        if layout.pp > 1:
-            hidden = mb * cfg.data.seq_len * cfg.model.d_model * RESIDUAL_ITEMSIZE  # one micro-batch's
-            inter = layout.world // layout.pp >= gpus_per_node
-            sends = (0 if units.first else 1) + (0 if last else 1)  # activations in and out, gradients back
-            stage_time.pp = 2 * sends * gpu.transfer_s(hidden, 1, inter)
-        gathers = inventory.fsdp_groups(units, layout)
-        stage_time.fsdp = (
-            sum(  # per micro-batch: the step's gathers spread over its micro-batches
-                gathers_per_step * _ring_s("all_gather", nbytes, size, stride, gpu, gpus_per_node)
-                for nbytes, size, stride, gathers_per_step in gathers
-            )
-            / layout.grad_accum
-        )
-        stage_time.fsdp_exposed = max(0.0, stage_time.fsdp - stage_time.compute)
-        reduce_scatters = sum(
-            _ring_s("reduce_scatter", nbytes, size, stride, gpu, gpus_per_node) for nbytes, size, stride, _ in gathers
-        )
-        if layout.dp_replicate > 1:  # HSDP: the shards all-reduced over the replicas once per step
-            reduce_scatters += _ring_s(
-                "all_reduce", inventory.sharded(units, layout, experts=False), layout.dp_replicate,
-                layout.tp * layout.dp_shard, gpu, gpus_per_node,
-            )  # fmt: skip
-        rs_exposed = max(rs_exposed, reduce_scatters - BACKWARD_SHARE * stage_time.compute)
-        times.append(stage_time)
+        useful_flops += part.useful_flops
+        rs_exposed = max(rs_exposed, part.reduce_scatters - BACKWARD_SHARE * part.time.compute)
+        times.append(part.time)
     slowest = max(t.micro_batch for t in times)
     step = (layout.grad_accum + layout.pp - 1) * slowest + rs_exposed
     prediction = Prediction(
         layout, memory, times, rs_exposed, step, layout.micro_batch * layout.dp * layout.grad_accum * cfg.data.seq_len,
-        useful_flops * layout.grad_accum * (layout.world // layout.pp), layout.world, gpu,
+        (
+            model_flops_per_sequence * layout.micro_batch * layout.dp * layout.grad_accum
+            if model_flops_per_sequence is not None
+            else useful_flops * layout.grad_accum * (layout.world // layout.pp)
+        ),
+        layout.world, gpu,
     )  # fmt: skip
     biased = cfg.model.ffn == "moe" and cfg.router.bias_update_rate > 0
     choices = cfg.moe.num_experts + cfg.moe.zero_experts + cfg.moe.copy_experts + cfg.moe.constant_experts
@@ -251,6 +234,75 @@ def predict(
             f"{usable / 1e9:.1f} GB usable on {gpu.name}"
         )
     return prediction
+
+
+def model_flops(cfg: Config, probe: Probe) -> float:
+    """The FLOPs of one sequence through the whole model, forward and backward, from a probe
+    without tensor parallelism (whose ranks repeat nothing) and without recomputation."""
+    (units,) = stage_units(cfg, probe, 1)
+    return sum(n * probe.units[unit].flops for unit, n in units.counts.items())
+
+
+@dataclass
+class _StageParts:
+    """What a stage's ranks cost whatever their place in the pipeline (bytes, FLOPs, seconds)."""
+
+    params: float
+    unsharded: float
+    largest_unit: float
+    kept_activations: float  # per sequence of a micro-batch
+    recomputed: float  # per sequence: the largest recomputed block's whole activations
+    useful_flops: float  # per micro-batch, without recomputation
+    reduce_scatters: float  # seconds per step
+    time: StageTime
+
+
+def _stage_parts(
+    cfg: Config, probes: Probes, units: StageUnits, layout: Layout, gpu: GPUSpec, gpus_per_node: int,
+    skew: float, checkpointed: set[str], inventory: _Inventory,
+) -> _StageParts:  # fmt: skip
+    probe, mb = probes.kept, layout.micro_batch
+    costs = {u: (n, probes.unit(u, u in checkpointed)) for u, n in units.blocks().items()}
+    root_flops = probe.units[ROOT_UNIT].flops if units.last else 0
+    flops = mb * (sum(n * c.flops for n, c in costs.values()) + root_flops)  # recomputation included
+    time = StageTime(compute=flops / gpu.achievable_flops)
+    for n, cost in costs.values():
+        for op, nbytes, calls in cost.tp_totals():
+            time.tp += n * _ring_s(op, nbytes * mb, layout.tp, 1, gpu, gpus_per_node, calls)
+        for nbytes, calls in cost.ep_totals():
+            time.ep += n * _all_to_all_s(nbytes * mb, layout, gpu, gpus_per_node, skew, calls)
+    if layout.pp > 1:
+        hidden = mb * cfg.data.seq_len * cfg.model.d_model * RESIDUAL_ITEMSIZE  # one micro-batch's
+        inter = layout.world // layout.pp >= gpus_per_node
+        sends = (0 if units.first else 1) + (0 if units.last else 1)  # activations in and out, gradients back
+        time.pp = 2 * sends * gpu.transfer_s(hidden, 1, inter)
+    gathers = inventory.fsdp_groups(units, layout)
+    time.fsdp = (
+        sum(  # per micro-batch: the step's gathers spread over its micro-batches
+            gathers_per_step * _ring_s("all_gather", nbytes, size, stride, gpu, gpus_per_node)
+            for nbytes, size, stride, gathers_per_step in gathers
+        )
+        / layout.grad_accum
+    )
+    time.fsdp_exposed = max(0.0, time.fsdp - time.compute)
+    reduce_scatters = sum(
+        _ring_s("reduce_scatter", nbytes, size, stride, gpu, gpus_per_node) for nbytes, size, stride, _ in gathers
+    )
+    if layout.dp_replicate > 1:  # HSDP: the shards all-reduced over the replicas once per step
+        reduce_scatters += _ring_s(
+            "all_reduce", inventory.sharded(units, layout, experts=False), layout.dp_replicate,
+            layout.tp * layout.dp_shard, gpu, gpus_per_node,
+        )  # fmt: skip
+    return _StageParts(
+        params=inventory.sharded(units, layout),
+        unsharded=inventory.unsharded(units, layout),
+        largest_unit=inventory.largest_unit(units, layout),
+        kept_activations=sum(n * cost.activation_bytes for n, cost in costs.values()),
+        recomputed=max((probe.units[u].activation_bytes for u in costs if u in checkpointed), default=0),
+        useful_flops=mb * (sum(n * probe.units[u].flops for u, (n, _) in costs.items()) + root_flops),
+        reduce_scatters=reduce_scatters,
+        time=time,
+    )
 
 
 def _sparse_units(cfg: Config, probe: Probe) -> set[str]:
@@ -321,25 +373,28 @@ def collective_kind(call: CollectiveCall) -> str:
             "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}.get(op, op)  # fmt: skip
 
 
-def _ring_s(op: str, nbytes: float, size: int, stride: int, gpu: GPUSpec, gpus_per_node: int) -> float:
-    """A ring collective of an `nbytes` buffer over `size` ranks `stride` apart."""
+def _ring_s(op: str, nbytes: float, size: int, stride: int, gpu: GPUSpec, gpus_per_node: int, calls: int = 1) -> float:
+    """`calls` ring collectives of `nbytes` buffers in all over `size` ranks `stride` apart."""
     if size <= 1:
         return 0.0
-    share = (size - 1) / size * (2 if "reduce" in op and "scatter" not in op else 1)
-    messages = (size - 1) * (2 if share > 1 else 1)
+    twice = "reduce" in op and "scatter" not in op  # an all-reduce: a reduce-scatter and an all-gather
+    share = (size - 1) / size * (2 if twice else 1)
+    messages = calls * (size - 1) * (2 if twice else 1)
     return gpu.transfer_s(nbytes * share, messages, stride * size > gpus_per_node)
 
 
-def _all_to_all_s(nbytes: float, layout: Layout, gpu: GPUSpec, gpus_per_node: int, skew: float) -> float:
-    """One all-to-all of an `nbytes` send buffer over the ep ranks (stride tp): 1/ep of it to each
-    peer, those in the node over NVLink and the others over the network at once."""
+def _all_to_all_s(
+    nbytes: float, layout: Layout, gpu: GPUSpec, gpus_per_node: int, skew: float, calls: int = 1
+) -> float:
+    """`calls` all-to-alls of `nbytes` send buffers in all over the ep ranks (stride tp): 1/ep of
+    each to every peer, those in the node over NVLink and the others over the network at once."""
     ep = layout.ep
     if ep <= 1:
         return 0.0
     in_node = max(1, min(ep, gpus_per_node // layout.tp))
     per_peer = nbytes / ep * (1 + skew)
-    intra = gpu.transfer_s(per_peer * (in_node - 1), in_node - 1, inter_node=False)
-    inter = gpu.transfer_s(per_peer * (ep - in_node), ep - in_node, inter_node=True) if ep > in_node else 0.0
+    intra = gpu.transfer_s(per_peer * (in_node - 1), calls * (in_node - 1), inter_node=False)
+    inter = gpu.transfer_s(per_peer * (ep - in_node), calls * (ep - in_node), inter_node=True) if ep > in_node else 0.0
     return max(intra, inter)
 
 
@@ -353,6 +408,9 @@ class StageUnits:
     first: bool
     last: bool
 
+    def __hash__(self) -> int:
+        return hash((tuple(sorted(self.counts.items())), self.first, self.last))
+
     def blocks(self) -> dict[str, int]:
         return {unit: n for unit, n in self.counts.items() if unit != ROOT_UNIT}
 
@@ -362,16 +420,25 @@ def probe_stage(probe: Probe) -> StageUnits:
     return StageUnits({unit: 1 for unit in probe.unit_kinds}, True, True)
 
 
+@cache
+def _inventory(probe: Probe) -> _Inventory:
+    return _Inventory(probe)
+
+
 def stage_units(cfg: Config, probe: Probe, pp: int) -> list[StageUnits]:
+    return _stage_units(tuple(block_kinds(cfg.model)), cfg.model.mtp_depth, probe, pp)
+
+
+@cache
+def _stage_units(kinds: tuple[BlockKind, ...], mtp_depth: int, probe: Probe, pp: int) -> list[StageUnits]:
     unit_of_kind = {kind: unit for unit, kind in probe.unit_kinds.items()}
-    kinds = block_kinds(cfg.model)
     stages = []
-    for s, blocks in enumerate(stage_blocks(cfg.model.n_layers, pp)):
+    for s, blocks in enumerate(stage_blocks(len(kinds), pp)):
         counts: Counter[str] = Counter(unit_of_kind[kinds[i]] for i in blocks)
         if s == pp - 1:
             for unit in probe.unit_kinds:
                 if unit.startswith("mtp."):
-                    counts[unit] += cfg.model.mtp_depth
+                    counts[unit] += mtp_depth
         counts[ROOT_UNIT] = 1
         stages.append(StageUnits(dict(counts), s == 0, s == pp - 1))
     return stages
@@ -382,6 +449,7 @@ class _Inventory:
 
     def __init__(self, probe: Probe) -> None:
         self.groups: dict[tuple[str, str], list[ParameterShard]] = {}
+        self._bytes: dict[tuple[tuple[str, str], int, int, int, int], tuple[float, float]] = {}
         for shard in probe.shards:
             unit = unit_of(["." + shard.name])
             if unit == ROOT_UNIT:
@@ -389,6 +457,13 @@ class _Inventory:
             else:
                 group = "experts" if shard.expert else "params"
             self.groups.setdefault((unit, group), []).append(shard)
+
+    def group_bytes(self, key: tuple[str, str], layout: Layout) -> tuple[float, float]:
+        """(this rank's shard, the all-gathered unit) of one group, cached per split."""
+        split = (key, layout.tp, layout.ep, layout.dp_shard, layout.dp)
+        if split not in self._bytes:
+            self._bytes[split] = _group_bytes(self.groups[key], layout)
+        return self._bytes[split]
 
     def _present(self, units: StageUnits) -> list[tuple[tuple[str, str], int]]:
         out = []
@@ -402,13 +477,11 @@ class _Inventory:
 
     def sharded(self, units: StageUnits, layout: Layout, experts: bool = True) -> float:
         return sum(
-            n * _group_bytes(tuple(self.groups[key]), layout)[0]
-            for key, n in self._present(units)
-            if experts or key[1] != "experts"
+            n * self.group_bytes(key, layout)[0] for key, n in self._present(units) if experts or key[1] != "experts"
         )
 
     def unsharded(self, units: StageUnits, layout: Layout) -> float:
-        return sum(n * _group_bytes(tuple(self.groups[key]), layout)[1] for key, n in self._present(units))
+        return sum(n * self.group_bytes(key, layout)[1] for key, n in self._present(units))
 
     def largest_unit(self, units: StageUnits, layout: Layout) -> float:
         sizes = self._fsdp_units(units, layout)
@@ -426,12 +499,12 @@ class _Inventory:
         pipelined = layout.pp > 1
         root = [key for key in present if key[0] == ROOT_UNIT]
         if root and not pipelined:
-            nbytes = sum(_group_bytes(tuple(self.groups[key]), layout)[1] for key in root)
+            nbytes = sum(self.group_bytes(key, layout)[1] for key in root)
             out.append((nbytes, layout.dp_shard, layout.tp, ga, 1))
         for key, n in present.items():
             if key[0] == ROOT_UNIT and not pipelined:
                 continue
-            nbytes = _group_bytes(tuple(self.groups[key]), layout)[1]
+            nbytes = self.group_bytes(key, layout)[1]
             gathers = 1 if pipelined else 2 * ga
             if key[1] == "experts":
                 out.append((nbytes, layout.dp // layout.ep, layout.tp * layout.ep, gathers, n))
@@ -444,8 +517,7 @@ class _Inventory:
         return [unit[:4] for unit in self._fsdp_units(units, layout) for _ in range(unit[4])]
 
 
-@cache
-def _group_bytes(shards: tuple[ParameterShard, ...], layout: Layout) -> tuple[float, float]:
+def _group_bytes(shards: list[ParameterShard], layout: Layout) -> tuple[float, float]:
     """(this rank's shard, the all-gathered unit) in bytes, for the ranks with the most: FSDP's
     dim-0 chunks padded to a multiple of the ranks, experts on the dimension parallel.data picks."""
     sharded = unsharded = 0

@@ -65,8 +65,21 @@ class UnitCost:
     tp_calls: list[CollectiveCall] = field(default_factory=list)  # on the tensor-parallel group
     ep_calls: list[CollectiveCall] = field(default_factory=list)  # all-to-alls of the expert-parallel group
 
+    def tp_totals(self) -> list[tuple[str, int, int]]:
+        """(op, bytes, calls) of the tensor-parallel calls, per op."""
+        totals: dict[str, list[int]] = {}
+        for call in self.tp_calls:
+            entry = totals.setdefault(call.op, [0, 0])
+            entry[0] += call.nbytes
+            entry[1] += 1
+        return [(op, nbytes, calls) for op, (nbytes, calls) in totals.items()]
 
-@dataclass
+    def ep_totals(self) -> list[tuple[int, int]]:
+        """(bytes, calls) of the all-to-alls."""
+        return [(sum(c.nbytes for c in self.ep_calls), len(self.ep_calls))] if self.ep_calls else []
+
+
+@dataclass(eq=False)  # hashed by identity: the planner caches what it derives from a probe
 class Probe:
     world: int
     tp: int

@@ -4,12 +4,16 @@ fastest first."""
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
+import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from sparse_train.config import Config, ConfigError
 from sparse_train.errors import UsageError
-from sparse_train.plan.cost import Prediction, predict
+from sparse_train.plan.cost import Prediction, model_flops, predict
 from sparse_train.plan.hardware import GPUSpec
 from sparse_train.plan.layouts import Layout, candidate_layouts, check_layout
 from sparse_train.plan.probe import Probe, Probes, probe_config, run_probe
@@ -34,8 +38,12 @@ class Plan:
 def accepted_layouts(cfg: Config, gpus: int, gpus_per_node: int, sequences: int) -> tuple[list[Layout], dict[str, int]]:
     """The candidates the trainer's validation accepts, and how many it refused for each reason."""
     accepted, rejected = [], {}
+    verdicts: dict[Layout, str | None] = {}  # checkpointing changes no verdict: one check per layout
     for layout in candidate_layouts(cfg, gpus, gpus_per_node, sequences):
-        _, why = check_layout(cfg, layout)
+        base = dataclasses.replace(layout, activation_checkpointing="none")
+        if base not in verdicts:
+            verdicts[base] = check_layout(cfg, base)[1]
+        why = verdicts[base]
         if why is None:
             accepted.append(layout)
         else:
@@ -72,15 +80,31 @@ def make_plan(
     layouts, rejected = accepted_layouts(cfg, gpus, gpus_per_node, sequences)
     if not layouts:
         raise UsageError(_no_layout(cfg, gpus, gpus_per_node, sequences, rejected))
-    probes = {}
-    for tp in sorted({layout.tp for layout in layouts}):
-        ep = probe_ep(cfg, gpus, tp, layouts)
-        log(f"probing tp={tp} (ep={ep}) on {gpus} fake ranks, blocks keeping and recomputing activations ...")
-        probes[tp] = Probes(*(run_probe(cfg, gpus, tp, ep, gpus_per_node, mode) for mode in ("none", "all")))
-    predictions = [predict(cfg, probes[layout.tp], layout, gpu, gpus_per_node, skew) for layout in layouts]
+    tps = sorted({layout.tp for layout in layouts})
+    jobs = [(tp, probe_ep(cfg, gpus, tp, layouts), mode) for tp in tps for mode in ("none", "all")]
+    log(
+        f"probing {len(jobs)} reduced-depth runs on {gpus} fake ranks (tp {', '.join(map(str, tps))}; "
+        "blocks keeping and recomputing activations) ..."
+    )
+    measured = dict(zip(jobs, _run_probes(cfg, gpus, gpus_per_node, jobs), strict=True))
+    probes = {tp: Probes(measured[(tp, ep, "none")], measured[(tp, ep, "all")]) for tp, ep, _ in jobs}
+    per_sequence = model_flops(cfg, probes[1].kept) if 1 in probes else None
+    predictions = [
+        predict(cfg, probes[layout.tp], layout, gpu, gpus_per_node, skew, per_sequence) for layout in layouts
+    ]
     predictions.sort(key=lambda p: (not p.fits, -p.tokens_per_s if p.fits else p.peak_bytes))
-    measured = [probe for pair in probes.values() for probe in (pair.kept, pair.recomputed)]
-    return Plan(gpus, gpus_per_node, gpu, predictions, rejected, measured)
+    return Plan(gpus, gpus_per_node, gpu, predictions, rejected, list(measured.values()))
+
+
+def _run_probes(cfg: Config, gpus: int, gpus_per_node: int, jobs: list[tuple[int, int, str]]) -> list[Probe]:
+    """The probes, on as many processes as there are cores (each is one single-threaded dry run;
+    the children inherit this process's environment, the fake CUDA device's included)."""
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [run_probe(cfg, gpus, tp, ep, gpus_per_node, mode) for tp, ep, mode in jobs]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_probe, cfg, gpus, tp, ep, gpus_per_node, mode) for tp, ep, mode in jobs]
+        return [future.result() for future in futures]
 
 
 def _no_layout(cfg: Config, gpus: int, gpus_per_node: int, sequences: int, rejected: dict[str, int]) -> str:
