@@ -575,11 +575,18 @@ class ParallelConfig(Section):
     ep_dedup: bool = option(
         True, "all-to-all: send a token once per destination rank, however many of its experts are there"
     )
+    grad_sync: Literal["step", "micro_batch"] = option(
+        "step",
+        "when FSDP reduce-scatters gradients under accumulation: once per step (unsharded gradients kept "
+        "between micro-batches: less traffic, more memory) or after every micro-batch (sharded gradients)",
+    )
 
     def validate(self) -> None:
         _positive(self, "dp_replicate", "ep", "tp", "pp")
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ConfigError("dp_shard", f"must be > 0, or -1 for the remaining ranks, got {self.dp_shard}")
+        if self.grad_sync == "micro_batch" and self.pp > 1:
+            raise ConfigError("grad_sync", "micro_batch needs pp=1: the pipeline schedule reduces once per step")
 
 
 @dataclass

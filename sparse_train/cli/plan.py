@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, "-m", "sparse_train", *args.argv], env)
-    from sparse_train.plan.search import make_plan, smallest_fitting_cluster
+    from sparse_train.plan.cost import MEMORY_RESERVE
+    from sparse_train.plan.search import make_plan, smallest_cluster_estimate
 
     def log(msg: str) -> None:
         if not args.json:
@@ -77,16 +78,17 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(chosen[0].breakdown(), indent=2))
         return 0
     if plan.best is None:
-        closest = plan.predictions[0]
-        grown = smallest_fitting_cluster(cfg, args.gpus, args.gpus_per_node, gpu, sequences, skew=args.skew)
+        closest = min(plan.predictions, key=lambda p: p.peak_bytes)
+        needed = smallest_cluster_estimate(plan)
         hint = (
-            f"; the smallest cluster that fits: {grown[0]} GPUs ({grown[1].layout.name()})"
-            if grown
-            else f"; none fits on up to {64 * args.gpus} GPUs either"
+            f"; about {needed} GPUs would hold it (estimate: parameters, gradients and optimizer state "
+            f"shrink with the data-parallel ranks)"
+            if needed
+            else "; its activations alone do not fit: a smaller micro-batch, sequence or recomputation would"
         )
         raise UsageError(
-            f"plan: no layout of {args.gpus} {gpu.name} fits: the closest, {closest.layout.name()}, needs "
-            f"{closest.peak_bytes / 1e9:.1f} GB per rank{hint}"
+            f"plan: no layout of {args.gpus} {gpu.name} GPUs fits this model: the closest, {closest.layout.name()}, "
+            f"needs {closest.peak_bytes / 1e9:.1f} GB per rank, {gpu.memory_gb * (1 - MEMORY_RESERVE):.1f} usable{hint}"
         )
     print(json.dumps([p.summary() for p in plan.predictions]))
     if not args.json:

@@ -16,7 +16,6 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
 from sparse_train.config import Config, ConfigError
-from sparse_train.models.recompute import checkpoint_blocks
 from sparse_train.models.transformer import Transformer
 from sparse_train.parallel.data import apply_data_parallel
 from sparse_train.parallel.expert import apply_expert_parallel
@@ -49,7 +48,6 @@ def parallelize(model: Transformer, cfg: Config, rt: DistributedRuntime, loss_fn
             )
         stage = PipelineStageModule(model, rt.pp_rank, dims.pp)
         module = stage
-    checkpoint_blocks(module, cfg.train.activation_checkpointing)  # inside the FSDP units, as torchtitan does
     if dims.tp > 1:
         apply_tensor_parallel(module, meshes.world["tp"])
     apply_expert_parallel(module, dims, meshes, cfg.parallel)

@@ -27,7 +27,8 @@ the engine waits for them), plus the pipeline's sends, plus the part of FSDP's a
 the micro-batch's compute does not hide (FSDP prefetches the next unit while one computes; under
 a pipeline the units are gathered once per step, spread here over its micro-batches). A
 step of 1F1B is (accumulation + pp - 1) of the slowest stage's micro-batches; the step's
-reduce-scatters overlap its last backward (2/3 of a micro-batch's compute). Collectives follow
+reduce-scatters overlap its last backward (2/3 of a micro-batch's compute; with
+parallel.grad_sync=micro_batch, each overlaps its own micro-batch's backward). Collectives follow
 an alpha-beta model: ring all-gather / reduce-scatter move (n-1)/n of the buffer, all-reduce
 twice that, an all-to-all (n-1)/n of it, times (1 + skew) for the most loaded rank; a group that
 spans nodes runs at the per-GPU network bandwidth, else at NVLink's.
@@ -178,7 +179,9 @@ def predict(
     kept_peak = probe.peak_bytes.get("Activation", 0)
     root_activations = max(0, kept_peak - sum(u.activation_bytes for u in probe.units.values()))
     mb = layout.micro_batch
-    accumulating = layout.grad_accum > 1 or layout.pp > 1
+    # unsharded gradients kept between micro-batches (FSDP without gradient sync)
+    accumulating = (layout.grad_accum > 1 and layout.grad_sync == "step") or layout.pp > 1
+    reduces = layout.grad_accum if layout.grad_sync == "micro_batch" else 1  # reduce-scatters per step
     temporaries = mb * peak.get("Temp", 0) + peak.get("Buffer", 0) + peak.get("Other", 0)
     rs_exposed, useful_flops = 0.0, 0.0
     memory, times = [], []
@@ -207,7 +210,8 @@ def predict(
             )
         )
         useful_flops += part.useful_flops
-        rs_exposed = max(rs_exposed, part.reduce_scatters - BACKWARD_SHARE * part.time.compute)
+        # each reduce-scatter overlaps the backward of its micro-batch (2/3 of its compute)
+        rs_exposed = max(rs_exposed, reduces * max(0.0, part.reduce_scatters - BACKWARD_SHARE * part.time.compute))
         times.append(part.time)
     slowest = max(t.micro_batch for t in times)
     step = (layout.grad_accum + layout.pp - 1) * slowest + rs_exposed
@@ -253,7 +257,7 @@ class _StageParts:
     kept_activations: float  # per sequence of a micro-batch
     recomputed: float  # per sequence: the largest recomputed block's whole activations
     useful_flops: float  # per micro-batch, without recomputation
-    reduce_scatters: float  # seconds per step
+    reduce_scatters: float  # seconds of one reduction of the stage's gradients
     time: StageTime
 
 
@@ -344,9 +348,10 @@ def collective_bytes(
     for nbytes, size, _, gathers_per_step in inventory.fsdp_groups(units, layout):
         if size > 1:
             out["all_gather"] += nbytes * gathers_per_step
-            out["reduce_scatter"] += nbytes
+            out["reduce_scatter"] += nbytes * (layout.grad_accum if layout.grad_sync == "micro_batch" else 1)
     if layout.dp_replicate > 1:  # HSDP: the reduced shards all-reduced over the replicas
-        out["all_reduce"] += int(inventory.sharded(units, layout, experts=False))
+        reduces = layout.grad_accum if layout.grad_sync == "micro_batch" else 1
+        out["all_reduce"] += reduces * int(inventory.sharded(units, layout, experts=False))
     if layout.pp > 1:  # activations forward, their gradients back, per micro-batch and neighbour
         hidden = layout.micro_batch * sequence_hidden_bytes * layout.grad_accum
         neighbours = int(not units.first) + int(not units.last)

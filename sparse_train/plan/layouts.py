@@ -6,7 +6,8 @@ Candidates: tp within a node (a power of two dividing the GPUs per node), pp up 
 ep a divisor of the data-parallel ranks, dp_replicate a power of two (HSDP replicas), the
 micro-batch per rank a power of two, and activation checkpointing of no block, every block, or
 (when the model has both) only its sparse or only its dense blocks; the global batch fixes the
-accumulation.
+accumulation, and with accumulation (and no pipeline) FSDP reduces once per step or after every
+micro-batch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Layout:
     micro_batch: int  # sequences per data-parallel rank per micro-batch
     grad_accum: int  # micro-batches per step
     activation_checkpointing: str = "none"  # train.activation_checkpointing: none, all, sparse, dense
+    grad_sync: str = "step"  # parallel.grad_sync: FSDP reduces once per step, or every micro-batch
 
     @property
     def dp(self) -> int:
@@ -50,12 +52,14 @@ class Layout:
             f"train.batch_size={self.micro_batch * self.dp}",
             f"train.grad_accum={self.grad_accum}",
             f"train.activation_checkpointing={self.activation_checkpointing}",
+            f"parallel.grad_sync={self.grad_sync}",
         ]
 
     def name(self) -> str:
         return (
             f"dpr{self.dp_replicate}-dps{self.dp_shard}-ep{self.ep}-tp{self.tp}-pp{self.pp}"
             f"-mb{self.micro_batch}-ga{self.grad_accum}-ac{self.activation_checkpointing}"
+            + ("-rsmb" if self.grad_sync == "micro_batch" else "")
         )
 
     def to_dict(self) -> dict[str, int | str]:
@@ -100,10 +104,10 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, sequences: int
                     if left:
                         continue
                     for micro in (m for m in _powers_of_two(per_rank) if per_rank % m == 0):
-                        for mode in modes:
-                            out.append(
-                                Layout(dp_replicate, dp // dp_replicate, ep, tp, pp, micro, per_rank // micro, mode)
-                            )
+                        accum = per_rank // micro
+                        syncs = ("step", "micro_batch") if pp == 1 and accum > 1 else ("step",)
+                        parallel = (dp_replicate, dp // dp_replicate, ep, tp, pp, micro, accum)
+                        out += [Layout(*parallel, mode, sync) for mode in modes for sync in syncs]
     return out
 
 
@@ -116,7 +120,7 @@ def check_layout(cfg: Config, layout: Layout) -> tuple[Config | None, str | None
     try:
         parallel = _section(
             cfg.parallel, "parallel", dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard,
-            ep=layout.ep, tp=layout.tp, pp=layout.pp,
+            ep=layout.ep, tp=layout.tp, pp=layout.pp, grad_sync=layout.grad_sync,
         )  # fmt: skip
         train = _section(
             cfg.train, "train", batch_size=layout.micro_batch * layout.dp, grad_accum=layout.grad_accum,

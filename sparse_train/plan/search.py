@@ -5,6 +5,7 @@ fastest first."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 import os
 from collections.abc import Callable
@@ -13,12 +14,10 @@ from dataclasses import dataclass, field
 
 from sparse_train.config import Config, ConfigError
 from sparse_train.errors import UsageError
-from sparse_train.plan.cost import Prediction, model_flops, predict
+from sparse_train.plan.cost import MEMORY_RESERVE, Prediction, model_flops, predict
 from sparse_train.plan.hardware import GPUSpec
 from sparse_train.plan.layouts import Layout, candidate_layouts, check_layout
 from sparse_train.plan.probe import Probe, Probes, probe_config, run_probe
-
-GROWTH_LIMIT = 64  # how many times the cluster the "smallest cluster that fits" search looks
 
 
 @dataclass
@@ -117,19 +116,17 @@ def _no_layout(cfg: Config, gpus: int, gpus_per_node: int, sequences: int, rejec
     return f"plan: the trainer accepts no layout of {gpus} GPUs for this model and batch; most often: {reason}"
 
 
-def smallest_fitting_cluster(
-    cfg: Config, gpus: int, gpus_per_node: int, gpu: GPUSpec, sequences: int, *, skew: float = 0.0
-) -> tuple[int, Prediction] | None:
-    """The first of 2x, 4x, ... (up to GROWTH_LIMIT x) `gpus` on which some layout fits, with that
-    layout; the global batch grows with the cluster where it has to (one sequence per rank)."""
-    scale = 2
-    while scale <= GROWTH_LIMIT:
-        bigger = gpus * scale
-        batch = max(sequences, bigger) // bigger * bigger if sequences % bigger else sequences
-        layouts, _ = accepted_layouts(cfg, bigger, gpus_per_node, batch)
-        if layouts:
-            plan = make_plan(cfg, bigger, gpus_per_node, gpu, batch, skew=skew)
-            if plan.best is not None:
-                return bigger, plan.best
-        scale *= 2
-    return None
+def smallest_cluster_estimate(plan: Plan) -> int | None:
+    """The GPUs (whole nodes) on which the closest layout would fit, if its parameters,
+    gradients and optimizer state shrink with the data-parallel ranks and its activations,
+    gathered units and temporaries stay: an estimate (a plan on that many GPUs checks it); None
+    when even those alone do not fit."""
+    closest = min(plan.predictions, key=lambda p: p.peak_bytes)
+    usable = plan.gpu.memory_bytes * (1 - MEMORY_RESERVE)
+    worst = max(closest.memory, key=lambda m: m.total)
+    shrinking = worst.parameters + worst.gradients + worst.optimizer
+    fixed = worst.total - shrinking
+    if fixed >= usable:
+        return None
+    needed = plan.gpus * shrinking / (usable - fixed)
+    return max(plan.gpus + plan.gpus_per_node, math.ceil(needed / plan.gpus_per_node) * plan.gpus_per_node)

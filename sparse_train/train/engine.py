@@ -30,6 +30,7 @@ from torch import nn
 from sparse_train.config import Config
 from sparse_train.models.losses import GlobalBatchCounts
 from sparse_train.models.moe import MoELayer
+from sparse_train.models.recompute import checkpoint_blocks
 from sparse_train.models.sparse import SparseAux, SparseFFN
 from sparse_train.models.transformer import Transformer
 from sparse_train.parallel.runtime import DistributedRuntime
@@ -65,6 +66,9 @@ class Engine:
         self.all_sparse_names = _sparse_layer_names(model)
         self.schedule = None
         self.stage = None
+        self.grad_sync = cfg.parallel.grad_sync
+        # recomputation first: inside the FSDP units the layout makes around the blocks (torchtitan's order)
+        checkpoint_blocks(model, cfg.train.activation_checkpointing)
         if runtime is None:
             self.module: nn.Module = model
         else:
@@ -128,9 +132,10 @@ class Engine:
         per_layer: list[list[SparseAux]] = []
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         fsdp = hasattr(self.module, "set_requires_gradient_sync")
+        every_micro_batch = self.grad_sync == "micro_batch"
         for j, (inputs, targets) in enumerate(micro_batches):
-            if fsdp:  # reduce gradients once, after the last micro-batch
-                self.module.set_requires_gradient_sync(j == accum - 1)
+            if fsdp:  # reduce gradients after the last micro-batch (parallel.grad_sync: or every one)
+                self.module.set_requires_gradient_sync(every_micro_batch or j == accum - 1)
             with autocast():
                 output = self.module(inputs)
             parts = self.loss_of(output, targets)

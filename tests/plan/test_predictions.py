@@ -30,8 +30,16 @@ CHILD = textwrap.dedent(
 MOE = ("configs/tiny-moe.yaml", ["data.seq_len=256", "model.max_seq_len=256", "model.n_layers=4",
                                  "model.sparse_every_n=2", "moe.kernel_backend=torch"])  # fmt: skip
 DEEPSEEK = ("configs/tiny-deepseek-v3.yaml", ["model.n_layers=5", "moe.kernel_backend=torch"])
-CASES = {  # (dp_replicate, dp_shard, ep, tp, pp, micro-batch, accumulation, activation checkpointing)
-    "moe": (MOE, [(1, 4, 2, 1, 1, 1, 1, "none"), (1, 2, 2, 1, 2, 1, 2, "none"), (2, 2, 2, 1, 1, 1, 2, "all")]),
+CASES = {  # (dp_replicate, dp_shard, ep, tp, pp, micro-batch, accumulation, checkpointing[, gradient sync])
+    "moe": (
+        MOE,
+        [
+            (1, 4, 2, 1, 1, 1, 1, "none"),
+            (1, 2, 2, 1, 2, 1, 2, "none"),
+            (2, 2, 2, 1, 1, 1, 2, "all"),
+            (1, 4, 2, 1, 1, 1, 2, "none", "micro_batch"),
+        ],
+    ),  # fmt: skip
     "deepseek": (DEEPSEEK, [(1, 2, 2, 2, 1, 1, 1, "sparse"), (1, 4, 4, 1, 1, 2, 2, "none")]),
 }
 

@@ -80,3 +80,17 @@ def test_the_recomputation_does_not_count_the_selections_again():
     assert layers
     for layer in layers:  # one forward's selections: every token's top_k, once
         assert layer.take_bias_counts().sum().item() == tokens.numel() * cfg.router.top_k
+
+
+@pytest.mark.parametrize("mode, runs_per_block", [("none", 1), ("all", 2)])
+def test_the_trainer_recomputes_the_blocks_it_is_told_to(tmp_path, monkeypatch, mode, runs_per_block):
+    from sparse_train.models.transformer import Block
+
+    calls = []
+    forward = Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, *a, **k: calls.append(self) or forward(self, *a, **k))
+    trainer = Trainer(tiny_config(*COMMON, f"train.activation_checkpointing={mode}"), tmp_path)
+    calls.clear()
+    trainer.train_step()
+    blocks = [m for m in trainer.model.modules() if isinstance(m, Block)]
+    assert len(calls) == runs_per_block * len(blocks) * 2  # two micro-batches
