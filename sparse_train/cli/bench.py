@@ -71,6 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mem.add_argument("--steps", type=int, default=2, help="training steps measured (the second holds AdamW state)")
     mem.add_argument("--timeout", type=float, default=1800, help="seconds a rank may take before the run fails")
 
+    plan = bench_sub.add_parser(
+        "plan", help="the planner's predictions beside each layout's own dry run: memory, FLOPs, collective bytes"
+    )
+    add_json_flag(plan)
+    plan.add_argument("--gpu", default="h100", help="GPU kind of the predictions (default h100)")
+
     repro = bench_sub.add_parser("fff-repro", help="FFF vs FFF + load balancing (+ master leaf) on sklearn digits")
     add_json_flag(repro)
     repro.add_argument("--depths", type=int, nargs="+", default=[3, 5])
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     commands = {"moe-layer": _moe_layer, "dispatch": _dispatch, "fff-infer": _fff_infer, "fff-repro": _fff_repro}
     commands["memory"] = _memory
     commands["convert"] = _convert
+    commands["plan"] = _plan
     if args.bench == "kernels":
         return _kernels(args)
     commands[args.bench](args)
@@ -220,6 +227,35 @@ def _memory(args: argparse.Namespace) -> None:
     if args.nproc < 1 or args.steps < 1 or args.timeout <= 0:
         raise UsageError("sparse-train bench memory: --nproc >= 1, --steps >= 1 and --timeout > 0 required")
     memory.run(args.config, args.overrides, args.nproc, steps=args.steps, timeout=args.timeout, as_json=args.json)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    import json
+    import os
+    import sys
+
+    from sparse_train.dryrun import fake_cuda
+    from sparse_train.plan.hardware import gpu_spec
+    from sparse_train.plan.validate import validation_table
+
+    gpu = gpu_spec(args.gpu)
+    if not fake_cuda.is_loaded():  # the probes and dry runs run on the fake CUDA device
+        env = fake_cuda.preload_environment(8)
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "sparse_train", *args.argv], env)
+
+    def line(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        if not args.json:
+            measured = row["measured_collective_bytes"]
+            exact = row["predicted_collective_bytes"] == measured if measured else "n/a"
+            print(
+                f"{row['model']:<17} {row['layout']:<44} memory {row['memory_error']:+6.1%}  "
+                f"FLOPs exact {row['predicted_flops'] == row['measured_flops']}  collectives exact {exact}",
+                file=sys.stderr,
+            )
+
+    validation_table(gpu, log=line)
 
 
 def _convert(args: argparse.Namespace) -> None:

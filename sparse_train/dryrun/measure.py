@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch.distributed._tools.mem_tracker import MemTracker, _ModState
+from torch.distributed._tools.mem_tracker import MemTracker
 
 ROOT_UNIT = ""  # the model's parts outside its blocks and MTP modules
 _UNIT = re.compile(r"\.((?:blocks|mtp)\.\d+)(?:\.|$)")
@@ -72,6 +72,68 @@ def unit_of(module_names: Iterable[str]) -> str:
     return ROOT_UNIT
 
 
+class KeptActivations:
+    """The bytes each unit's forward keeps for its backward, counted where autograd saves them
+    (saved-tensor hooks) in the first micro-batch: each storage once (views share it), the
+    parameters' storages left out (the weights are counted as parameters), and a checkpointed
+    block's arguments counted with its unit (the checkpoint holds them; nothing saved inside a
+    checkpointed block stays). MemTracker's per-module differences are not used for this: they
+    count FSDP's all-gather buffers of the units inside a block as the block's activations."""
+
+    def __init__(self, model: Any, units: UnitTracker) -> None:
+        self.model, self.units = model, units
+        self.bytes: dict[str, int] = {}
+        self._seen: set[int] = set()
+
+    def keep(self, tensor: Any) -> None:
+        import torch
+        from torch.distributed.tensor import DTensor
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        if self.units.backward_started or not isinstance(tensor, torch.Tensor):
+            return
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        key = StorageWeakRef(local.untyped_storage()).cdata
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        if key not in self._parameter_storages():
+            unit = self.units.current
+            self.bytes[unit] = self.bytes.get(unit, 0) + local.untyped_storage().nbytes()
+
+    def keep_all(self, values: Any) -> None:
+        from torch.utils._pytree import tree_flatten
+
+        for value in tree_flatten(values)[0]:
+            self.keep(value)
+
+    def _parameter_storages(self) -> set[int]:
+        from torch.distributed.tensor import DTensor
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        return {
+            StorageWeakRef((p.to_local() if isinstance(p, DTensor) else p).untyped_storage()).cdata
+            for p in self.model.parameters()
+        }
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        import torch
+
+        from sparse_train.models import recompute
+
+        def pack(tensor: Any) -> Any:
+            self.keep(tensor)
+            return tensor
+
+        recompute.checkpoint_input_observers.append(self.keep_all)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                yield
+        finally:
+            recompute.checkpoint_input_observers.remove(self.keep_all)
+
+
 class UnitTracker:
     """Which unit of the model runs now, forward and backward: a unit's forward pre-hook starts
     it, and the gradient of its output starts its backward (units run one after the other, the
@@ -83,7 +145,7 @@ class UnitTracker:
     def __init__(self, model: Any, on_switch: Callable[[str], None]) -> None:
         from torch.utils._pytree import tree_flatten
 
-        self.current, self.backward = ROOT_UNIT, False
+        self.current, self.backward, self.backward_started = ROOT_UNIT, False, False
         self._handles = []
         self._on_switch = on_switch
         for name, module in model.named_modules():
@@ -102,6 +164,7 @@ class UnitTracker:
     def _switch(self, unit: str, backward: bool) -> None:
         self._on_switch(self.current)
         self.current, self.backward = unit, backward
+        self.backward_started |= backward
 
     def close(self) -> None:
         self._on_switch(self.current)
@@ -111,35 +174,15 @@ class UnitTracker:
 
 class _StepMemTracker(MemTracker):
     """torch's MemTracker for a step of several micro-batches: its per-module statistics are
-    for one forward each, so they are kept from the first micro-batch and cleared before the
-    next (MemTracker refuses a module's second forward otherwise)."""
-
-    def __init__(self, cost: StepCost, device: str) -> None:
-        super().__init__()
-        self._cost, self._device = cost, device
+    for one forward each, so they are cleared before the next micro-batch's (MemTracker refuses
+    a module's second forward otherwise); the step's peak is all that is read of it."""
 
     def _pre_fw_hook(self, module: Any, inputs: Any) -> None:
         if module in self.memory_tracking and not self._mod_tracker.is_bw:
             name = self._mod_tracker.get_known_fqn(module)
             if set(self._mod_tracker.parents) - {name} == {"Global"}:  # the model again: a new micro-batch
-                self.keep_unit_activations()
                 self.reset_mod_stats()
         super()._pre_fw_hook(module, inputs)
-
-    def keep_unit_activations(self) -> None:
-        """Each unit's activations kept by its forward (the first micro-batch's)."""
-        if self._cost.activation_bytes_by_unit:
-            return
-        for stats in self.memory_tracking.values():
-            unit = unit_of([stats.mod_fqn])
-            if unit == ROOT_UNIT or not stats.mod_fqn.endswith("." + unit):
-                continue
-            before, after = stats.snapshots.get(_ModState.PRE_FW), stats.snapshots.get(_ModState.POST_FW)
-            if before and after:
-                self._cost.activation_bytes_by_unit[unit] = sum(
-                    _of_device(end, self._device) - _of_device(start, self._device)
-                    for start, end in zip(before, after, strict=False)
-                )
 
 
 @contextmanager
@@ -148,7 +191,7 @@ def measured_step(trainer: Any, device: str, cost: StepCost, checks: Any = None)
     `checks` (dryrun.checks.Checks): its collective calls are then tagged with their unit."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    tracker = _StepMemTracker(cost, device)
+    tracker = _StepMemTracker()
     tracker.track_external(trainer.model, trainer.optimizer)
     flops = FlopCounterMode(display=False)
     counted = [0]
@@ -159,10 +202,11 @@ def measured_step(trainer: Any, device: str, cost: StepCost, checks: Any = None)
         counted[0] = total
 
     units = UnitTracker(trainer.model, account)
+    kept = KeptActivations(trainer.model, units)
     if checks is not None:
         checks.unit_of_call = lambda: units.current
     try:
-        with tracker, flops:
+        with tracker, flops, kept.counting():
             yield
             units.close()
     finally:
@@ -172,17 +216,7 @@ def measured_step(trainer: Any, device: str, cost: StepCost, checks: Any = None)
         if str(dev).startswith(device):
             cost.peak_bytes = {str(getattr(kind, "value", kind)): int(v) for kind, v in snapshot.items()}
     cost.flops = int(flops.get_total_flops())
-    tracker.keep_unit_activations()
-
-
-def _of_device(snapshot: dict[Any, dict[Any, int]], device: str) -> int:
-    return sum(
-        int(v)
-        for dev, kinds in snapshot.items()
-        if str(dev).startswith(device)
-        for kind, v in kinds.items()
-        if str(getattr(kind, "value", kind)) == "Activation"
-    )
+    cost.activation_bytes_by_unit = {unit: n for unit, n in kept.bytes.items() if unit != ROOT_UNIT}
 
 
 def measuring(

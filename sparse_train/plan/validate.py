@@ -17,6 +17,41 @@ from sparse_train.plan.layouts import Layout, check_layout
 from sparse_train.plan.probe import Probes, run_probe
 from sparse_train.plan.search import probe_ep
 
+# Two models (a small MoE with dense and sparse blocks; DeepSeek-V3's architecture in small: MLA,
+# shared experts, a dense first block) and layouts of 4 ranks: every parallel degree, pipeline,
+# HSDP, micro-batch, accumulation, each checkpointing choice and gradient sync.
+MODELS = {
+    "tiny-moe": ("configs/tiny-moe.yaml", ["data.seq_len=256", "model.max_seq_len=256", "model.n_layers=4",
+                                            "model.sparse_every_n=2", "moe.kernel_backend=torch"]),
+    "tiny-deepseek-v3": ("configs/tiny-deepseek-v3.yaml", ["model.n_layers=5", "moe.kernel_backend=torch"]),
+}  # fmt: skip
+LAYOUTS = {  # (dp_replicate, dp_shard, ep, tp, pp, micro-batch, accumulation, checkpointing[, gradient sync])
+    "tiny-moe": [
+        (1, 4, 2, 1, 1, 1, 1, "none"), (1, 4, 4, 1, 1, 2, 2, "none"), (1, 2, 2, 2, 1, 1, 1, "none"),
+        (1, 2, 2, 1, 2, 1, 2, "none"), (2, 2, 2, 1, 1, 1, 1, "all"), (1, 4, 2, 1, 1, 1, 1, "sparse"),
+        (1, 4, 2, 1, 1, 1, 2, "none", "micro_batch"), (1, 4, 2, 1, 1, 1, 2, "all"), (2, 2, 2, 1, 1, 1, 2, "all"),
+    ],
+    "tiny-deepseek-v3": [
+        (1, 2, 2, 2, 1, 1, 1, "sparse"), (1, 4, 4, 1, 1, 2, 2, "none"), (1, 4, 2, 1, 1, 1, 1, "dense"),
+        (2, 2, 2, 1, 1, 1, 1, "none"),
+    ],
+}  # fmt: skip
+
+
+def validation_table(gpu: GPUSpec, gpus_per_node: int = 8, log: Any = print) -> list[dict[str, Any]]:
+    """`compare` over MODELS x LAYOUTS (needs the fake CUDA device loaded in this process)."""
+    from sparse_train.config import load_config
+
+    rows = []
+    for model, (config, overrides) in MODELS.items():
+        cfg = load_config(config, overrides)
+        probes: dict[int, Probes] = {}
+        for fields in LAYOUTS[model]:
+            row = {"model": model, **compare(cfg, Layout(*fields), gpu, gpus_per_node, probes)}
+            log(row)
+            rows.append(row)
+    return rows
+
 
 def compare(
     cfg: Config, layout: Layout, gpu: GPUSpec, gpus_per_node: int, probes: dict[int, Probes] | None = None

@@ -146,6 +146,7 @@ class Engine:
             for key, value in parts.values().items():
                 sums[key] += value.detach().double()
             per_layer.append(output.sparse_aux)
+            del output, parts  # this micro-batch's logits go before the next one's forward, not after it
         return sums, finite, per_layer
 
     def loss_of(self, output, targets: torch.Tensor):

@@ -19,37 +19,26 @@ CHILD = textwrap.dedent(
     from sparse_train.config import load_config
     from sparse_train.plan.hardware import gpu_spec
     from sparse_train.plan.layouts import Layout
-    from sparse_train.plan.validate import compare
+    from sparse_train.plan.validate import MODELS, compare
 
-    config, overrides, layouts = json.loads(sys.argv[1])
-    cfg = load_config(config, overrides)
+    model, layouts = json.loads(sys.argv[1])
+    cfg = load_config(*MODELS[model])
     probes = {}
     print(json.dumps([compare(cfg, Layout(*layout), gpu_spec("h100"), 8, probes) for layout in layouts]))
     """
 )
-MOE = ("configs/tiny-moe.yaml", ["data.seq_len=256", "model.max_seq_len=256", "model.n_layers=4",
-                                 "model.sparse_every_n=2", "moe.kernel_backend=torch"])  # fmt: skip
-DEEPSEEK = ("configs/tiny-deepseek-v3.yaml", ["model.n_layers=5", "moe.kernel_backend=torch"])
-CASES = {  # (dp_replicate, dp_shard, ep, tp, pp, micro-batch, accumulation, checkpointing[, gradient sync])
-    "moe": (
-        MOE,
-        [
-            (1, 4, 2, 1, 1, 1, 1, "none"),
-            (1, 2, 2, 1, 2, 1, 2, "none"),
-            (2, 2, 2, 1, 1, 1, 2, "all"),
-            (1, 4, 2, 1, 1, 1, 2, "none", "micro_batch"),
-        ],
-    ),  # fmt: skip
-    "deepseek": (DEEPSEEK, [(1, 2, 2, 2, 1, 1, 1, "sparse"), (1, 4, 4, 1, 1, 2, 2, "none")]),
-}
+CASES = {  # a few of plan.validate.LAYOUTS per model (the rest: `sparse-train bench plan`)
+    "tiny-moe": [(1, 4, 2, 1, 1, 1, 1, "none"), (1, 2, 2, 1, 2, 1, 2, "none"), (2, 2, 2, 1, 1, 1, 1, "all"),
+                 (1, 4, 2, 1, 1, 1, 2, "none", "micro_batch")],
+    "tiny-deepseek-v3": [(1, 2, 2, 2, 1, 1, 1, "sparse"), (1, 4, 4, 1, 1, 2, 2, "none")],
+}  # fmt: skip
 
 
 def _compare(case: str) -> list[dict]:
     from sparse_train.dryrun.fake_cuda import preload_environment
 
-    (config, overrides), layouts = CASES[case]
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps([config, overrides, layouts])],
+        [sys.executable, "-c", CHILD, json.dumps([case, CASES[case]])],
         env=preload_environment(8),
         capture_output=True,
         text=True,
