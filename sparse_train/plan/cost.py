@@ -116,8 +116,25 @@ class Prediction:
     def mfu(self) -> float:
         return self.flops_per_step / (self.step_time_s * self.world * self.gpu.peak_tflops * 1e12)
 
+    def time_shares(self) -> dict[str, float]:
+        """The step's time by what the slowest stage spends it on: its micro-batches' compute and
+        exposed communication, the pipeline's bubble, the step's exposed reduce-scatters."""
+        slowest = max(self.time, key=lambda t: t.micro_batch)
+        ga = self.layout.grad_accum
+        shares = {
+            "compute": slowest.compute * ga,
+            "tp": slowest.tp * ga,
+            "ep": slowest.ep * ga,
+            "pp": slowest.pp * ga,
+            "fsdp": slowest.fsdp_exposed * ga,
+            "bubble": (self.layout.pp - 1) * slowest.micro_batch,
+            "reduce_scatter": self.reduce_scatter_exposed_s,
+        }
+        return {k: round(v / self.step_time_s, 4) for k, v in shares.items()}
+
     def summary(self) -> dict[str, Any]:
         """The JSON object of `sparse-train plan --json`."""
+        shares = self.time_shares()
         return {
             "layout": self.layout.to_dict(),
             "name": self.layout.name(),
@@ -128,6 +145,8 @@ class Prediction:
             "step_time_s": round(self.step_time_s, 6),
             "tokens_per_s": round(self.tokens_per_s, 1),
             "mfu": round(self.mfu, 4),
+            "time_shares": shares,
+            "bottleneck": max((k for k in shares if k != "compute"), key=lambda k: shares[k]),
         }
 
     def breakdown(self) -> dict[str, Any]:
