@@ -47,6 +47,7 @@ PUBLISHED = {
     "qwen3-235b-a22b": Published(total=235e9, active=22e9, digits=2, embedding_active=True),
     "olmoe-1b-7b": Published(total=6.9e9, active=1.3e9, digits=2, embedding_active=True),
     "gpt-oss-120b": Published(total=116.83e9, active=5.13e9, digits=3, embedding_active=False),
+    "mixtral-8x22b": Published(total=141e9, active=39e9, digits=2, embedding_active=True),
 }
 
 

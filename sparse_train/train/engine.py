@@ -30,12 +30,12 @@ from torch import nn
 from sparse_train.config import Config
 from sparse_train.models.losses import GlobalBatchCounts
 from sparse_train.models.moe import MoELayer
-from sparse_train.models.recompute import checkpoint_blocks
 from sparse_train.models.sparse import SparseAux, SparseFFN
 from sparse_train.models.transformer import Transformer
 from sparse_train.parallel.runtime import DistributedRuntime
 from sparse_train.parallel.state import clip_grad_norm_, full_gradients, full_state_dict, load_full_state_dict
 from sparse_train.train.loss import aux_loss_names, lm_loss, total_loss
+from sparse_train.train.recompute import checkpoint_blocks
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -120,7 +120,7 @@ LAYOUTS = {
     # recomputed blocks under FSDP, EP and TP: the all-to-alls and TP collectives run again in the backward
     "tp2-ep2-recompute": (4, ["parallel.tp=2", "parallel.ep=2"], ["train.activation_checkpointing=all"]),
     # FSDP reduce-scatters after every micro-batch instead of once per step
-    "ep2-dp_shard2-grad-sync-every-micro-batch": (2, ["parallel.ep=2", "parallel.grad_sync=micro_batch"], ["train.grad_accum=2"]),
+    "ep2-grad-sync-every-micro-batch": (2, ["parallel.ep=2", "parallel.grad_sync=micro_batch"], ["train.grad_accum=2"]),
     # FFF trees: leaves sharded over EP ranks like experts, node neurons replicated
     "fff-hard-ep2": (2, ["parallel.ep=2"], [*FFF, "fff.mode=hard", "fff.master_leaf=true"]),
     "fff-topk-ep2-gelu": (2, ["parallel.ep=2"], [*FFF, "fff.mode=topk_paths", "fff.leaf_activation=gelu"]),

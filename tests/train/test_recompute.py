@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_train.models.recompute import checkpoint_blocks
 from sparse_train.models.sparse import SparseFFN
+from sparse_train.train.recompute import checkpoint_blocks
 from sparse_train.train.trainer import Trainer
 from tests.conftest import tiny_config
 
