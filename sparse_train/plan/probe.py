@@ -136,9 +136,7 @@ def run_probe(cfg: Config, world: int, tp: int, ep: int, devices_per_node: int, 
     unit_kinds[ROOT_UNIT] = ROOT
     cost = report.step_cost
     flops, activations = cost.flops_by_unit, cost.activation_bytes_by_unit
-    # a recomputed block keeps its input, which its predecessor made: nothing of its own (its
-    # measured difference can be below zero by what the checkpoint frees)
-    units = {unit: UnitCost(flops.get(unit, 0), max(0, activations.get(unit, 0))) for unit in unit_kinds}
+    units = {unit: UnitCost(flops.get(unit, 0), activations.get(unit, 0)) for unit in unit_kinds}
     tp_group = tuple(range(tp))
     ep_group = tuple(range(0, ep * tp, tp))
     step_calls = []

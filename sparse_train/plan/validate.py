@@ -73,7 +73,7 @@ def compare(
     stage = max(range(layout.pp), key=lambda s: prediction.memory[s].total)
     rank = stage * (layout.world // layout.pp)  # the stage's first rank
     report = dry_run(
-        dataclasses.replace(run), layout.world, rank, device="cuda", devices_per_node=gpus_per_node,
+        run, layout.world, rank, device="cuda", devices_per_node=gpus_per_node,
         measure=True, phases_to_run=3, initialise=False,
     )  # fmt: skip
     if not report.ok or report.step_cost is None:
