@@ -60,6 +60,13 @@ def test_the_layouts_the_trainer_accepts_and_why_the_others_fail():
     assert any("1F1B runs train.grad_accum" in r for r in reasons)  # pp > accumulation
     one = Layout(dp_replicate=1, dp_shard=4, ep=4, tp=2, pp=2, micro_batch=4, grad_accum=4)
     assert one in accepted
+    # every block kind's recomputation; gradient sync per micro-batch only with accumulation and no pipeline
+    assert {c.activation_checkpointing for c in candidates} == {"none", "all"}  # TINY: every block sparse
+    synced = {(c.pp, c.grad_accum > 1) for c in candidates if c.grad_sync == "micro_batch"}
+    assert synced == {(1, True)}
+    mixed = load_config(None, [*TINY, "model.sparse_every_n=2"])
+    modes = {c.activation_checkpointing for c in candidate_layouts(mixed, gpus=16, gpus_per_node=8, sequences=64)}
+    assert modes == {"none", "all", "sparse", "dense"}
 
 
 def test_a_batch_that_is_not_whole_sequences_names_the_largest_that_is():
@@ -73,7 +80,7 @@ def test_the_fast_check_accepts_exactly_what_a_composed_run_config_would():
     from sparse_train.parallel.dims import ParallelDims
 
     cfg = load_config(None, TINY)
-    for layout in candidate_layouts(cfg, gpus=16, gpus_per_node=8, sequences=64):
+    for layout in candidate_layouts(cfg, gpus=8, gpus_per_node=8, sequences=16):
         try:
             run = compose_config(cfg.to_dict(), layout.overrides())
             ParallelDims.from_config(run.parallel, layout.world).check_model(run)
