@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from sparse_train.config import load_config
     from sparse_train.dryrun import fake_cuda
     from sparse_train.plan.hardware import gpu_spec
-    from sparse_train.plan.layouts import sequences_per_step
+    from sparse_train.plan.layouts import candidate_layouts, sequences_per_step
+    from sparse_train.plan.search import no_layout
 
     if args.gpus < 1 or args.gpus_per_node < 1:
         raise UsageError("plan: --gpus and --gpus-per-node must be at least 1")
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if tokens < 1:
         raise UsageError(f"plan: --global-batch-tokens must be positive, got {tokens}")
     sequences = sequences_per_step(tokens, seq_len)
+    if not candidate_layouts(cfg, args.gpus, args.gpus_per_node, sequences):  # before the re-run below
+        raise UsageError(no_layout(cfg, args.gpus, args.gpus_per_node, sequences, {}))
     if not fake_cuda.is_loaded():
         try:
             env = fake_cuda.preload_environment(min(args.gpus, args.gpus_per_node))

@@ -78,7 +78,7 @@ def make_plan(
     Needs the fake CUDA device loaded in this process (dryrun.fake_cuda)."""
     layouts, rejected = accepted_layouts(cfg, gpus, gpus_per_node, sequences)
     if not layouts:
-        raise UsageError(_no_layout(cfg, gpus, gpus_per_node, sequences, rejected))
+        raise UsageError(no_layout(cfg, gpus, gpus_per_node, sequences, rejected))
     tps = sorted({layout.tp for layout in layouts})
     jobs = [(tp, probe_ep(cfg, gpus, tp, layouts), mode) for tp in tps for mode in ("none", "all")]
     log(
@@ -106,11 +106,19 @@ def _run_probes(cfg: Config, gpus: int, gpus_per_node: int, jobs: list[tuple[int
         return [future.result() for future in futures]
 
 
-def _no_layout(cfg: Config, gpus: int, gpus_per_node: int, sequences: int, rejected: dict[str, int]) -> str:
+def no_layout(cfg: Config, gpus: int, gpus_per_node: int, sequences: int, rejected: dict[str, int]) -> str:
     if not rejected:
+        # the fewest data-parallel ranks any (tp, pp) leaves: a batch must be a multiple of some dp
+        fewest = min(
+            gpus // (tp * pp)
+            for tp in range(1, gpus_per_node + 1)
+            for pp in range(1, cfg.model.n_layers + 1)
+            if gpus % (tp * pp) == 0 and gpus_per_node % tp == 0
+        )
         return (
             f"plan: a global batch of {sequences} sequences splits over no data-parallel degree of {gpus} GPUs "
-            f"(with tp <= {gpus_per_node} and pp <= {cfg.model.n_layers} blocks): use a multiple of {gpus} sequences"
+            f"(tp <= {gpus_per_node}, pp <= {cfg.model.n_layers} blocks): the smallest that does is {fewest} "
+            f"sequences ({fewest * cfg.data.seq_len} tokens)"
         )
     reason = max(rejected, key=lambda r: rejected[r])
     return f"plan: the trainer accepts no layout of {gpus} GPUs for this model and batch; most often: {reason}"

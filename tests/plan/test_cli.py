@@ -74,3 +74,13 @@ def test_a_model_that_fits_no_layout_says_how_close_it_came(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert "no layout of 2 custom GPUs fits this model: the closest" in line and "GB per rank" in line
+
+
+def test_a_batch_too_small_for_the_cluster_names_the_smallest_that_splits(capsys):
+    # one sequence on 64 GPUs: tp=8 x pp=4 (tiny-moe has 4 blocks) leaves 2 data-parallel ranks at the fewest
+    args = ["plan", *TINY, "--gpus", "64", "--gpu", "h100", "--global-batch-tokens", str(128)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "splits over no data-parallel degree of 64 GPUs" in err, err
+    assert "the smallest that does is 2 sequences (256 tokens)" in err, err
+    assert len(err.splitlines()) == 1
