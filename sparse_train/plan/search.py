@@ -126,13 +126,15 @@ def no_layout(cfg: Config, gpus: int, gpus_per_node: int, sequences: int, reject
 
 def smallest_cluster_estimate(plan: Plan) -> int | None:
     """The GPUs (whole nodes) on which the closest layout would fit, if its parameters,
-    gradients and optimizer state shrink with the data-parallel ranks and its activations,
-    gathered units and temporaries stay: an estimate (a plan on that many GPUs checks it); None
-    when even those alone do not fit."""
+    optimizer state and sharded gradients shrink with the data-parallel ranks and the rest
+    (activations, gathered units, temporaries, gradients kept unsharded) stays: an estimate (a
+    plan on that many GPUs checks it); None when the rest alone does not fit."""
     closest = min(plan.predictions, key=lambda p: p.peak_bytes)
     usable = plan.gpu.memory_bytes * (1 - MEMORY_RESERVE)
     worst = max(closest.memory, key=lambda m: m.total)
-    shrinking = worst.parameters + worst.gradients + worst.optimizer
+    layout = closest.layout
+    unsharded_grads = layout.pp > 1 or (layout.grad_accum > 1 and layout.grad_sync == "step")
+    shrinking = worst.parameters + worst.optimizer + (0.0 if unsharded_grads else worst.gradients)
     fixed = worst.total - shrinking
     if fixed >= usable:
         return None
