@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         closest = min(plan.predictions, key=lambda p: p.peak_bytes)
         needed = smallest_cluster_estimate(plan)
         hint = (
-            f"; about {needed} GPUs would hold it (estimate: parameters, gradients and optimizer state "
+            f"; about {needed} GPUs would hold it (estimate: parameters, optimizer state and sharded gradients "
             f"shrink with the data-parallel ranks)"
             if needed
             else "; its activations alone do not fit: a smaller micro-batch, sequence or recomputation would"
