@@ -19,8 +19,8 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("fail_at", "resumed_from"),
-    [("5:1", 3), ("6:0:save", 3), ("6:1:save", 3)],
-    ids=["rank1-after-step5", "rank0-mid-save", "rank1-mid-save"],
+    [("5:1", 3), ("6:0:save", 3)],  # a kill mid-save on rank 1: the asynchronous-save test below
+    ids=["rank1-after-step5", "rank0-mid-save"],
 )
 def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_never_interrupted(
     tmp_path, uninterrupted, fail_at, resumed_from

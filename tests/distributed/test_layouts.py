@@ -101,16 +101,13 @@ LAYOUTS = {
     "pp2-ep2-expert-choice": (4, ["parallel.pp=2", "parallel.ep=2"], EXPERT_CHOICE),
     "ep2-relu-tls": (2, ["parallel.ep=2"], [*RELU, "router.tls_coef=0.01"]),
     "tp2-ep2-relu-cls": (4, ["parallel.tp=2", "parallel.ep=2"], [*RELU, "router.cls_coef=0.01", "router.chunk_size=4"]),
-    "pp2-ep2-relu": (4, ["parallel.pp=2", "parallel.ep=2"], RELU),
     "ep2-random": (2, ["parallel.ep=2"], ["router.type=random"]),
     # MoE++: zero-computation experts computed on every rank, never dispatched; gating residuals
     # (under pp, the first block's logits cross to the second stage beside the hidden state)
     "ep2-zero-computation-experts": (2, ["parallel.ep=2"], ZERO_COMPUTATION),
     "tp2-ep2-zero-computation-experts": (4, ["parallel.tp=2", "parallel.ep=2"], ZERO_COMPUTATION),
-    "pp2-ep2-zero-computation-experts": (4, ["parallel.pp=2", "parallel.ep=2"], ZERO_COMPUTATION),
     # the transport plan's gradients cross the data-parallel ranks on steps 1 and 3
     "ep2-selective-sinkhorn": (2, ["parallel.ep=2"], SELECTIVE_SINKHORN),
-    "tp2-ep2-selective-sinkhorn": (4, ["parallel.tp=2", "parallel.ep=2"], SELECTIVE_SINKHORN),
     "ep2-gpt-oss-moe": (2, ["parallel.ep=2"], GPT_OSS_MOE),
     "tp2-gpt-oss-moe": (2, ["parallel.tp=2"], GPT_OSS_MOE),
     "tp2-ep2-gpt-oss-moe": (4, ["parallel.tp=2", "parallel.ep=2"], GPT_OSS_MOE),

@@ -13,6 +13,7 @@ import pytest
 from sparse_train.cli import main
 
 TINY = ["--config", "configs/tiny-moe.yaml"]
+CLUSTER = ["--gpus", "4", "--gpus-per-node", "4", "--gpu", "h100", "--global-batch-tokens", str(128 * 32)]
 
 
 @pytest.mark.parametrize(
@@ -45,7 +46,7 @@ def _plan(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow  # probes: a fake-CUDA child process
 def test_a_plan_ranks_fitting_layouts_fastest_first_and_explains_one():
-    proc = _plan("--gpus", "8", "--gpu", "h100", "--global-batch-tokens", str(128 * 64), "--json")
+    proc = _plan(*CLUSTER, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"layout", "fits", "reason", "peak_mem_gb_per_rank", "step_time_s", "tokens_per_s", "mfu"} <= set(rows[0])
@@ -54,10 +55,9 @@ def test_a_plan_ranks_fitting_layouts_fastest_first_and_explains_one():
     speeds = [r["tokens_per_s"] for r in fitting]
     assert speeds == sorted(speeds, reverse=True)
     assert {r["layout"]["activation_checkpointing"] for r in rows} >= {"none", "all"}
-    assert all(r["layout"]["dp_replicate"] * r["layout"]["dp_shard"] * r["layout"]["tp"] * r["layout"]["pp"] == 8
+    assert all(r["layout"]["dp_replicate"] * r["layout"]["dp_shard"] * r["layout"]["tp"] * r["layout"]["pp"] == 4
                for r in rows)  # fmt: skip
-    explained = _plan("--gpus", "8", "--gpu", "h100", "--global-batch-tokens", str(128 * 64),
-                      "--explain", rows[0]["name"])  # fmt: skip
+    explained = _plan(*CLUSTER, "--explain", rows[0]["name"])
     assert explained.returncode == 0, explained.stderr[-2000:]
     breakdown = json.loads(explained.stdout[explained.stdout.index("{") :])
     assert breakdown["name"] == rows[0]["name"] and breakdown["memory_gb_per_stage"]
