@@ -69,6 +69,7 @@ def test_the_measured_step_has_the_real_steps_flops_and_the_ranks_parameter_byte
     assert gathered >= 4 * out["whole"]
 
 
+@pytest.mark.slow  # 20 s; the fast suite measures through dry_run above, the planner's tests under tp=2 too
 def test_the_cli_prints_the_measured_step_under_tensor_and_expert_parallelism():
     argv = ["dry-run", "--config", "configs/tiny-deepseek-v3.yaml", "--world", "4", "--rank", "0", "--measure",
             "--set", "parallel.ep=2", "--set", "parallel.tp=2", "--set", "train.batch_size=8", "--json"]  # fmt: skip
