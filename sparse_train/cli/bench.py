@@ -231,18 +231,14 @@ def _memory(args: argparse.Namespace) -> None:
 
 def _plan(args: argparse.Namespace) -> None:
     import json
-    import os
     import sys
 
-    from sparse_train.dryrun import fake_cuda
+    from sparse_train.cli.common import on_fake_cuda
     from sparse_train.plan.hardware import gpu_spec
     from sparse_train.plan.validate import validation_table
 
     gpu = gpu_spec(args.gpu)
-    if not fake_cuda.is_loaded():  # the probes and dry runs run on the fake CUDA device
-        env = fake_cuda.preload_environment(8)
-        sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "sparse_train", *args.argv], env)
+    on_fake_cuda(args.argv, 8, "sparse-train bench plan")  # the probes and dry runs run on fake CUDA
 
     def line(row: dict) -> None:
         print(json.dumps(row), flush=True)

@@ -25,3 +25,23 @@ def add_overrides(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="only the JSON lines on stdout (no table on stderr)")
+
+
+def on_fake_cuda(argv: list[str], devices: int, command: str) -> None:
+    """Return at once when the fake CUDA device (dryrun.fake_cuda) is loaded in this process;
+    else run this command again with it preloaded (it must be in place before torch starts):
+    this process is replaced and never returns. One line when the device cannot be built."""
+    import os
+    import sys
+
+    from sparse_train.dryrun import fake_cuda
+
+    if fake_cuda.is_loaded():
+        return
+    try:
+        env = fake_cuda.preload_environment(devices)
+    except fake_cuda.FakeCudaUnavailable as err:
+        raise UsageError(f"{command}: {err}") from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "sparse_train", *argv], env)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from sparse_train.cli.common import add_config_args, add_json_flag
+from sparse_train.cli.common import add_config_args, add_json_flag, on_fake_cuda
 from sparse_train.errors import UsageError
 
 
@@ -39,7 +38,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sparse_train.config import load_config
-    from sparse_train.dryrun import fake_cuda
     from sparse_train.parallel.dims import ParallelDims
 
     if args.world < 1 or args.devices_per_node < 1:
@@ -48,15 +46,8 @@ def run(args: argparse.Namespace) -> int:
     ParallelDims.from_config(cfg.parallel, args.world).check_model(cfg)  # a bad layout fails here, in one line
     if bad := [r for r in args.rank or [] if not 0 <= r < args.world]:
         raise UsageError(f"dry-run: --rank {bad[0]} is outside the world of {args.world} ranks")
-    if args.device == "cuda" and not fake_cuda.is_loaded():
-        # the fake device must be in place before torch starts: run again with it preloaded
-        try:
-            env = fake_cuda.preload_environment(args.devices_per_node)
-        except fake_cuda.FakeCudaUnavailable as err:
-            raise UsageError(f"dry-run: {err}") from None
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "sparse_train", *args.argv], env)
+    if args.device == "cuda":
+        on_fake_cuda(args.argv, args.devices_per_node, "dry-run")
     from sparse_train.dryrun.run import dry_run, stage_ranks
 
     failed = False

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from sparse_train.cli.common import add_config_args, add_json_flag
+from sparse_train.cli.common import add_config_args, add_json_flag, on_fake_cuda
 from sparse_train.errors import UsageError
 
 
@@ -37,7 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sparse_train.config import load_config
-    from sparse_train.dryrun import fake_cuda
     from sparse_train.plan.hardware import gpu_spec
     from sparse_train.plan.layouts import candidate_layouts, sequences_per_step
     from sparse_train.plan.search import no_layout
@@ -58,14 +56,7 @@ def run(args: argparse.Namespace) -> int:
     sequences = sequences_per_step(tokens, seq_len)
     if not candidate_layouts(cfg, args.gpus, args.gpus_per_node, sequences):  # before the re-run below
         raise UsageError(no_layout(cfg, args.gpus, args.gpus_per_node, sequences, {}))
-    if not fake_cuda.is_loaded():
-        try:
-            env = fake_cuda.preload_environment(min(args.gpus, args.gpus_per_node))
-        except fake_cuda.FakeCudaUnavailable as err:
-            raise UsageError(f"plan: {err}") from None
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "sparse_train", *args.argv], env)
+    on_fake_cuda(args.argv, min(args.gpus, args.gpus_per_node), "plan")  # probes run on fake CUDA
     from sparse_train.plan.cost import MEMORY_RESERVE
     from sparse_train.plan.search import make_plan, smallest_cluster_estimate
 
