@@ -620,6 +620,14 @@ class Config(Section):
             raise ConfigError(
                 "router.num_groups", f"must divide moe.num_experts ({self.moe.num_experts}), got {groups}"
             )
+        if self.model.ffn == "moe" and groups is not None:
+            per_group, scored = self.moe.num_experts // groups, self.router.top_k // self.router.group_top_k
+            if per_group < scored:  # a group's score sums its best top_k/group_top_k experts
+                raise ConfigError(
+                    "router.num_groups",
+                    f"leaves {per_group} experts per group, fewer than router.top_k / router.group_top_k "
+                    f"({scored}) that score a group; got {groups}",
+                )
         if self.model.ffn == "moe" and self.router.type == "relu" and self.moe.capacity_factor is not None:
             raise ConfigError("moe.capacity_factor", "router.type=relu picks a variable number of experts: no capacity")
         if self.model.mtp_depth and self.parallel.pp > 1:

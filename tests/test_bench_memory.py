@@ -108,6 +108,15 @@ def test_the_baseline_is_the_smallest_model_the_same_layout_accepts(layout):
     assert small.model.d_model <= 2 * cfg.parallel.tp and small.model.n_layers == cfg.parallel.pp
 
 
+def test_the_baseline_of_a_pipelined_deepseek_keeps_its_group_limited_routing_valid():
+    # two blocks (one per stage): the second is sparse, and routes over 4 groups, 2 experts scored per group
+    layout = ["parallel.pp=2", "parallel.ep=2", "train.batch_size=2", "train.grad_accum=2"]
+    cfg = bench_config("configs/tiny-deepseek-v3.yaml", layout, 1, 4)
+    small = baseline_config(cfg, 4)
+    assert small.model.n_layers == 2 and small.model.is_sparse_layer(1)
+    assert small.moe.num_experts == 8 and small.router.num_groups == 4 and small.router.group_top_k == 2
+
+
 def test_a_rank_that_fails_is_one_line(tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("x = 1\n")  # fewer tokens than one sequence: every rank's data loading fails

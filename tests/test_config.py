@@ -108,6 +108,10 @@ INVALID = [
     (["--set", "fff.top_k=9"], "fff.top_k: must be in [1, 2^depth = 8], got 9"),
     (["--set", "fff.mode=stochastic"], "fff.mode: must be one of 'soft', 'topk_paths', 'hard'"),
     (["--set", "model.ffn=tree"], "model.ffn: must be one of 'dense', 'moe', 'fff'"),
+    (  # 4 groups of 1 expert, each scored by its best top_k / group_top_k = 2
+        ["--config", "configs/tiny-deepseek-v3.yaml", "--set", "moe.num_experts=4"],
+        "router.num_groups: leaves 1 experts per group, fewer than router.top_k / router.group_top_k (2)",
+    ),
 ]
 
 

@@ -58,7 +58,8 @@ def bench_config(config: str | None, overrides: list[str], steps: int, nproc: in
 def baseline_config(cfg: Config, nproc: int) -> Config:
     """The same run with the smallest model its layout accepts: width 2 per attention head, one
     head, dense-FFN unit and expert-hidden unit per TP rank, one block per pipeline stage, one
-    routed expert (FFF leaf) per EP rank (at least top_k), and one sequence per data-parallel
+    routed expert (FFF leaf) per EP rank (at least top_k, and as many as group-limited routing
+    needs), and one sequence per data-parallel
     rank and micro-batch: the logits of a large vocabulary, which the prediction counts, would
     otherwise be counted here as well (one sequence's, seq_len x vocab x ~12 bytes, still are).
     The sequence length stays: the sampler's window permutation (8 bytes per window of seq_len
@@ -70,6 +71,10 @@ def baseline_config(cfg: Config, nproc: int) -> Config:
     data["model"].update(d_model=2 * tp, n_heads=tp, n_kv_heads=None, n_layers=dims.pp, ffn_hidden=tp, sparse_every_n=1)
     data["model"]["sparse_layers"] = None
     experts = ep * math.ceil(max(cfg.router.top_k, ep) / ep)
+    if cfg.router.num_groups is not None:  # group-limited routing: top_k / group_top_k experts per group
+        groups = cfg.router.num_groups
+        step = math.lcm(groups, ep)
+        experts = step * math.ceil(max(experts, groups * cfg.router.top_k // cfg.router.group_top_k) / step)
     data["moe"].update(num_experts=experts, expert_hidden=tp, shared_expert_hidden=tp)
     depth = max(1, math.ceil(math.log2(max(ep, cfg.fff.top_k))))
     data["fff"].update(depth=depth, leaf_width=tp, master_leaf_width=tp)
@@ -145,7 +150,7 @@ def _measure_baseline_then_run(baseline: Config, cfg: Config, run_dir: str) -> t
     return first, _measure(cfg, str(Path(run_dir) / "run"), data)[0]
 
 
-def _launch(nproc: int, baseline: Config, cfg: Config, timeout: float) -> list[tuple[dict, dict]]:
+def launch(nproc: int, baseline: Config, cfg: Config, timeout: float) -> list[tuple[dict, dict]]:
     """Both runs on `nproc` fresh local processes; a failed rank is one line (TrainingStopped)."""
     from sparse_train.launch.local import run_ranks
 
@@ -212,7 +217,7 @@ def run(
     cfg = bench_config(config, overrides, steps, nproc)
     log(f"{_processes(nproc)}: {steps} steps of a minimal model in the same layout, then of {config or 'the defaults'}")
     rows = [
-        _row(run, baseline, cfg, nproc) for baseline, run in _launch(nproc, baseline_config(cfg, nproc), cfg, timeout)
+        _row(run, baseline, cfg, nproc) for baseline, run in launch(nproc, baseline_config(cfg, nproc), cfg, timeout)
     ]
     for row in rows:
         print(json.dumps(row), flush=True)

@@ -72,10 +72,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mem.add_argument("--timeout", type=float, default=1800, help="seconds a rank may take before the run fails")
 
     plan = bench_sub.add_parser(
-        "plan", help="the planner's predictions beside each layout's own dry run: memory, FLOPs, collective bytes"
+        "plan", help="the planner's predictions beside each layout's dry run (memory, FLOPs, collectives) or real run"
     )
     add_json_flag(plan)
     plan.add_argument("--gpu", default="h100", help="GPU kind of the predictions (default h100)")
+    plan.add_argument(
+        "--gloo", action="store_true",
+        help="beside real runs on local gloo processes instead (peak memory per rank, as bench memory)",
+    )  # fmt: skip
 
     repro = bench_sub.add_parser("fff-repro", help="FFF vs FFF + load balancing (+ master leaf) on sklearn digits")
     add_json_flag(repro)
@@ -240,6 +244,15 @@ def _plan(args: argparse.Namespace) -> None:
     gpu = gpu_spec(args.gpu)
     on_fake_cuda(args.argv, 8, "sparse-train bench plan")  # the probes and dry runs run on fake CUDA
 
+    def gloo_line(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        if not args.json:
+            print(
+                f"{row['model']:<14} {row['layout']:<44} predicted {row['predicted_peak_mb']:7.1f} MB  "
+                f"measured {row['measured_peak_mb']:7.1f} MB  {row['memory_error']:+6.1%}",
+                file=sys.stderr,
+            )
+
     def line(row: dict) -> None:
         print(json.dumps(row), flush=True)
         if not args.json:
@@ -251,7 +264,12 @@ def _plan(args: argparse.Namespace) -> None:
                 file=sys.stderr,
             )
 
-    validation_table(gpu, log=line)
+    if args.gloo:
+        from sparse_train.plan.measured import gloo_table
+
+        gloo_table(gpu, log=gloo_line)
+    else:
+        validation_table(gpu, log=line)
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -14,9 +14,12 @@ Memory of a pipeline stage's rank (each stage a kind of rank; the peak is the la
                under a pipeline all of the stage's units, kept gathered for the step
   activations  each block's kept forward activations per sequence, measured (kept, or recomputed
                when the layout checkpoints its kind), times the blocks of the stage, the
-               micro-batch, and the micro-batches in flight (1F1B: pp - stage); plus the rest of
-               the probe's activations at its peak (the head's) and, with recomputation, the
-               largest recomputed block's whole activations (alive during its backward)
+               micro-batch, and the micro-batches in flight (1F1B: pp - stage). The current
+               micro-batch's at the larger of two moments: the forward's end (plus the rest of
+               the probe's activations at its peak: the head's), and, when some blocks
+               recompute, a recomputing block's backward (its whole activations and what the
+               blocks before it keep). With every block recomputed, the probe that recomputes
+               measured the latter: what it holds besides its blocks' inputs
   temporaries  the probe's temporaries at its peak, per sequence of the micro-batch
 A layout fits when the peak is within the GPU's memory less MEMORY_RESERVE (CUDA context,
 NCCL buffers, allocator fragmentation).
@@ -195,8 +198,11 @@ def predict(
     gathered_probe = max(0, peak.get("Parameter", 0) - probe_params)
     grad_transient_probe = max(0, peak.get("Gradient", 0) - probe_params)
     opt_per_param_byte = peak.get("Optstate", 0) / probe_params if probe_params else 0.0
-    kept_peak = probe.peak_bytes.get("Activation", 0)
-    root_activations = max(0, kept_peak - sum(u.activation_bytes for u in probe.units.values()))
+    # At the peak besides the blocks' kept activations: without recomputation (forward's end) the
+    # rest of the model's (head, loss); with every block recomputed (a block's backward, the
+    # head's done) what the recomputing block holds, on every stage
+    rest = max(0, peak.get("Activation", 0) - sum(u.activation_bytes for u in basis.units.values()))
+    recomputing_all = layout.activation_checkpointing == "all"
     mb = layout.micro_batch
     # unsharded gradients kept between micro-batches (FSDP without gradient sync)
     accumulating = (layout.grad_accum > 1 and layout.grad_sync == "step") or layout.pp > 1
@@ -216,7 +222,12 @@ def predict(
             # 1F1B: the most activations come before the stage's first backward, its gradients
             # after it, when one micro-batch's activations are gone: the peak is the larger
             grads = max(0.0, grads - part.kept_activations * mb)
-        root = root_activations if units.last else 0
+        root = rest if units.last or recomputing_all else 0
+        # one micro-batch's at the peak: the forward's end, or (some blocks checkpointed) while
+        # one recomputes; with every block checkpointed the probe measured the latter (`rest`)
+        current = part.kept_activations + root
+        if not recomputing_all:
+            current = max(current, part.recomputing)
         memory.append(
             StageMemory(
                 parameters=part.params,
@@ -224,7 +235,7 @@ def predict(
                 optimizer=opt_per_param_byte * part.params,
                 # under a pipeline the stage's units stay gathered for the step (parallel.data)
                 gathered=part.unsharded if layout.pp > 1 else gathered_probe * ratio,
-                activations=mb * (part.kept_activations * in_flight + part.recomputed + root),
+                activations=mb * (part.kept_activations * (in_flight - 1) + current),
                 temporaries=temporaries,
             )
         )
@@ -274,7 +285,9 @@ class _StageParts:
     unsharded: float
     largest_unit: float
     kept_activations: float  # per sequence of a micro-batch
-    recomputed: float  # per sequence: the largest recomputed block's whole activations
+    # per sequence: the most held while a checkpointed block recomputes in the backward (its own
+    # whole activations and what the blocks before it keep; those after it are gone)
+    recomputing: float
     useful_flops: float  # per micro-batch, without recomputation
     reduce_scatters: float  # seconds of one reduction of the stage's gradients
     time: StageTime
@@ -321,11 +334,22 @@ def _stage_parts(
         unsharded=inventory.unsharded(units, layout),
         largest_unit=inventory.largest_unit(units, layout),
         kept_activations=sum(n * cost.activation_bytes for n, cost in costs.values()),
-        recomputed=max((probe.units[u].activation_bytes for u in costs if u in checkpointed), default=0),
+        recomputing=_recomputing_peak(probes, units.order, checkpointed),
         useful_flops=mb * (sum(n * probe.units[u].flops for u, (n, _) in costs.items()) + root_flops),
         reduce_scatters=reduce_scatters,
         time=time,
     )
+
+
+def _recomputing_peak(probes: Probes, order: tuple[str, ...], checkpointed: set[str]) -> float:
+    """_StageParts.recomputing: the largest, over the checkpointed blocks of the stage (`order`),
+    of the activations kept by the blocks before it plus its own whole activations."""
+    peak, before = 0.0, 0.0
+    for unit in order:
+        if unit in checkpointed:
+            peak = max(peak, before + probes.kept.units[unit].activation_bytes)
+        before += probes.unit(unit, unit in checkpointed).activation_bytes
+    return peak
 
 
 def _sparse_units(cfg: Config, probe: Probe) -> set[str]:
@@ -431,9 +455,10 @@ class StageUnits:
     counts: dict[str, int]
     first: bool
     last: bool
+    order: tuple[str, ...] = ()  # its blocks and MTP modules in forward order, as probe units
 
     def __hash__(self) -> int:
-        return hash((tuple(sorted(self.counts.items())), self.first, self.last))
+        return hash((tuple(sorted(self.counts.items())), self.first, self.last, self.order))
 
     def blocks(self) -> dict[str, int]:
         return {unit: n for unit, n in self.counts.items() if unit != ROOT_UNIT}
@@ -441,7 +466,8 @@ class StageUnits:
 
 def probe_stage(probe: Probe) -> StageUnits:
     """The probe's own model: one of each unit."""
-    return StageUnits({unit: 1 for unit in probe.unit_kinds}, True, True)
+    blocks = tuple(unit for unit in probe.unit_kinds if unit != ROOT_UNIT)
+    return StageUnits({unit: 1 for unit in probe.unit_kinds}, True, True, blocks)
 
 
 @cache
@@ -458,13 +484,12 @@ def _stage_units(kinds: tuple[BlockKind, ...], mtp_depth: int, probe: Probe, pp:
     unit_of_kind = {kind: unit for unit, kind in probe.unit_kinds.items()}
     stages = []
     for s, blocks in enumerate(stage_blocks(len(kinds), pp)):
-        counts: Counter[str] = Counter(unit_of_kind[kinds[i]] for i in blocks)
+        order = [unit_of_kind[kinds[i]] for i in blocks]
         if s == pp - 1:
-            for unit in probe.unit_kinds:
-                if unit.startswith("mtp."):
-                    counts[unit] += mtp_depth
+            order += [unit for unit in probe.unit_kinds if unit.startswith("mtp.")] * mtp_depth
+        counts: Counter[str] = Counter(order)
         counts[ROOT_UNIT] = 1
-        stages.append(StageUnits(dict(counts), s == 0, s == pp - 1))
+        stages.append(StageUnits(dict(counts), s == 0, s == pp - 1, tuple(order)))
     return stages
 
 

@@ -80,3 +80,33 @@ def test_the_cli_prints_the_measured_step_under_tensor_and_expert_parallelism():
     step = report["collective_bytes"]["train step"]
     assert step["c10d::alltoall_base_"] > 0  # the MoE dispatch
     assert step["_c10d_functional::all_reduce"] > 0  # tensor parallelism's (a functional op: its group by name)
+
+
+def test_counting_flops_does_not_keep_a_checkpointed_blocks_recomputation_alive(tmp_path):
+    # Real CPU tensors, one process: each block's whole forward is larger than the rest of the
+    # step (wide FFNs, few parameters), so a step that recomputes every block peaks well below
+    # one that keeps them. With FlopCounterMode's module tracker the recomputed tensors stayed
+    # alive to the step's end and the checkpointed step measured above the kept one.
+    from pathlib import Path
+
+    from sparse_train.config import load_config
+    from sparse_train.dryrun.measure import StepCost, measured_step
+    from sparse_train.train.trainer import Trainer
+
+    peaks = {}
+    for mode in ("none", "all"):
+        overrides = ["model.d_model=64", "model.n_layers=4", "model.ffn_hidden=1024", "data.seq_len=256",
+                     "model.max_seq_len=256", "train.batch_size=4", "logging.tensorboard=false",
+                     "logging.plots=false", "logging.progress=false",
+                     f"train.activation_checkpointing={mode}"]  # fmt: skip
+        trainer = Trainer(load_config("configs/tiny-dense.yaml", overrides), Path(tmp_path / mode), log=lambda m: None)
+        try:
+            trainer.train_step(report=False)  # the optimizer's state exists before the measured step
+            cost = StepCost()
+            with measured_step(trainer, "cpu", cost):
+                trainer.train_step(report=False)
+            peaks[mode] = cost.peak_bytes
+            assert cost.flops > 0
+        finally:
+            trainer.close()
+    assert peaks["all"]["Total"] < 0.6 * peaks["none"]["Total"], peaks

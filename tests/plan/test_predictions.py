@@ -29,7 +29,7 @@ CHILD = textwrap.dedent(
 )
 CASES = {  # a few of plan.validate.LAYOUTS per model (the rest: `sparse-train bench plan`)
     "tiny-moe": [(1, 4, 2, 1, 1, 1, 1, "none"), (1, 2, 2, 1, 2, 1, 2, "none"), (2, 2, 2, 1, 1, 1, 1, "all"),
-                 (1, 4, 2, 1, 1, 1, 2, "none", "micro_batch")],
+                 (1, 4, 2, 1, 1, 1, 2, "none", "micro_batch"), (1, 4, 2, 1, 1, 1, 2, "all")],
     "tiny-deepseek-v3": [(1, 2, 2, 2, 1, 1, 1, "sparse")],
 }  # fmt: skip
 
