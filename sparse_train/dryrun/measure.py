@@ -29,7 +29,6 @@ class ParameterShard:
     itemsize: int
     tp_dim: int | None  # the dimension tensor parallelism splits (None: replicated over tp)
     expert: bool  # on the expert mesh: dimension 0 split over ep, then sharded over edp
-    shard_mesh_dims: tuple[str, ...]  # the mesh dimensions FSDP shards it over (dimension 0)
 
 
 def parameter_shards(model: Any) -> list[ParameterShard]:
@@ -39,15 +38,13 @@ def parameter_shards(model: Any) -> list[ParameterShard]:
     out = []
     for name, param in model.named_parameters():
         dims: tuple[str, ...] = ()
-        tp_dim, fsdp = None, []
+        tp_dim = None
         if isinstance(param, DTensor):
             dims = tuple(param.device_mesh.mesh_dim_names or ())
             for dim_name, placement in zip(dims, param.placements, strict=True):
-                if isinstance(placement, Shard) and dim_name == "tp":
+                if isinstance(placement, Shard) and dim_name == "tp":  # _StridedShard is a Shard
                     tp_dim = placement.dim
-                elif isinstance(placement, Shard) and dim_name != "ep":  # _StridedShard is a Shard
-                    fsdp.append(dim_name)
-        out.append(ParameterShard(name, tuple(param.shape), param.element_size(), tp_dim, "edp" in dims, tuple(fsdp)))
+        out.append(ParameterShard(name, tuple(param.shape), param.element_size(), tp_dim, "edp" in dims))
     return out
 
 
