@@ -95,8 +95,8 @@ def test_counting_flops_does_not_keep_a_checkpointed_blocks_recomputation_alive(
 
     peaks = {}
     for mode in ("none", "all"):
-        overrides = ["model.d_model=64", "model.n_layers=4", "model.ffn_hidden=1024", "data.seq_len=256",
-                     "model.max_seq_len=256", "train.batch_size=4", "logging.tensorboard=false",
+        overrides = ["model.d_model=32", "model.n_layers=4", "model.ffn_hidden=512", "data.seq_len=128",
+                     "model.max_seq_len=128", "train.batch_size=4", "logging.tensorboard=false",
                      "logging.plots=false", "logging.progress=false",
                      f"train.activation_checkpointing={mode}"]  # fmt: skip
         trainer = Trainer(load_config("configs/tiny-dense.yaml", overrides), Path(tmp_path / mode), log=lambda m: None)
