@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,12 +98,19 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(path, f"must be {_describe(tp)}, got {value!r}")
 
 
+@functools.cache
+def type_hints(cls: type) -> dict[str, Any]:
+    """typing.get_type_hints, once per class: it evaluates the string annotations every call
+    (most of building a config: a planner validates tens of thousands of them)."""
+    return typing.get_type_hints(cls)
+
+
 @dataclass
 class Section:
     """Base of every config section: type-checks its fields, then runs `validate()`."""
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             try:
@@ -135,7 +143,7 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
             hint = difflib.get_close_matches(str(key), known, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ConfigError(where, f"unknown key{suggestion}; allowed: {', '.join(known)}")
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         child = f"{path}.{key}" if path else key
@@ -174,7 +182,7 @@ def apply_override(data: dict[str, Any], cls: type, parts: list[str], value: Any
             hint = difflib.get_close_matches(part, known, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ConfigError(".".join(walked), f"unknown key{suggestion}; allowed: {', '.join(known)}")
-        tp = typing.get_type_hints(section)[part]
+        tp = type_hints(section)[part]
         if i == len(parts) - 1:
             node[part] = value
             return
@@ -189,7 +197,7 @@ def apply_override(data: dict[str, Any], cls: type, parts: list[str], value: Any
 def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
     """(dotted name, help, default) for every leaf field, for documentation and `config --fields`."""
     rows = []
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hints[f.name]):

@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from functools import cache, cached_property
 from typing import Any
 
-from sparse_train.config import Config
+from sparse_train.config import Config, ModelConfig
 from sparse_train.dryrun.checks import CollectiveCall
 from sparse_train.dryrun.measure import ROOT_UNIT, ParameterShard, unit_of
 from sparse_train.parallel.data import expert_shard_dim
@@ -100,8 +101,13 @@ class Prediction:
     flops_per_step: float  # over all ranks
     world: int
     gpu: GPUSpec
-    collective_bytes: dict[str, int] = field(default_factory=dict)  # op -> bytes per step, rank 0
     reason: str | None = None
+    # op -> bytes per step of rank 0, computed when asked (most layouts of a plan never are)
+    count_collective_bytes: Callable[[], dict[str, int]] = dict
+
+    @cached_property
+    def collective_bytes(self) -> dict[str, int]:
+        return self.count_collective_bytes()
 
     @cached_property
     def peak_bytes(self) -> float:
@@ -256,7 +262,7 @@ def predict(
     )  # fmt: skip
     biased = cfg.model.ffn == "moe" and cfg.router.bias_update_rate > 0
     choices = cfg.moe.num_experts + cfg.moe.zero_experts + cfg.moe.copy_experts + cfg.moe.constant_experts
-    prediction.collective_bytes = collective_bytes(
+    prediction.count_collective_bytes = lambda: collective_bytes(
         probes, checkpointed, stages[0], layout, inventory, cfg.data.seq_len * cfg.model.d_model * RESIDUAL_ITEMSIZE,
         sparse_units, choices * 4 if biased else 0,
     )  # fmt: skip
@@ -312,18 +318,14 @@ def _stage_parts(
         inter = layout.world // layout.pp >= gpus_per_node
         sends = (0 if units.first else 1) + (0 if units.last else 1)  # activations in and out, gradients back
         time.pp = 2 * sends * gpu.transfer_s(hidden, 1, inter)
-    gathers = inventory.fsdp_groups(units, layout)
-    time.fsdp = (
-        sum(  # per micro-batch: the step's gathers spread over its micro-batches
-            gathers_per_step * _ring_s("all_gather", nbytes, size, stride, gpu, gpus_per_node)
-            for nbytes, size, stride, gathers_per_step in gathers
-        )
-        / layout.grad_accum
-    )
+    gathers_s, reduce_scatters = 0.0, 0.0
+    for nbytes, size, stride, gathers_per_step in inventory.fsdp_groups(units, layout):
+        # a ring reduce-scatter moves what the ring all-gather of the same buffer does
+        ring = _ring_s("all_gather", nbytes, size, stride, gpu, gpus_per_node)
+        gathers_s += gathers_per_step * ring
+        reduce_scatters += ring
+    time.fsdp = gathers_s / layout.grad_accum  # per micro-batch: the step's gathers spread over them
     time.fsdp_exposed = max(0.0, time.fsdp - time.compute)
-    reduce_scatters = sum(
-        _ring_s("reduce_scatter", nbytes, size, stride, gpu, gpus_per_node) for nbytes, size, stride, _ in gathers
-    )
     if layout.dp_replicate > 1:  # HSDP: the shards all-reduced over the replicas once per step
         reduce_scatters += _ring_s(
             "all_reduce", inventory.sharded(units, layout, experts=False), layout.dp_replicate,
@@ -476,7 +478,18 @@ def _inventory(probe: Probe) -> _Inventory:
 
 
 def stage_units(cfg: Config, probe: Probe, pp: int) -> list[StageUnits]:
-    return _stage_units(tuple(block_kinds(cfg.model)), cfg.model.mtp_depth, probe, pp)
+    return _stage_units(_block_kinds(cfg.model), cfg.model.mtp_depth, probe, pp)
+
+
+_kinds_of_last_model: list[tuple[ModelConfig, tuple[BlockKind, ...]]] = []
+
+
+def _block_kinds(m: ModelConfig) -> tuple[BlockKind, ...]:
+    """block_kinds of the model a plan is made for, derived once (configs are unhashable: the
+    model of the last call is kept, compared by identity)."""
+    if not _kinds_of_last_model or _kinds_of_last_model[0][0] is not m:
+        _kinds_of_last_model[:] = [(m, tuple(block_kinds(m)))]
+    return _kinds_of_last_model[0][1]
 
 
 @cache
