@@ -93,6 +93,7 @@ def compare(
         "measured_collective_bytes": dict(measured) if stage == 0 else {},
         "predicted_memory": dataclasses.asdict(prediction.memory[stage]),
         "measured_memory": report.step_cost.peak_bytes,
-        "predicted_flops": prediction.time[stage].compute * gpu.achievable_flops * layout.grad_accum,
+        # FLOPs back from seconds at the achievable rate: rounded (the float round trip is not exact)
+        "predicted_flops": round(prediction.time[stage].compute * gpu.achievable_flops * layout.grad_accum),
         "measured_flops": report.step_cost.flops,
     }
