@@ -194,6 +194,8 @@ DISPATCH_KEYS = {
     "single_process_tokens_per_s",
     "speedup_vs_single_process",
     "remote_peers_per_token",
+    "all_to_all_call_bytes_per_rank",
+    "balanced_routing",
 }
 
 
@@ -223,6 +225,8 @@ def test_dispatch_benchmark_reports_bytes_at_the_minimum_with_deduplication():
     dedup, plain = (json.loads(line) for line in proc.stdout.splitlines())
     assert DISPATCH_KEYS <= set(dedup)
     assert dedup["dedup"] and dedup["bytes_ratio_vs_min"] == 1.0 and dedup["bytes_sent_per_step"] > 0
+    # every call's larger buffer: the local block, routing metadata and weights besides the remote rows
+    assert sum(dedup["all_to_all_call_bytes_per_rank"]) > dedup["bytes_sent_per_step"]
     assert not plain["dedup"] and plain["bytes_ratio_vs_min"] > 1.0
     assert 0 < dedup["all_to_all_share"] < 1
 

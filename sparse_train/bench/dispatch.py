@@ -14,12 +14,20 @@ alone for comparison. One JSON object per case:
                           router.group_top_k with group-limited routing whose groups are the ranks)
   all_to_all_share        wall time inside the token all-to-alls (counts, rows, routing
                           weights, combine; forward and backward) / step time, mean over ranks
+  all_to_all_call_bytes_per_rank
+                          each rank's all-to-all calls of one step (every call's larger buffer,
+                          the local block included; counts, rows, routing weights, combine,
+                          forward and backward): the per-call bytes the dry run and
+                          `sparse-train plan` count. With --balanced-routing every rank's
+                          equals the planner's prediction (`sparse-train bench plan --dispatch`)
   tokens_per_s            global tokens per second, median step after warm-up
   single_process_tokens_per_s, speedup_vs_single_process
                           the same config in one process, measured in the same command
 
 On one 2-core machine N processes share the cores, so tokens/s says what the exchange costs,
-not what N machines would gain.
+not what N machines would gain. --balanced-routing replaces each dispatcher's split sizes with
+perfectly balanced ones (parallel.balanced: one row per assignment, T·k/ep to each rank); the
+bytes_sent/min figures, which the real routing's plan records, are then absent.
 """
 
 from __future__ import annotations
@@ -35,15 +43,21 @@ from typing import Any
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-moe.yaml"
 
 
+# a run that only trains: no evaluation, checkpoints, progress bar, TensorBoard or plots
+QUIET = [
+    "train.eval_every=0",
+    "checkpoint.every=0",
+    "checkpoint.save_final=false",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "logging.plots=false",
+]
+
+
 def _overrides(steps: int, ep: int, dedup: bool, extra: list[str]) -> list[str]:
     return [
         f"train.steps={steps}",
-        "train.eval_every=0",
-        "checkpoint.every=0",
-        "checkpoint.save_final=false",
-        "logging.progress=false",
-        "logging.tensorboard=false",
-        "logging.plots=false",
+        *QUIET,
         "router.balance_scope=global_batch",
         f"parallel.ep={ep}",
         f"parallel.ep_dedup={str(dedup).lower()}",
@@ -51,18 +65,23 @@ def _overrides(steps: int, ep: int, dedup: bool, extra: list[str]) -> list[str]:
     ]
 
 
-def _measure(config_path: str, overrides: list[str], run_dir: str, steps: int, warmup: int) -> dict[str, Any]:
+def _measure(
+    config_path: str, overrides: list[str], run_dir: str, steps: int, warmup: int, balanced_routing: bool
+) -> dict[str, Any]:
     """Train `steps` steps on this rank; per-step times, a2a seconds and bytes after warm-up."""
     import torch.distributed as dist
 
     from sparse_train.config import load_config
+    from sparse_train.parallel import balanced
     from sparse_train.parallel.dispatch import AllToAllDispatcher
     from sparse_train.train.trainer import Trainer
 
     trainer = Trainer(load_config(config_path, overrides), Path(run_dir), log=lambda msg: None)
+    if balanced_routing:
+        balanced.install(trainer.model)
     dispatchers = [m.dispatcher for m in trainer.engine.module.modules() if hasattr(m, "dispatcher")]
     dispatchers = [d for d in dispatchers if isinstance(d, AllToAllDispatcher)]
-    step_s, comm_s, sent, least, pairs, tokens_sent = [], [], [], [], [], []
+    step_s, comm_s, sent, least, pairs, tokens_sent, call_bytes = [], [], [], [], [], [], []
     try:
         for i in range(steps):
             for d in dispatchers:
@@ -79,22 +98,35 @@ def _measure(config_path: str, overrides: list[str], run_dir: str, steps: int, w
                 least.append(2 * sum(d.stats.total_bytes_min for d in dispatchers))
                 pairs.append(sum(d.stats.total_remote_pairs for d in dispatchers))
                 tokens_sent.append(sum(d.stats.total_tokens for d in dispatchers))
+                call_bytes.append(sum(d.stats.total_call_bytes for d in dispatchers))
         cfg = trainer.cfg
         tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
     finally:
         trainer.metrics.close()
         trainer.close()
     return {"step_s": step_s, "comm_s": comm_s, "sent": sent, "min": least, "pairs": pairs, "tokens": tokens_sent,
-            "tokens_per_step": tokens}  # fmt: skip
+            "call_bytes": call_bytes, "tokens_per_step": tokens}  # fmt: skip
+
+
+def balanced_call_bytes(config_path: str, world: int, steps: int = 2, timeout: float = 600) -> list[int]:
+    """Each rank's all-to-all call bytes in the last of `steps` steps of `config_path`'s run on
+    `world` local gloo processes, its parallel section as it is, with balanced routing."""
+    from sparse_train.launch.local import run_ranks
+
+    overrides = [f"train.steps={steps}", "train.device=cpu", *QUIET]
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = run_ranks(_measure, world, config_path, overrides, tmp, steps, steps - 1, True, timeout=timeout)
+    return [r["call_bytes"][-1] for r in ranks]
 
 
 def _case(
-    config: Path, ep: int, dedup: bool, steps: int, warmup: int, single_tps: float, extra: list[str]
+    config: Path, ep: int, dedup: bool, steps: int, warmup: int, single_tps: float, extra: list[str], balanced: bool
 ) -> dict[str, Any]:
     from sparse_train.launch.local import run_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
-        ranks = run_ranks(_measure, ep, str(config), _overrides(steps, ep, dedup, extra), tmp, steps, warmup)
+        overrides = _overrides(steps, ep, dedup, extra)
+        ranks = run_ranks(_measure, ep, str(config), overrides, tmp, steps, warmup, balanced)
     n = len(ranks[0]["step_s"])
     step_s = [max(r["step_s"][i] for r in ranks) for i in range(n)]  # a step ends when its slowest rank does
     sent = statistics.median(sum(r["sent"][i] for r in ranks) for i in range(n))
@@ -107,11 +139,13 @@ def _case(
         "ep": ep,
         "world_size": ep,
         "dedup": dedup,
+        "balanced_routing": balanced,
         "backend": "gloo",
         "bytes_sent_per_step": int(sent),
         "bytes_min_per_step": int(least),
         "bytes_ratio_vs_min": round(sent / least, 4) if least else None,
         "remote_peers_per_token": round(peers, 4),
+        "all_to_all_call_bytes_per_rank": [int(statistics.median(r["call_bytes"])) for r in ranks],
         "overrides": extra,
         "all_to_all_share": round(share, 4),
         "tokens_per_s": round(tps, 1),
@@ -130,19 +164,20 @@ def run(
     dedup_off: bool,
     as_json: bool,
     overrides: list[str] | None = None,
+    balanced_routing: bool = False,
 ) -> list[dict[str, Any]]:
     """`overrides` (`a.b=value`) apply to every case, the single process included."""
     extra = list(overrides or [])
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     log(f"single process: {steps} steps of {config.name}")
     with tempfile.TemporaryDirectory() as tmp:
-        single = _measure(str(config), _overrides(steps, 1, True, extra), tmp, steps, warmup)
+        single = _measure(str(config), _overrides(steps, 1, True, extra), tmp, steps, warmup, False)
     single_tps = single["tokens_per_step"] / statistics.median(single["step_s"])
     results = []
     for ep in eps:
         for dedup in (True, False) if dedup_off else (True,):
             log(f"ep={ep} dedup={dedup}: {ep} processes, {steps} steps")
-            result = _case(config, ep, dedup, steps, warmup, single_tps, extra)
+            result = _case(config, ep, dedup, steps, warmup, single_tps, extra, balanced_routing)
             results.append(result)
             print(json.dumps(result), flush=True)
     if not as_json:

@@ -51,6 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     disp.add_argument("--warmup", type=int, default=2)
     disp.add_argument("--compare-no-dedup", action="store_true", help="also run each EP size without deduplication")
     disp.add_argument("--config", help="model recipe (default: configs/tiny-moe.yaml of this checkout)")
+    disp.add_argument(
+        "--balanced-routing", action="store_true",
+        help="split sizes of perfectly balanced routing (the planner's and the dry run's assumption)",
+    )  # fmt: skip
     add_overrides(disp, "override config fields in every case, e.g. --set router.num_groups=4 (repeatable)")
 
     infer = bench_sub.add_parser("fff-infer", help="hard FFF inference vs a dense FFN of the same width")
@@ -76,9 +80,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_json_flag(plan)
     plan.add_argument("--gpu", default="h100", help="GPU kind of the predictions (default h100)")
-    plan.add_argument(
+    real = plan.add_mutually_exclusive_group()
+    real.add_argument(
         "--gloo", action="store_true",
         help="beside real runs on local gloo processes instead (peak memory per rank, as bench memory)",
+    )  # fmt: skip
+    real.add_argument(
+        "--dispatch", action="store_true",
+        help="beside real runs on local gloo processes with balanced routing: each rank's all-to-all bytes "
+        "(as bench dispatch --balanced-routing)",
     )  # fmt: skip
 
     repro = bench_sub.add_parser("fff-repro", help="FFF vs FFF + load balancing (+ master leaf) on sklearn digits")
@@ -187,6 +197,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         dedup_off=args.compare_no_dedup,
         as_json=args.json,
         overrides=args.overrides,
+        balanced_routing=args.balanced_routing,
     )
 
 
@@ -264,10 +275,24 @@ def _plan(args: argparse.Namespace) -> None:
                 file=sys.stderr,
             )
 
+    def dispatch_line(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        if not args.json:
+            print(
+                f"{row['model']:<17} {row['layout']:<44} all-to-all bytes predicted "
+                f"{row['predicted_all_to_all_bytes']:,}  measured {row['measured_all_to_all_bytes_per_rank']}  "
+                f"exact {row['exact']}",
+                file=sys.stderr,
+            )
+
     if args.gloo:
         from sparse_train.plan.measured import gloo_table
 
         gloo_table(gpu, log=gloo_line)
+    elif args.dispatch:
+        from sparse_train.plan.measured import dispatch_table
+
+        dispatch_table(gpu, log=dispatch_line)
     else:
         validation_table(gpu, log=line)
 

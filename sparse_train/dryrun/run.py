@@ -18,7 +18,7 @@ layout, this rank's shards materialised as fake CUDA tensors), and runs, op by o
                       the ranks' agreement, DCP's load planning and the state dicts' setters
     init from         a fresh trainer started from that checkpoint's weights (`--init-from RUN`)
 
-Routing is balanced where the real split sizes are data-dependent (dryrun.balanced).
+Routing is balanced where the real split sizes are data-dependent (parallel.balanced).
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ import yaml
 
 from sparse_train.config import Config, compose_config
 from sparse_train.data.dataset import TokenData
-from sparse_train.dryrun import balanced, fake_cuda, gpu_attention, lazy_chunks
+from sparse_train.dryrun import fake_cuda, gpu_attention, lazy_chunks
 from sparse_train.dryrun.checks import Checks, CollectiveCall, Finding, served_devices, traceback_site
 from sparse_train.dryrun.measure import ParameterShard, StepCost, measuring, parameter_shards
 from sparse_train.dryrun.shards import ShardsInMemory, load_without_collectives
+from sparse_train.parallel import balanced
 from sparse_train.parallel.dims import ParallelDims
 from sparse_train.parallel.runtime import DistributedRuntime, process_group_backend
 from sparse_train.train import checkpoint as ckpt
@@ -125,19 +126,13 @@ def _fake_world(world: int, rank: int, devices_per_node: int):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank % devices_per_node)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with mock.patch.dict(os.environ, env):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+        try:
+            yield
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def dry_run(

@@ -51,6 +51,9 @@ class DispatchStats:
                              remote rank) pairs and tokens dispatched (their ratio: the remote
                              peers of a token), and wall time spent inside the token
                              collectives, forward and backward
+    total_call_bytes         every all-to-all call's larger buffer (sent or received, the local
+                             block included), summed since `reset()`, forward and backward:
+                             the per-call bytes the dry run and the planner count
     """
 
     bytes_sent: int = 0
@@ -60,6 +63,7 @@ class DispatchStats:
     total_bytes_min: int = 0
     total_remote_pairs: int = 0
     total_tokens: int = 0
+    total_call_bytes: int = 0
     comm_seconds: float = 0.0
 
     def record(self, sent: int, minimum: int, received_rows: int, remote_pairs: int = 0, tokens: int = 0) -> None:
@@ -71,6 +75,7 @@ class DispatchStats:
 
     def reset(self) -> None:
         self.total_bytes_sent = self.total_bytes_min = self.total_remote_pairs = self.total_tokens = 0
+        self.total_call_bytes = 0
         self.comm_seconds = 0.0
 
 
@@ -102,6 +107,7 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     if stats is not None:
         stats.comm_seconds += time.perf_counter() - started
+        stats.total_call_bytes += max(x.numel(), out.numel()) * x.element_size()
     return out
 
 
@@ -142,7 +148,7 @@ class AllToAllDispatcher:
     def plan(self, x_TD: torch.Tensor, routing: Routing) -> DispatchPlan:
         """Where every row and assignment goes (steps 1 and 3 of the module docstring, before any
         token moves). The one data-dependent part of the dispatcher: the split sizes are read
-        back to the host here. The GPU dry run (sparse_train.dryrun.balanced) replaces it with
+        back to the host here. The GPU dry run (sparse_train.parallel.balanced) replaces it with
         a balanced plan of the same form."""
         T = x_TD.shape[0]
         experts_A, token_A, weight_A, _ = sort_assignments(routing)  # sorted by expert, so by rank
@@ -247,7 +253,7 @@ class AllGatherDispatcher:
     def local_assignments(self, all_e: torch.Tensor, all_kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gathered token, slot) of every kept assignment this rank's experts serve. The one
         data-dependent part (how many there are is read back to the host); the GPU dry run
-        (sparse_train.dryrun.balanced) replaces it with a balanced selection of the same form."""
+        (sparse_train.parallel.balanced) replaces it with a balanced selection of the same form."""
         local = all_kept & (all_e // self.num_local == self.rank)
         token_n, slot_n = torch.nonzero(local, as_tuple=True)
         return token_n, slot_n

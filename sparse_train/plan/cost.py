@@ -46,14 +46,14 @@ from dataclasses import asdict, dataclass
 from functools import cache, cached_property
 from typing import Any
 
-from sparse_train.config import Config, ModelConfig
+from sparse_train.config import Config
 from sparse_train.dryrun.checks import CollectiveCall
 from sparse_train.dryrun.measure import ROOT_UNIT, ParameterShard, unit_of
 from sparse_train.parallel.data import expert_shard_dim
 from sparse_train.parallel.pipeline import stage_blocks
 from sparse_train.plan.hardware import GPUSpec
 from sparse_train.plan.layouts import Layout
-from sparse_train.plan.probe import MTP, BlockKind, Probe, Probes, block_kinds
+from sparse_train.plan.probe import MTP, BlockKind, Probe, Probes
 
 MEMORY_RESERVE = 0.05  # of the GPU's memory, kept for the CUDA context, NCCL and fragmentation
 BACKWARD_SHARE = 2 / 3  # of a micro-batch's compute: what the step's reduce-scatters overlap
@@ -189,7 +189,7 @@ def predict(
     MFU counts `model_flops_per_sequence` (model_flops: the model's, once), else every rank's
     FLOPs without recomputation (which counts what tensor parallelism repeats on each rank)."""
     probe = probes.kept
-    stages = stage_units(cfg, probe, layout.pp)
+    stages = stage_units(probe, layout.pp)
     inventory = _inventory(probe)
     sparse_units = _sparse_units(cfg, probe)
     checkpointed = _checkpointed_units(probe, sparse_units, layout.activation_checkpointing)
@@ -276,10 +276,10 @@ def predict(
     return prediction
 
 
-def model_flops(cfg: Config, probe: Probe) -> float:
+def model_flops(probe: Probe) -> float:
     """The FLOPs of one sequence through the whole model, forward and backward, from a probe
     without tensor parallelism (whose ranks repeat nothing) and without recomputation."""
-    (units,) = stage_units(cfg, probe, 1)
+    (units,) = stage_units(probe, 1)
     return sum(n * probe.units[unit].flops for unit, n in units.counts.items())
 
 
@@ -477,29 +477,16 @@ def _inventory(probe: Probe) -> _Inventory:
     return _Inventory(probe)
 
 
-def stage_units(cfg: Config, probe: Probe, pp: int) -> list[StageUnits]:
-    return _stage_units(_block_kinds(cfg.model), cfg.model.mtp_depth, probe, pp)
-
-
-_kinds_of_last_model: list[tuple[ModelConfig, tuple[BlockKind, ...]]] = []
-
-
-def _block_kinds(m: ModelConfig) -> tuple[BlockKind, ...]:
-    """block_kinds of the model a plan is made for, derived once (configs are unhashable: the
-    model of the last call is kept, compared by identity)."""
-    if not _kinds_of_last_model or _kinds_of_last_model[0][0] is not m:
-        _kinds_of_last_model[:] = [(m, tuple(block_kinds(m)))]
-    return _kinds_of_last_model[0][1]
-
-
 @cache
-def _stage_units(kinds: tuple[BlockKind, ...], mtp_depth: int, probe: Probe, pp: int) -> list[StageUnits]:
+def stage_units(probe: Probe, pp: int) -> list[StageUnits]:
+    """The units on each of `pp` stages of the probed model, in the order they run."""
     unit_of_kind = {kind: unit for unit, kind in probe.unit_kinds.items()}
     stages = []
+    kinds = probe.model_blocks
     for s, blocks in enumerate(stage_blocks(len(kinds), pp)):
         order = [unit_of_kind[kinds[i]] for i in blocks]
         if s == pp - 1:
-            order += [unit for unit in probe.unit_kinds if unit.startswith("mtp.")] * mtp_depth
+            order += [unit for unit in probe.unit_kinds if unit.startswith("mtp.")] * probe.model_mtp_depth
         counts: Counter[str] = Counter(order)
         counts[ROOT_UNIT] = 1
         stages.append(StageUnits(dict(counts), s == 0, s == pp - 1, tuple(order)))

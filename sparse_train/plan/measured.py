@@ -1,7 +1,11 @@
-"""The planner against real runs: a layout's predicted peak memory per rank beside what the same
-run uses when it trains on local gloo processes (`sparse-train bench memory`'s measurement: a
-rank's peak resident set after two steps, less the same process's run of a tiny model in the same
-layout). `sparse-train bench plan --gloo`.
+"""The planner against real runs on local gloo processes.
+
+- Memory (`sparse-train bench plan --gloo`): a layout's predicted peak memory per rank beside what
+  the same run uses (`sparse-train bench memory`'s measurement: a rank's peak resident set after
+  two steps, less the same process's run of a tiny model in the same layout).
+- Dispatch (`sparse-train bench plan --dispatch`): the predicted bytes of a step's all-to-alls
+  beside each rank's in the same run with balanced routing (`sparse-train bench dispatch`'s
+  count, every call's larger buffer): equal, byte for byte.
 
 The processes run with glibc's allocator untuned (decision 13 keeps freed memory in the heap,
 which a resident set then counts; docs/benchmarks.md, "Memory per rank"): every allocation above
@@ -12,17 +16,18 @@ more tokens holds more, which the planner does not predict (its skew is a time f
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+import tempfile
+from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from sparse_train.config import Config, compose_config
 from sparse_train.plan.cost import predict
 from sparse_train.plan.hardware import GPUSpec
 from sparse_train.plan.layouts import Layout, check_layout
-from sparse_train.plan.probe import Probes, run_probe
-from sparse_train.plan.search import probe_ep
+from sparse_train.plan.probe import Probes
+from sparse_train.plan.search import layout_probes
 
 MB = 2**20
 
@@ -89,16 +94,11 @@ def compare_with_gloo(
     run, why = check_layout(cfg, layout)
     if run is None:
         raise ValueError(f"{layout.name()}: the trainer refuses it: {why}")
-    probes = {} if probes is None else probes
-    key = (layout.world, layout.tp)
-    if key not in probes:
-        ep = probe_ep(cfg, layout.world, layout.tp, [layout])
-        probes[key] = Probes(
-            *(run_probe(cfg, layout.world, layout.tp, ep, gpus_per_node, mode) for mode in ("none", "all"))
-        )
-    prediction = predict(cfg, probes[key], layout, gpu, gpus_per_node)
+    probes = layout_probes(cfg, layout, gpus_per_node, {} if probes is None else probes)
+    prediction = predict(cfg, probes, layout, gpu, gpus_per_node)
     measured_run = compose_config(run.to_dict(), [*bench_memory.QUIET, "train.steps=2", "train.device=cpu"])
-    with _untuned_allocator():
+    # the environment the spawned ranks start with (glibc reads it once, at process start)
+    with mock.patch.dict(os.environ, UNTUNED_ALLOCATOR):
         ranks = bench_memory.launch(
             layout.world, bench_memory.baseline_config(measured_run, layout.world), measured_run, timeout
         )
@@ -116,16 +116,47 @@ def compare_with_gloo(
     }
 
 
-@contextlib.contextmanager
-def _untuned_allocator() -> Iterator[None]:
-    """The environment the spawned ranks start with (glibc reads it once, at process start)."""
-    saved = {k: os.environ.get(k) for k in UNTUNED_ALLOCATOR}
-    os.environ.update(UNTUNED_ALLOCATOR)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def dispatch_table(gpu: GPUSpec, gpus_per_node: int = 8, log: Any = print) -> list[dict[str, Any]]:
+    """`compare_dispatch` over plan.validate's models and layouts (every one expert-parallel)."""
+    from sparse_train.config import load_config
+    from sparse_train.plan import validate
+
+    rows = []
+    for model, (config, overrides) in validate.MODELS.items():
+        cfg = load_config(config, overrides)
+        probes: dict[tuple[int, int], Probes] = {}
+        for fields in validate.LAYOUTS[model]:
+            row = {"model": model, **compare_dispatch(cfg, Layout(*fields), gpu, gpus_per_node, probes)}
+            log(row)
+            rows.append(row)
+    return rows
+
+
+def compare_dispatch(
+    cfg: Config,
+    layout: Layout,
+    gpu: GPUSpec,
+    gpus_per_node: int,
+    probes: dict[tuple[int, int], Probes] | None = None,
+) -> dict[str, Any]:
+    """The predicted all-to-all bytes of one step of a first-stage rank of `layout`, and each
+    first-stage rank's in a real run with balanced routing. `probes` as compare_with_gloo's."""
+    from sparse_train.bench.dispatch import balanced_call_bytes
+
+    run, why = check_layout(cfg, layout)
+    if run is None:
+        raise ValueError(f"{layout.name()}: the trainer refuses it: {why}")
+    probes = layout_probes(cfg, layout, gpus_per_node, {} if probes is None else probes)
+    predicted = predict(cfg, probes, layout, gpu, gpus_per_node).collective_bytes.get("all_to_all", 0)
+    with tempfile.TemporaryDirectory(prefix="sparse-train-dispatch-") as tmp:
+        config = Path(tmp) / "run.yaml"
+        config.write_text(run.to_yaml())
+        measured = balanced_call_bytes(str(config), layout.world)
+    first_stage = measured[: layout.world // layout.pp]  # the pipeline's stages are rank blocks
+    return {
+        "layout": layout.name(),
+        "world": layout.world,
+        "predicted_all_to_all_bytes": predicted,
+        "measured_all_to_all_bytes_per_rank": first_stage,
+        "exact": all(m == predicted for m in first_stage),
+    }

@@ -90,6 +90,8 @@ class Probe:
     shards: list[ParameterShard]
     peak_bytes: dict[str, int]
     step_calls: list[CollectiveCall]  # the rest of the step's collectives (gradient norm, metrics)
+    model_blocks: tuple[BlockKind, ...]  # the kind of every block of the whole model, in order
+    model_mtp_depth: int
     seconds: float = 0.0  # how long the probe took
 
 
@@ -150,7 +152,7 @@ def run_probe(cfg: Config, world: int, tp: int, ep: int, devices_per_node: int, 
             step_calls.append(call)
     return Probe(
         world, tp, ep, checkpointing, units, unit_kinds, report.parameter_shards, dict(cost.peak_bytes), step_calls,
-        time.perf_counter() - started,
+        tuple(block_kinds(cfg.model)), cfg.model.mtp_depth, time.perf_counter() - started,
     )  # fmt: skip
 
 

@@ -64,6 +64,18 @@ def probe_ep(cfg: Config, gpus: int, tp: int, layouts: list[Layout]) -> int:
     return 1
 
 
+def layout_probes(cfg: Config, layout: Layout, gpus_per_node: int, measured: dict[tuple[int, int], Probes]) -> Probes:
+    """The probes a prediction of `layout` scales from: measured once per (world, tp) into
+    `measured`, at the expert-parallel degree `probe_ep` picks for this one layout."""
+    key = (layout.world, layout.tp)
+    if key not in measured:
+        ep = probe_ep(cfg, layout.world, layout.tp, [layout])
+        measured[key] = Probes(
+            *(run_probe(cfg, layout.world, layout.tp, ep, gpus_per_node, mode) for mode in ("none", "all"))
+        )
+    return measured[key]
+
+
 def make_plan(
     cfg: Config,
     gpus: int,
@@ -87,7 +99,7 @@ def make_plan(
     )
     measured = dict(zip(jobs, _run_probes(cfg, gpus, gpus_per_node, jobs), strict=True))
     probes = {tp: Probes(measured[(tp, ep, "none")], measured[(tp, ep, "all")]) for tp, ep, _ in jobs}
-    per_sequence = model_flops(cfg, probes[1].kept) if 1 in probes else None
+    per_sequence = model_flops(probes[1].kept) if 1 in probes else None
     predictions = [
         predict(cfg, probes[layout.tp], layout, gpu, gpus_per_node, skew, per_sequence) for layout in layouts
     ]

@@ -14,8 +14,8 @@ from sparse_train.config import Config
 from sparse_train.plan.cost import collective_kind, predict
 from sparse_train.plan.hardware import GPUSpec
 from sparse_train.plan.layouts import Layout, check_layout
-from sparse_train.plan.probe import Probes, run_probe
-from sparse_train.plan.search import probe_ep
+from sparse_train.plan.probe import Probes
+from sparse_train.plan.search import layout_probes
 
 # Two models (a small MoE with dense and sparse blocks; DeepSeek-V3's architecture in small: MLA,
 # shared experts, a dense first block) and layouts of 4 ranks: every parallel degree, pipeline,
@@ -45,7 +45,7 @@ def validation_table(gpu: GPUSpec, gpus_per_node: int = 8, log: Any = print) -> 
     rows = []
     for model, (config, overrides) in MODELS.items():
         cfg = load_config(config, overrides)
-        probes: dict[int, Probes] = {}
+        probes: dict[tuple[int, int], Probes] = {}
         for fields in LAYOUTS[model]:
             row = {"model": model, **compare(cfg, Layout(*fields), gpu, gpus_per_node, probes)}
             log(row)
@@ -54,22 +54,21 @@ def validation_table(gpu: GPUSpec, gpus_per_node: int = 8, log: Any = print) -> 
 
 
 def compare(
-    cfg: Config, layout: Layout, gpu: GPUSpec, gpus_per_node: int, probes: dict[int, Probes] | None = None
+    cfg: Config,
+    layout: Layout,
+    gpu: GPUSpec,
+    gpus_per_node: int,
+    probes: dict[tuple[int, int], Probes] | None = None,
 ) -> dict[str, Any]:
     """Predicted and measured peak memory (bytes) and collective bytes per kind for `layout`.
-    `probes` (tp -> Probes) is filled and reused across calls of the same world."""
+    `probes` ((world, tp) -> Probes) is filled and reused across calls."""
     from sparse_train.dryrun.run import dry_run
 
     run, why = check_layout(cfg, layout)
     if run is None:
         raise ValueError(f"{layout.name()}: the trainer refuses it: {why}")
-    probes = {} if probes is None else probes
-    if layout.tp not in probes:
-        ep = probe_ep(cfg, layout.world, layout.tp, [layout])
-        probes[layout.tp] = Probes(
-            *(run_probe(cfg, layout.world, layout.tp, ep, gpus_per_node, mode) for mode in ("none", "all"))
-        )
-    prediction = predict(cfg, probes[layout.tp], layout, gpu, gpus_per_node)
+    probes = layout_probes(cfg, layout, gpus_per_node, {} if probes is None else probes)
+    prediction = predict(cfg, probes, layout, gpu, gpus_per_node)
     stage = max(range(layout.pp), key=lambda s: prediction.memory[s].total)
     rank = stage * (layout.world // layout.pp)  # the stage's first rank
     report = dry_run(

@@ -13,8 +13,8 @@ import textwrap
 
 import pytest
 
-from sparse_train.dryrun.balanced import balanced_counts
 from sparse_train.dryrun.checks import served_devices
+from sparse_train.parallel.balanced import balanced_counts
 
 CHILD = textwrap.dedent(
     """

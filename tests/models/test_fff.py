@@ -179,6 +179,7 @@ def test_torch_inference_is_bit_for_bit_the_hard_training_path(act, trained_mode
     assert float(aux.load.sum()) == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # builds the C++ extension (~40 s) unless this machine's cache has it
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])
 @pytest.mark.parametrize(
     ("depth", "width"),

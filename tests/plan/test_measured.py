@@ -1,6 +1,8 @@
 """The planner against a real run: the predicted peak memory of a layout's ranks and what the
 same run uses training on local gloo processes (bench memory's measurement), within 15%. The
-full table, two models and eleven layouts: `sparse-train bench plan --gloo` (docs/benchmarks.md)."""
+full table, two models and eleven layouts: `sparse-train bench plan --gloo` (docs/benchmarks.md).
+And the predicted bytes of a step's all-to-alls and each rank's in a real run with balanced
+routing (bench dispatch's count), equal; the table: `sparse-train bench plan --dispatch`."""
 
 from __future__ import annotations
 
@@ -41,3 +43,37 @@ def test_predicted_peak_memory_is_within_15_percent_of_a_real_run_with_every_blo
     row = json.loads(child.stdout.strip().splitlines()[-1])
     assert len(row["measured_mb_per_rank"]) == 4 and min(row["measured_mb_per_rank"]) > 30, row
     assert abs(row["memory_error"]) <= 0.15, row
+
+
+DISPATCH_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from sparse_train.config import load_config
+    from sparse_train.plan.hardware import gpu_spec
+    from sparse_train.plan.layouts import Layout
+    from sparse_train.plan.measured import compare_dispatch
+    from sparse_train.plan.validate import MODELS
+
+    if __name__ == "__main__":
+        cfg = load_config(*MODELS["tiny-moe"])
+        print(json.dumps(compare_dispatch(cfg, Layout(*json.loads(sys.argv[1])), gpu_spec("h100"), 8)))
+    """
+)
+
+
+@pytest.mark.slow  # ~40 s: two probes on fake CUDA, then two steps on four gloo processes
+def test_predicted_all_to_all_bytes_equal_a_real_run_with_balanced_routing(tmp_path):
+    from sparse_train.dryrun.fake_cuda import preload_environment
+
+    script = tmp_path / "child.py"
+    script.write_text(DISPATCH_CHILD)
+    # HSDP, two micro-batches, every block recomputed: the recomputed forward dispatches again
+    layout = [2, 2, 2, 1, 1, 1, 2, "all"]
+    child = subprocess.run(
+        [sys.executable, str(script), json.dumps(layout)],
+        env=preload_environment(8), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-3000:]
+    row = json.loads(child.stdout.strip().splitlines()[-1])
+    assert row["predicted_all_to_all_bytes"] > 0, row
+    assert row["measured_all_to_all_bytes_per_rank"] == [row["predicted_all_to_all_bytes"]] * 4, row

@@ -1,4 +1,6 @@
-"""Balanced routing for the dry run: the dispatchers' sizes without reading the router.
+"""Balanced routing: the dispatchers' sizes without reading the router. The dry run needs it
+(fake tensors have no values); `sparse-train bench dispatch --balanced` uses it on real tensors
+to measure what perfectly balanced routing sends, the case the planner predicts exactly.
 
 Expert-parallel dispatch is data-dependent by design: the all-to-all needs, on the host, how
 many rows each rank sends to each other rank (`AllToAllDispatcher.plan` reads them back), and
@@ -41,14 +43,15 @@ def balanced_plan(dispatcher: AllToAllDispatcher, x_TD: torch.Tensor, routing: R
     recv = [balanced_counts(T, k, ep)[dispatcher.rank]] * ep  # every rank sends this rank the same
     A = T * k
     assignment_A = torch.arange(A, device=device)
+    # the same counts made on the device (a tensor from host data would be a copy per call)
+    destinations = torch.arange(ep, device=device)
+    send_counts = (destinations < A % ep).long() + A // ep
     # assignments grouped by destination: d's block is the d-th slice of T·k
-    destination_A = torch.repeat_interleave(
-        torch.arange(ep, device=device), torch.tensor(send).to(device), output_size=A
-    )
-    first_of_destination = torch.tensor([sum(send[:d]) for d in range(ep)]).to(device)
+    destination_A = torch.repeat_interleave(destinations, send_counts, output_size=A)
+    first_of_destination = torch.cumsum(send_counts, 0) - send_counts
     row_in_block_A = assignment_A - first_of_destination[destination_A]
     local_expert_A = row_in_block_A % dispatcher.num_local
-    recv_counts = torch.tensor([[r, r] for r in recv]).to(device)
+    recv_counts = torch.full((ep, 2), recv[0], device=device, dtype=torch.long)
     return DispatchPlan(
         pair_token_P=assignment_A % T,
         meta_A2=torch.stack([row_in_block_A, local_expert_A], dim=1),
