@@ -66,13 +66,23 @@ def _overrides(steps: int, ep: int, dedup: bool, extra: list[str]) -> list[str]:
 
 
 def _measure(
-    config_path: str, overrides: list[str], run_dir: str, steps: int, warmup: int, balanced_routing: bool
+    config_path: str,
+    overrides: list[str],
+    run_dir: str,
+    steps: int,
+    warmup: int,
+    balanced_routing: bool,
+    record_collectives: bool = False,
 ) -> dict[str, Any]:
-    """Train `steps` steps on this rank; per-step times, a2a seconds and bytes after warm-up."""
+    """Train `steps` steps on this rank; per-step times, a2a seconds and bytes after warm-up
+    (and every collective's bytes by op: slow, for measuring only)."""
+    import contextlib
+
     import torch.distributed as dist
 
     from sparse_train.config import load_config
     from sparse_train.parallel import balanced
+    from sparse_train.parallel.collective_record import CollectiveRecorder
     from sparse_train.parallel.dispatch import AllToAllDispatcher
     from sparse_train.train.trainer import Trainer
 
@@ -81,16 +91,20 @@ def _measure(
         balanced.install(trainer.model)
     dispatchers = [m.dispatcher for m in trainer.engine.module.modules() if hasattr(m, "dispatcher")]
     dispatchers = [d for d in dispatchers if isinstance(d, AllToAllDispatcher)]
-    step_s, comm_s, sent, least, pairs, tokens_sent, call_bytes = [], [], [], [], [], [], []
+    step_s, comm_s, sent, least, pairs, tokens_sent, call_bytes, collectives = [], [], [], [], [], [], [], []
     try:
         for i in range(steps):
             for d in dispatchers:
                 d.stats.reset()
             if dist.is_initialized():
                 dist.barrier()
+            recorder = CollectiveRecorder() if record_collectives and i >= warmup else contextlib.nullcontext()
             started = time.perf_counter()
-            trainer.train_step()
+            with recorder:  # a recorded step is not a logging one (no metrics reduced), as the planner's
+                trainer.train_step(report=not record_collectives)
             elapsed = time.perf_counter() - started
+            if isinstance(recorder, CollectiveRecorder):
+                collectives.append(recorder.bytes_by_op())
             if i >= warmup:
                 step_s.append(elapsed)
                 comm_s.append(sum(d.stats.comm_seconds for d in dispatchers))
@@ -105,18 +119,21 @@ def _measure(
         trainer.metrics.close()
         trainer.close()
     return {"step_s": step_s, "comm_s": comm_s, "sent": sent, "min": least, "pairs": pairs, "tokens": tokens_sent,
-            "call_bytes": call_bytes, "tokens_per_step": tokens}  # fmt: skip
+            "call_bytes": call_bytes, "collectives": collectives, "tokens_per_step": tokens}  # fmt: skip
 
 
-def balanced_call_bytes(config_path: str, world: int, steps: int = 2, timeout: float = 600) -> list[int]:
-    """Each rank's all-to-all call bytes in the last of `steps` steps of `config_path`'s run on
-    `world` local gloo processes, its parallel section as it is, with balanced routing."""
+def balanced_step_collectives(
+    config_path: str, world: int, steps: int = 2, timeout: float = 600
+) -> list[dict[str, int]]:
+    """Each rank's collectives in the last of `steps` steps of `config_path`'s run on `world`
+    local gloo processes (its parallel section as it is) with balanced routing: op -> the bytes
+    of its calls' largest tensors, summed (parallel.collective_record, as the dry run counts)."""
     from sparse_train.launch.local import run_ranks
 
     overrides = [f"train.steps={steps}", "train.device=cpu", *QUIET]
     with tempfile.TemporaryDirectory() as tmp:
-        ranks = run_ranks(_measure, world, config_path, overrides, tmp, steps, steps - 1, True, timeout=timeout)
-    return [r["call_bytes"][-1] for r in ranks]
+        ranks = run_ranks(_measure, world, config_path, overrides, tmp, steps, steps - 1, True, True, timeout=timeout)
+    return [r["collectives"][-1] for r in ranks]
 
 
 def _case(

@@ -86,9 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="beside real runs on local gloo processes instead (peak memory per rank, as bench memory)",
     )  # fmt: skip
     real.add_argument(
-        "--dispatch", action="store_true",
-        help="beside real runs on local gloo processes with balanced routing: each rank's all-to-all bytes "
-        "(as bench dispatch --balanced-routing)",
+        "--collectives", action="store_true",
+        help="beside real runs on local gloo processes with balanced routing: each rank's bytes of every "
+        "collective kind in a step",
     )  # fmt: skip
 
     repro = bench_sub.add_parser("fff-repro", help="FFF vs FFF + load balancing (+ master leaf) on sklearn digits")
@@ -275,24 +275,20 @@ def _plan(args: argparse.Namespace) -> None:
                 file=sys.stderr,
             )
 
-    def dispatch_line(row: dict) -> None:
+    def collectives_line(row: dict) -> None:
         print(json.dumps(row), flush=True)
         if not args.json:
-            print(
-                f"{row['model']:<17} {row['layout']:<44} all-to-all bytes predicted "
-                f"{row['predicted_all_to_all_bytes']:,}  measured {row['measured_all_to_all_bytes_per_rank']}  "
-                f"exact {row['exact']}",
-                file=sys.stderr,
-            )
+            kinds = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in row["predicted_collective_bytes"].items())
+            print(f"{row['model']:<17} {row['layout']:<44} {kinds}  exact {row['exact']}", file=sys.stderr)
 
     if args.gloo:
         from sparse_train.plan.measured import gloo_table
 
         gloo_table(gpu, log=gloo_line)
-    elif args.dispatch:
-        from sparse_train.plan.measured import dispatch_table
+    elif args.collectives:
+        from sparse_train.plan.measured import collectives_table
 
-        dispatch_table(gpu, log=dispatch_line)
+        collectives_table(gpu, log=collectives_line)
     else:
         validation_table(gpu, log=line)
 

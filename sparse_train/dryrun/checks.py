@@ -33,6 +33,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from sparse_train.parallel.collective_record import CollectiveCall, collective_call, is_collective
+
 HOST_READ_OPS = ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::item")
 PACKAGE = "/sparse_train/"
 OWN = "/sparse_train/dryrun/"
@@ -120,10 +122,10 @@ class Checks(TorchDispatchMode):
                 self.report("host read", name)
             return _placeholder(name, args)
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if phase is not None and name.startswith(("c10d::", "_c10d_functional::")) and "wait_tensor" not in name:
+        if phase is not None and is_collective(name):
             self.collectives[(phase.name, name)] += 1
             unit = self.unit_of_call() if self.unit_of_call is not None else ""
-            self.collective_calls.setdefault(phase.name, []).append(_call(name, tensors, args, unit))
+            self.collective_calls.setdefault(phase.name, []).append(collective_call(name, args, kwargs, unit))
             # a barrier's tensor is made by the backend itself, on a device it serves (NCCL: the
             # current CUDA device); under the fake group it is a CPU one, not the caller's doing
             checked = [] if name == "c10d::barrier" else tensors
@@ -143,34 +145,6 @@ class Checks(TorchDispatchMode):
             self.report("host read", f"{name} (device to CPU)")
         elif not inputs or "lift_fresh" in name:  # a factory, or a tensor made from Python data
             self.report("cpu tensor", f"{name} creates a CPU tensor")
-
-
-@dataclass(frozen=True)
-class CollectiveCall:
-    """One collective of a phase: what a cost model needs (the bytes of its largest tensor, the
-    whole buffer of an all-gather's output or a reduce-scatter's input, and who takes part)."""
-
-    op: str
-    nbytes: int
-    ranks: tuple[int, ...]
-    unit: str = ""  # the model's unit calling it ("blocks.3", "mtp.0"; "" the rest), in a measured step
-
-
-def _call(name: str, tensors: list[torch.Tensor], args: tuple, unit: str) -> CollectiveCall:
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    nbytes = max((t.numel() * t.element_size() for t in tensors), default=0)
-    flat = tree_flatten(args)[0]
-    boxed = [arg for arg in flat if isinstance(arg, torch.ScriptObject)]  # c10d ops: the group, boxed
-    names = [arg for arg in flat if isinstance(arg, str)]  # functional ops: its name, their last string
-    group = None
-    if boxed:
-        group = dist.ProcessGroup.unbox(boxed[0])
-    elif names and name.startswith("_c10d_functional::"):
-        group = _resolve_process_group(names[-1])
-    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else ()
-    return CollectiveCall(name, nbytes, ranks, unit)
 
 
 def _fake_mode_active() -> bool:

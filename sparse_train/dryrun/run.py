@@ -41,10 +41,11 @@ import yaml
 from sparse_train.config import Config, compose_config
 from sparse_train.data.dataset import TokenData
 from sparse_train.dryrun import fake_cuda, gpu_attention, lazy_chunks
-from sparse_train.dryrun.checks import Checks, CollectiveCall, Finding, served_devices, traceback_site
+from sparse_train.dryrun.checks import Checks, Finding, served_devices, traceback_site
 from sparse_train.dryrun.measure import ParameterShard, StepCost, measuring, parameter_shards
 from sparse_train.dryrun.shards import ShardsInMemory, load_without_collectives
 from sparse_train.parallel import balanced
+from sparse_train.parallel.collective_record import CollectiveCall
 from sparse_train.parallel.dims import ParallelDims
 from sparse_train.parallel.runtime import DistributedRuntime, process_group_backend
 from sparse_train.train import checkpoint as ckpt

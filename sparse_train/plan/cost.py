@@ -47,7 +47,6 @@ from functools import cache, cached_property
 from typing import Any
 
 from sparse_train.config import Config
-from sparse_train.dryrun.checks import CollectiveCall
 from sparse_train.dryrun.measure import ROOT_UNIT, ParameterShard, unit_of
 from sparse_train.parallel.data import expert_shard_dim
 from sparse_train.parallel.pipeline import stage_blocks
@@ -383,13 +382,13 @@ def collective_bytes(
     sparse_units: set[str],
     bias_row_bytes: int,
 ) -> dict[str, int]:
-    """op -> the bytes of the calls' largest tensors (dryrun.checks.CollectiveCall) of one step
+    """op -> the bytes of the calls' largest tensors (parallel.collective_record) of one step
     of the first stage's ranks: what the dry run counts, to compare with."""
     out: Counter[str] = Counter()
     for unit, n in units.counts.items():
         cost = probes.unit(unit, unit in checkpointed)
         for call in cost.tp_calls + cost.ep_calls:
-            out[collective_kind(call)] += n * call.nbytes * layout.micro_batch * layout.grad_accum
+            out[collective_kind(call.op)] += n * call.nbytes * layout.micro_batch * layout.grad_accum
     for nbytes, size, _, gathers_per_step in inventory.fsdp_groups(units, layout):
         if size > 1:
             out["all_gather"] += nbytes * gathers_per_step
@@ -411,13 +410,13 @@ def collective_bytes(
         nbytes = call.nbytes
         if bias_row_bytes and probe_rows and nbytes == probe_rows * bias_row_bytes:
             nbytes = stage_rows * bias_row_bytes
-        out[collective_kind(call)] += nbytes
+        out[collective_kind(call.op)] += nbytes
     return dict(out)
 
 
-def collective_kind(call: CollectiveCall) -> str:
-    """all_reduce, all_gather, reduce_scatter, all_to_all, ... of a recorded call."""
-    op = call.op.split("::")[-1].rstrip("_")
+def collective_kind(op: str) -> str:
+    """all_reduce, all_gather, reduce_scatter, all_to_all, ... of a recorded call's op."""
+    op = op.split("::")[-1].rstrip("_")
     return {"allreduce": "all_reduce", "alltoall_base": "all_to_all", "_allgather_base": "all_gather",
             "all_gather_into_tensor": "all_gather", "_reduce_scatter_base": "reduce_scatter",
             "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}.get(op, op)  # fmt: skip

@@ -3,9 +3,11 @@
 - Memory (`sparse-train bench plan --gloo`): a layout's predicted peak memory per rank beside what
   the same run uses (`sparse-train bench memory`'s measurement: a rank's peak resident set after
   two steps, less the same process's run of a tiny model in the same layout).
-- Dispatch (`sparse-train bench plan --dispatch`): the predicted bytes of a step's all-to-alls
-  beside each rank's in the same run with balanced routing (`sparse-train bench dispatch`'s
-  count, every call's larger buffer): equal, byte for byte.
+- Collectives (`sparse-train bench plan --collectives`): the predicted bytes of each collective
+  kind in a step (all-to-all, FSDP's all-gathers and reduce-scatters, TP's and HSDP's
+  all-reduces, pipeline sends) beside each rank's in the same run with balanced routing
+  (`sparse-train bench dispatch`'s routing; every call recorded as the dry run records it):
+  equal, byte for byte.
 
 The processes run with glibc's allocator untuned (decision 13 keeps freed memory in the heap,
 which a resident set then counts; docs/benchmarks.md, "Memory per rank"): every allocation above
@@ -18,12 +20,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 from sparse_train.config import Config, compose_config
-from sparse_train.plan.cost import predict
+from sparse_train.plan.cost import collective_kind, predict
 from sparse_train.plan.hardware import GPUSpec
 from sparse_train.plan.layouts import Layout, check_layout
 from sparse_train.plan.probe import Probes
@@ -116,8 +119,8 @@ def compare_with_gloo(
     }
 
 
-def dispatch_table(gpu: GPUSpec, gpus_per_node: int = 8, log: Any = print) -> list[dict[str, Any]]:
-    """`compare_dispatch` over plan.validate's models and layouts (every one expert-parallel)."""
+def collectives_table(gpu: GPUSpec, gpus_per_node: int = 8, log: Any = print) -> list[dict[str, Any]]:
+    """`compare_collectives` over plan.validate's models and layouts."""
     from sparse_train.config import load_config
     from sparse_train.plan import validate
 
@@ -126,37 +129,43 @@ def dispatch_table(gpu: GPUSpec, gpus_per_node: int = 8, log: Any = print) -> li
         cfg = load_config(config, overrides)
         probes: dict[tuple[int, int], Probes] = {}
         for fields in validate.LAYOUTS[model]:
-            row = {"model": model, **compare_dispatch(cfg, Layout(*fields), gpu, gpus_per_node, probes)}
+            row = {"model": model, **compare_collectives(cfg, Layout(*fields), gpu, gpus_per_node, probes)}
             log(row)
             rows.append(row)
     return rows
 
 
-def compare_dispatch(
+def compare_collectives(
     cfg: Config,
     layout: Layout,
     gpu: GPUSpec,
     gpus_per_node: int,
     probes: dict[tuple[int, int], Probes] | None = None,
 ) -> dict[str, Any]:
-    """The predicted all-to-all bytes of one step of a first-stage rank of `layout`, and each
-    first-stage rank's in a real run with balanced routing. `probes` as compare_with_gloo's."""
-    from sparse_train.bench.dispatch import balanced_call_bytes
+    """The predicted bytes of each collective kind in one step of a first-stage rank of
+    `layout`, and each first-stage rank's in a real run with balanced routing. `probes` as
+    compare_with_gloo's."""
+    from sparse_train.bench.dispatch import balanced_step_collectives
 
     run, why = check_layout(cfg, layout)
     if run is None:
         raise ValueError(f"{layout.name()}: the trainer refuses it: {why}")
     probes = layout_probes(cfg, layout, gpus_per_node, {} if probes is None else probes)
-    predicted = predict(cfg, probes, layout, gpu, gpus_per_node).collective_bytes.get("all_to_all", 0)
-    with tempfile.TemporaryDirectory(prefix="sparse-train-dispatch-") as tmp:
+    predicted = predict(cfg, probes, layout, gpu, gpus_per_node).collective_bytes
+    with tempfile.TemporaryDirectory(prefix="sparse-train-collectives-") as tmp:
         config = Path(tmp) / "run.yaml"
         config.write_text(run.to_yaml())
-        measured = balanced_call_bytes(str(config), layout.world)
-    first_stage = measured[: layout.world // layout.pp]  # the pipeline's stages are rank blocks
+        ranks = balanced_step_collectives(str(config), layout.world)
+    measured = []
+    for by_op in ranks[: layout.world // layout.pp]:  # the pipeline's stages are rank blocks
+        kinds: Counter[str] = Counter()
+        for op, nbytes in by_op.items():
+            kinds[collective_kind(op)] += nbytes
+        measured.append(dict(sorted(kinds.items())))
     return {
         "layout": layout.name(),
         "world": layout.world,
-        "predicted_all_to_all_bytes": predicted,
-        "measured_all_to_all_bytes_per_rank": first_stage,
-        "exact": all(m == predicted for m in first_stage),
+        "predicted_collective_bytes": dict(sorted(predicted.items())),
+        "measured_collective_bytes_per_rank": measured,
+        "exact": all(m == predicted for m in measured),
     }

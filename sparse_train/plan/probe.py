@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from sparse_train.config import Config, ModelConfig
-from sparse_train.dryrun.checks import CollectiveCall
 from sparse_train.dryrun.measure import ROOT_UNIT, ParameterShard
+from sparse_train.parallel.collective_record import CollectiveCall
 from sparse_train.parallel.dims import ParallelDims
 
 MTP = "mtp"

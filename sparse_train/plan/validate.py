@@ -79,7 +79,7 @@ def compare(
         raise RuntimeError(f"{layout.name()}: the dry run failed: {report.summary()}")
     measured: Counter[str] = Counter()
     for call in report.collective_calls["train step"]:
-        measured[collective_kind(call)] += call.nbytes
+        measured[collective_kind(call.op)] += call.nbytes
     predicted_bytes = prediction.collective_bytes if stage == 0 else {}
     return {
         "layout": layout.name(),

@@ -1,8 +1,8 @@
 """The planner against a real run: the predicted peak memory of a layout's ranks and what the
 same run uses training on local gloo processes (bench memory's measurement), within 15%. The
 full table, two models and eleven layouts: `sparse-train bench plan --gloo` (docs/benchmarks.md).
-And the predicted bytes of a step's all-to-alls and each rank's in a real run with balanced
-routing (bench dispatch's count), equal; the table: `sparse-train bench plan --dispatch`."""
+And the predicted bytes of each collective kind in a step and each rank's in a real run with
+balanced routing, equal; the table: `sparse-train bench plan --collectives`."""
 
 from __future__ import annotations
 
@@ -51,18 +51,18 @@ DISPATCH_CHILD = textwrap.dedent(
     from sparse_train.config import load_config
     from sparse_train.plan.hardware import gpu_spec
     from sparse_train.plan.layouts import Layout
-    from sparse_train.plan.measured import compare_dispatch
+    from sparse_train.plan.measured import compare_collectives
     from sparse_train.plan.validate import MODELS
 
     if __name__ == "__main__":
         cfg = load_config(*MODELS["tiny-moe"])
-        print(json.dumps(compare_dispatch(cfg, Layout(*json.loads(sys.argv[1])), gpu_spec("h100"), 8)))
+        print(json.dumps(compare_collectives(cfg, Layout(*json.loads(sys.argv[1])), gpu_spec("h100"), 8)))
     """
 )
 
 
 @pytest.mark.slow  # ~40 s: two probes on fake CUDA, then two steps on four gloo processes
-def test_predicted_all_to_all_bytes_equal_a_real_run_with_balanced_routing(tmp_path):
+def test_predicted_bytes_of_every_collective_kind_equal_a_real_run_with_balanced_routing(tmp_path):
     from sparse_train.dryrun.fake_cuda import preload_environment
 
     script = tmp_path / "child.py"
@@ -75,5 +75,6 @@ def test_predicted_all_to_all_bytes_equal_a_real_run_with_balanced_routing(tmp_p
     )  # fmt: skip
     assert child.returncode == 0, child.stderr[-3000:]
     row = json.loads(child.stdout.strip().splitlines()[-1])
-    assert row["predicted_all_to_all_bytes"] > 0, row
-    assert row["measured_all_to_all_bytes_per_rank"] == [row["predicted_all_to_all_bytes"]] * 4, row
+    predicted = row["predicted_collective_bytes"]
+    assert {"all_to_all", "all_gather", "reduce_scatter", "all_reduce"} <= set(predicted), row
+    assert row["measured_collective_bytes_per_rank"] == [predicted] * 4, row
