@@ -25,9 +25,13 @@ class CollectiveCall:
     unit: str = ""  # the model's unit calling it ("blocks.3", "mtp.0"; "" the rest), in a measured step
 
 
+# functional collectives' bookkeeping: waiting for a result, wrapping one for autograd
+NOT_MOVING_DATA = ("wait_tensor", "_wrap_tensor_autograd")
+
+
 def is_collective(op: str) -> bool:
-    """A c10d op that moves data (not the wait of an asynchronous functional one)."""
-    return op.startswith(("c10d::", "_c10d_functional::")) and "wait_tensor" not in op
+    """A c10d op that moves data."""
+    return op.startswith(("c10d::", "_c10d_functional::")) and not any(name in op for name in NOT_MOVING_DATA)
 
 
 def collective_call(op: str, args: tuple, kwargs: dict | None = None, unit: str = "") -> CollectiveCall:
