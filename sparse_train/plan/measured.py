@@ -26,11 +26,12 @@ from typing import Any
 from unittest import mock
 
 from sparse_train.config import Config, compose_config
-from sparse_train.plan.cost import collective_kind, predict
+from sparse_train.plan import validate
+from sparse_train.plan.cost import collective_kind
 from sparse_train.plan.hardware import GPUSpec
-from sparse_train.plan.layouts import Layout, check_layout
+from sparse_train.plan.layouts import Layout
 from sparse_train.plan.probe import Probes
-from sparse_train.plan.search import layout_probes
+from sparse_train.plan.validate import over_layouts, predicted_run
 
 MB = 2**20
 
@@ -69,17 +70,12 @@ UNTUNED_ALLOCATOR = {
 
 def gloo_table(gpu: GPUSpec, gpus_per_node: int = 8, log: Any = print, timeout: float = 900) -> list[dict[str, Any]]:
     """`compare_with_gloo` over MODELS x LAYOUTS (the probes need the fake CUDA device loaded)."""
-    from sparse_train.config import load_config
-
-    rows = []
-    for model, (config, overrides) in MODELS.items():
-        cfg = load_config(config, overrides)
-        probes: dict[tuple[int, int], Probes] = {}
-        for fields in LAYOUTS[model]:
-            row = {"model": model, **compare_with_gloo(cfg, Layout(*fields), gpu, gpus_per_node, probes, timeout)}
-            log(row)
-            rows.append(row)
-    return rows
+    return over_layouts(
+        MODELS,
+        LAYOUTS,
+        lambda cfg, layout, probes: compare_with_gloo(cfg, layout, gpu, gpus_per_node, probes, timeout),
+        log,
+    )
 
 
 def compare_with_gloo(
@@ -94,11 +90,7 @@ def compare_with_gloo(
     `probes` ((world, tp) -> Probes) is filled and reused across calls."""
     from sparse_train.bench import memory as bench_memory
 
-    run, why = check_layout(cfg, layout)
-    if run is None:
-        raise ValueError(f"{layout.name()}: the trainer refuses it: {why}")
-    probes = layout_probes(cfg, layout, gpus_per_node, {} if probes is None else probes)
-    prediction = predict(cfg, probes, layout, gpu, gpus_per_node)
+    run, prediction = predicted_run(cfg, layout, gpu, gpus_per_node, probes)
     measured_run = compose_config(run.to_dict(), [*bench_memory.QUIET, "train.steps=2", "train.device=cpu"])
     # the environment the spawned ranks start with (glibc reads it once, at process start)
     with mock.patch.dict(os.environ, UNTUNED_ALLOCATOR):
@@ -121,18 +113,10 @@ def compare_with_gloo(
 
 def collectives_table(gpu: GPUSpec, gpus_per_node: int = 8, log: Any = print) -> list[dict[str, Any]]:
     """`compare_collectives` over plan.validate's models and layouts."""
-    from sparse_train.config import load_config
-    from sparse_train.plan import validate
-
-    rows = []
-    for model, (config, overrides) in validate.MODELS.items():
-        cfg = load_config(config, overrides)
-        probes: dict[tuple[int, int], Probes] = {}
-        for fields in validate.LAYOUTS[model]:
-            row = {"model": model, **compare_collectives(cfg, Layout(*fields), gpu, gpus_per_node, probes)}
-            log(row)
-            rows.append(row)
-    return rows
+    return over_layouts(
+        validate.MODELS, validate.LAYOUTS,
+        lambda cfg, layout, probes: compare_collectives(cfg, layout, gpu, gpus_per_node, probes), log,
+    )  # fmt: skip
 
 
 def compare_collectives(
@@ -147,11 +131,8 @@ def compare_collectives(
     compare_with_gloo's."""
     from sparse_train.bench.dispatch import balanced_step_collectives
 
-    run, why = check_layout(cfg, layout)
-    if run is None:
-        raise ValueError(f"{layout.name()}: the trainer refuses it: {why}")
-    probes = layout_probes(cfg, layout, gpus_per_node, {} if probes is None else probes)
-    predicted = predict(cfg, probes, layout, gpu, gpus_per_node).collective_bytes
+    run, prediction = predicted_run(cfg, layout, gpu, gpus_per_node, probes)
+    predicted = prediction.collective_bytes
     with tempfile.TemporaryDirectory(prefix="sparse-train-collectives-") as tmp:
         config = Path(tmp) / "run.yaml"
         config.write_text(run.to_yaml())

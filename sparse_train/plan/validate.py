@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from sparse_train.config import Config
-from sparse_train.plan.cost import collective_kind, predict
+from sparse_train.plan.cost import Prediction, collective_kind, predict
 from sparse_train.plan.hardware import GPUSpec
 from sparse_train.plan.layouts import Layout, check_layout
 from sparse_train.plan.probe import Probes
@@ -40,17 +41,42 @@ LAYOUTS = {  # (dp_replicate, dp_shard, ep, tp, pp, micro-batch, accumulation, c
 
 def validation_table(gpu: GPUSpec, gpus_per_node: int = 8, log: Any = print) -> list[dict[str, Any]]:
     """`compare` over MODELS x LAYOUTS (needs the fake CUDA device loaded in this process)."""
+    return over_layouts(
+        MODELS, LAYOUTS, lambda cfg, layout, probes: compare(cfg, layout, gpu, gpus_per_node, probes), log
+    )
+
+
+def over_layouts(
+    models: dict[str, tuple[str, list[str]]],
+    layouts: dict[str, list[tuple]],
+    compare_one: Callable[[Config, Layout, dict[tuple[int, int], Probes]], dict[str, Any]],
+    log: Any,
+) -> list[dict[str, Any]]:
+    """One row per model and layout (the model's probes measured once, shared by its rows),
+    each logged as it comes."""
     from sparse_train.config import load_config
 
     rows = []
-    for model, (config, overrides) in MODELS.items():
+    for model, (config, overrides) in models.items():
         cfg = load_config(config, overrides)
         probes: dict[tuple[int, int], Probes] = {}
-        for fields in LAYOUTS[model]:
-            row = {"model": model, **compare(cfg, Layout(*fields), gpu, gpus_per_node, probes)}
+        for fields in layouts[model]:
+            row = {"model": model, **compare_one(cfg, Layout(*fields), probes)}
             log(row)
             rows.append(row)
     return rows
+
+
+def predicted_run(
+    cfg: Config, layout: Layout, gpu: GPUSpec, gpus_per_node: int, probes: dict[tuple[int, int], Probes] | None
+) -> tuple[Config, Prediction]:
+    """`layout`'s run config and the planner's prediction of it. `probes` ((world, tp) -> Probes)
+    is filled and reused across calls."""
+    run, why = check_layout(cfg, layout)
+    if run is None:
+        raise ValueError(f"{layout.name()}: the trainer refuses it: {why}")
+    probes_of_layout = layout_probes(cfg, layout, gpus_per_node, {} if probes is None else probes)
+    return run, predict(cfg, probes_of_layout, layout, gpu, gpus_per_node)
 
 
 def compare(
@@ -61,14 +87,10 @@ def compare(
     probes: dict[tuple[int, int], Probes] | None = None,
 ) -> dict[str, Any]:
     """Predicted and measured peak memory (bytes) and collective bytes per kind for `layout`.
-    `probes` ((world, tp) -> Probes) is filled and reused across calls."""
+    `probes` as predicted_run's."""
     from sparse_train.dryrun.run import dry_run
 
-    run, why = check_layout(cfg, layout)
-    if run is None:
-        raise ValueError(f"{layout.name()}: the trainer refuses it: {why}")
-    probes = layout_probes(cfg, layout, gpus_per_node, {} if probes is None else probes)
-    prediction = predict(cfg, probes, layout, gpu, gpus_per_node)
+    run, prediction = predicted_run(cfg, layout, gpu, gpus_per_node, probes)
     stage = max(range(layout.pp), key=lambda s: prediction.memory[s].total)
     rank = stage * (layout.world // layout.pp)  # the stage's first rank
     report = dry_run(

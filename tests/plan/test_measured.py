@@ -1,8 +1,8 @@
-"""The planner against a real run: the predicted peak memory of a layout's ranks and what the
-same run uses training on local gloo processes (bench memory's measurement), within 15%. The
-full table, two models and eleven layouts: `sparse-train bench plan --gloo` (docs/benchmarks.md).
-And the predicted bytes of each collective kind in a step and each rank's in a real run with
-balanced routing, equal; the table: `sparse-train bench plan --collectives`."""
+"""The planner against a real run on local gloo processes: the predicted peak memory of a
+layout's ranks and what the same run uses (bench memory's measurement), within 15%; the full
+table, two models and eleven layouts: `sparse-train bench plan --gloo`. And the predicted bytes
+of each collective kind in a step and each rank's in a real run with balanced routing, equal;
+the table: `sparse-train bench plan --collectives` (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -17,64 +18,47 @@ CHILD = textwrap.dedent(
     """
     import json, sys
     from sparse_train.config import load_config
+    from sparse_train.plan import measured, validate
     from sparse_train.plan.hardware import gpu_spec
     from sparse_train.plan.layouts import Layout
-    from sparse_train.plan.measured import MODELS, compare_with_gloo
 
     if __name__ == "__main__":  # the ranks are spawned: they import this module again
-        cfg = load_config(*MODELS["moe-d256"])
-        print(json.dumps(compare_with_gloo(cfg, Layout(*json.loads(sys.argv[1])), gpu_spec("h100"), 8)))
+        compare, models, model = {
+            "memory": (measured.compare_with_gloo, measured.MODELS, "moe-d256"),
+            "collectives": (measured.compare_collectives, validate.MODELS, "tiny-moe"),
+        }[sys.argv[1]]
+        cfg = load_config(*models[model])
+        print(json.dumps(compare(cfg, Layout(*json.loads(sys.argv[2])), gpu_spec("h100"), 8)))
     """
 )
 
 
-@pytest.mark.slow  # ~30 s: two probes on fake CUDA, then two steps on four gloo processes
-def test_predicted_peak_memory_is_within_15_percent_of_a_real_run_with_every_block_recomputed(tmp_path):
+def _compare(tmp_path: Path, what: str, layout: list) -> dict:
+    """The probes on fake CUDA, then two steps of the layout on local gloo processes."""
     from sparse_train.dryrun.fake_cuda import preload_environment
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    layout = [2, 2, 2, 1, 1, 2, 1, "all"]  # HSDP, expert parallel, every block recomputed
     child = subprocess.run(
-        [sys.executable, str(script), json.dumps(layout)],
+        [sys.executable, str(script), what, json.dumps(layout)],
         env=preload_environment(8), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert child.returncode == 0, child.stderr[-3000:]
-    row = json.loads(child.stdout.strip().splitlines()[-1])
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # ~30 s
+def test_predicted_peak_memory_is_within_15_percent_of_a_real_run_with_every_block_recomputed(tmp_path):
+    # HSDP, expert parallel, every block recomputed
+    row = _compare(tmp_path, "memory", [2, 2, 2, 1, 1, 2, 1, "all"])
     assert len(row["measured_mb_per_rank"]) == 4 and min(row["measured_mb_per_rank"]) > 30, row
     assert abs(row["memory_error"]) <= 0.15, row
 
 
-DISPATCH_CHILD = textwrap.dedent(
-    """
-    import json, sys
-    from sparse_train.config import load_config
-    from sparse_train.plan.hardware import gpu_spec
-    from sparse_train.plan.layouts import Layout
-    from sparse_train.plan.measured import compare_collectives
-    from sparse_train.plan.validate import MODELS
-
-    if __name__ == "__main__":
-        cfg = load_config(*MODELS["tiny-moe"])
-        print(json.dumps(compare_collectives(cfg, Layout(*json.loads(sys.argv[1])), gpu_spec("h100"), 8)))
-    """
-)
-
-
-@pytest.mark.slow  # ~40 s: two probes on fake CUDA, then two steps on four gloo processes
+@pytest.mark.slow  # ~35 s
 def test_predicted_bytes_of_every_collective_kind_equal_a_real_run_with_balanced_routing(tmp_path):
-    from sparse_train.dryrun.fake_cuda import preload_environment
-
-    script = tmp_path / "child.py"
-    script.write_text(DISPATCH_CHILD)
     # HSDP, two micro-batches, every block recomputed: the recomputed forward dispatches again
-    layout = [2, 2, 2, 1, 1, 1, 2, "all"]
-    child = subprocess.run(
-        [sys.executable, str(script), json.dumps(layout)],
-        env=preload_environment(8), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert child.returncode == 0, child.stderr[-3000:]
-    row = json.loads(child.stdout.strip().splitlines()[-1])
+    row = _compare(tmp_path, "collectives", [2, 2, 2, 1, 1, 1, 2, "all"])
     predicted = row["predicted_collective_bytes"]
     assert {"all_to_all", "all_gather", "reduce_scatter", "all_reduce"} <= set(predicted), row
     assert row["measured_collective_bytes_per_rank"] == [predicted] * 4, row
