@@ -11,7 +11,6 @@ import numpy as np
 
 from sparse_train import atomic
 from sparse_train.models.sparse import LOAD_NAMES
-from sparse_train.train import plots
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -86,6 +85,8 @@ class MetricsLogger:
         also one TensorBoard histogram per layer whose buckets are the leaves."""
         if self._tb is None and not self.plots_enabled:
             return
+        from sparse_train.train import plots  # matplotlib: half a second of every process's start
+
         what = "leaf" if kind == "fff" else "expert"
         tag = f"{kind}/{LOAD_NAMES[kind]}"
         fig = plots.load_heatmap(load_LE, layer_names, step, what)
@@ -123,6 +124,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.plots_enabled:
+            from sparse_train.train import plots
+
             plots.save(plots.loss_curve(self.records()), str(self.plots_dir / "loss.png"))
         self._jsonl.close()
         if self._tb is not None:

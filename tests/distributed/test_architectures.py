@@ -18,7 +18,9 @@ from tests.upcycle.conftest import build_hf, save_deepseek_v3_with_mtp
 # the layout tests' training settings; the model sections come from the HF source
 RUN = [o for o in BASE if o.split(".")[0] in ("train", "optimizer", "checkpoint")]
 RUN += ["moe.kernel_backend=torch", "router.balance_scope=global_batch", "data.seq_len=16"]
-MOE_LAYOUTS = {"ep2": (2, ["parallel.ep=2"]), "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"])}
+# tp2-ep2 runs each architecture's experts expert-parallel as ep2 would (ep=2 over the
+# data-parallel ranks) and its attention tensor-parallel on top; ep2 alone is test_layouts'
+MOE_LAYOUTS = {"tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"])}
 DENSE_LAYOUTS = {"dp_shard2": (2, ["parallel.dp_shard=2"]), "tp2": (2, ["parallel.tp=2"])}
 KINDS = {"qwen3": DENSE_LAYOUTS, "qwen3moe": MOE_LAYOUTS, "olmoe": MOE_LAYOUTS, "deepseek_v3": MOE_LAYOUTS,
          "gpt_oss": MOE_LAYOUTS}  # fmt: skip

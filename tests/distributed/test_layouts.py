@@ -78,7 +78,8 @@ SELECTIVE_SINKHORN = ["router.type=selective_sinkhorn", "router.sinkhorn_fractio
 GPT_OSS_MOE = ["moe.expert_activation=gpt_oss", "moe.expert_limit=1.0", "moe.expert_bias=true", "router.bias=true"]
 
 LAYOUTS = {
-    # name: (processes, parallel overrides, extra model overrides)
+    # name: (processes, parallel overrides, extra model overrides). A router variant runs under
+    # tp2-ep2, which holds ep=2 over the data-parallel ranks as ep2 does, with TP on top
     "ep2-dp_replicate2": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.ep=2"], []),
     "ep2-dp_shard2": (2, ["parallel.ep=2"], []),
     "ep4": (4, ["parallel.ep=4"], []),
@@ -89,14 +90,11 @@ LAYOUTS = {
     "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"], ["moe.num_shared_experts=1"]),
     "pp2-ep2": (4, ["parallel.pp=2", "parallel.ep=2"], []),
     "hsdp2x2-ep2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"], []),
-    "ep2-deepseek-router": (2, ["parallel.ep=2"], DEEPSEEK_ROUTER),
     "tp2-ep2-deepseek-router": (4, ["parallel.tp=2", "parallel.ep=2"], DEEPSEEK_ROUTER),
     # Sinkhorn balances the whole data-parallel batch: the same plan as one process
-    "ep2-sinkhorn": (2, ["parallel.ep=2"], ["router.type=sinkhorn", "router.renormalize=false"]),
     "tp2-ep2-sinkhorn": (4, ["parallel.tp=2", "parallel.ep=2"], ["router.type=sinkhorn", "router.renormalize=false"]),
     # Variable experts per token: per-sequence expert choice, BlockFFN's ReLU router with its
     # sparsity objectives; and the frozen random router (no gradient to the router)
-    "ep2-expert-choice": (2, ["parallel.ep=2"], EXPERT_CHOICE),
     "tp2-ep2-expert-choice": (4, ["parallel.tp=2", "parallel.ep=2"], EXPERT_CHOICE),
     "pp2-ep2-expert-choice": (4, ["parallel.pp=2", "parallel.ep=2"], EXPERT_CHOICE),
     "ep2-relu-tls": (2, ["parallel.ep=2"], [*RELU, "router.tls_coef=0.01"]),
@@ -104,7 +102,6 @@ LAYOUTS = {
     "ep2-random": (2, ["parallel.ep=2"], ["router.type=random"]),
     # MoE++: zero-computation experts computed on every rank, never dispatched; gating residuals
     # (under pp, the first block's logits cross to the second stage beside the hidden state)
-    "ep2-zero-computation-experts": (2, ["parallel.ep=2"], ZERO_COMPUTATION),
     "tp2-ep2-zero-computation-experts": (4, ["parallel.tp=2", "parallel.ep=2"], ZERO_COMPUTATION),
     # the transport plan's gradients cross the data-parallel ranks on steps 1 and 3
     "ep2-selective-sinkhorn": (2, ["parallel.ep=2"], SELECTIVE_SINKHORN),
