@@ -18,6 +18,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+# How run_ranks starts its processes. "spawn": a fresh interpreter per rank, as torchrun gives,
+# and what a measurement of a process's memory or allocator wants. The multi-process tests use
+# "forkserver" (tests/distributed/conftest.py): each rank forks from one server that imported
+# torch and the trainer once, which saves seconds of imports per rank on a small machine. A
+# forked rank sees the environment of the server's start, not of the call.
+START_METHOD = "spawn"
+FORKSERVER_PRELOAD = ["sparse_train.train.trainer"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -64,8 +72,10 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, queue,
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
-    """fn(*args) on `world_size` spawned ranks; their return values, by rank."""
-    ctx = mp.get_context("spawn")
+    """fn(*args) on `world_size` new ranks (START_METHOD); their return values, by rank."""
+    ctx = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args)) for r in range(world_size)]
