@@ -19,7 +19,7 @@ alone for comparison. One JSON object per case:
                           the local block included; counts, rows, routing weights, combine,
                           forward and backward): the per-call bytes the dry run and
                           `sparse-train plan` count. With --balanced-routing every rank's
-                          equals the planner's prediction (`sparse-train bench plan --dispatch`)
+                          equals the planner's prediction (`sparse-train bench plan --collectives`)
   tokens_per_s            global tokens per second, median step after warm-up
   single_process_tokens_per_s, speedup_vs_single_process
                           the same config in one process, measured in the same command
@@ -40,24 +40,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparse_train.bench.memory import TRAIN_ONLY
+
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-moe.yaml"
-
-
-# a run that only trains: no evaluation, checkpoints, progress bar, TensorBoard or plots
-QUIET = [
-    "train.eval_every=0",
-    "checkpoint.every=0",
-    "checkpoint.save_final=false",
-    "logging.progress=false",
-    "logging.tensorboard=false",
-    "logging.plots=false",
-]
 
 
 def _overrides(steps: int, ep: int, dedup: bool, extra: list[str]) -> list[str]:
     return [
         f"train.steps={steps}",
-        *QUIET,
+        *TRAIN_ONLY,
         "router.balance_scope=global_batch",
         f"parallel.ep={ep}",
         f"parallel.ep_dedup={str(dedup).lower()}",
@@ -130,7 +121,7 @@ def balanced_step_collectives(
     of its calls' largest tensors, summed (parallel.collective_record, as the dry run counts)."""
     from sparse_train.launch.local import run_ranks
 
-    overrides = [f"train.steps={steps}", "train.device=cpu", *QUIET]
+    overrides = [f"train.steps={steps}", "train.device=cpu", *TRAIN_ONLY]
     with tempfile.TemporaryDirectory() as tmp:
         ranks = run_ranks(_measure, world, config_path, overrides, tmp, steps, steps - 1, True, True, timeout=timeout)
     return [r["collectives"][-1] for r in ranks]

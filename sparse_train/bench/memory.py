@@ -36,15 +36,16 @@ from sparse_train.config import Config, compose_config, load_config
 from sparse_train.errors import TrainingStopped
 from sparse_train.parallel.dims import ParallelDims
 
-QUIET = [
+# a run that only trains: no evaluation, checkpoints, progress bar, TensorBoard or plots
+TRAIN_ONLY = [
     "train.eval_every=0",
-    "train.log_every=1",
     "checkpoint.every=0",
     "checkpoint.save_final=false",
     "logging.progress=false",
     "logging.tensorboard=false",
     "logging.plots=false",
 ]
+QUIET = [*TRAIN_ONLY, "train.log_every=1"]
 
 
 def bench_config(config: str | None, overrides: list[str], steps: int, nproc: int) -> Config:

@@ -1,5 +1,5 @@
 """Balanced routing: the dispatchers' sizes without reading the router. The dry run needs it
-(fake tensors have no values); `sparse-train bench dispatch --balanced` uses it on real tensors
+(fake tensors have no values); `sparse-train bench dispatch --balanced-routing` uses it on real tensors
 to measure what perfectly balanced routing sends, the case the planner predicts exactly.
 
 Expert-parallel dispatch is data-dependent by design: the all-to-all needs, on the host, how

@@ -9,9 +9,10 @@
   (`sparse-train bench dispatch`'s routing; every call recorded as the dry run records it):
   equal, byte for byte.
 
-The memory runs' processes start with glibc's allocator untuned (decision 13 keeps freed memory in the heap,
-which a resident set then counts; docs/benchmarks.md, "Memory per rank"): every allocation above
-128 KiB is its own mapping, given back on free, so the resident set follows the live tensors.
+The memory runs' processes start with glibc's allocator untuned (decision 13 keeps freed memory
+in the heap, which a resident set then counts; docs/benchmarks.md, "Memory per rank"): every
+allocation above 128 KiB is its own mapping, given back on free, so the resident set follows
+the live tensors.
 Their routing is the model's own (random at initialisation), not balanced: a rank whose experts
 draw more tokens holds more, which the planner does not predict (its skew is a time figure).
 """
