@@ -248,6 +248,18 @@ def test_group_limited_routing_sends_a_token_to_at_most_group_top_k_ranks():
     assert 0 < grouped["remote_peers_per_token"] <= 1.0
 
 
+@pytest.mark.slow
+def test_balanced_routing_gives_every_rank_the_same_all_to_all_bytes():
+    """--balanced-routing: each rank sends and receives T*k rows, so every rank's all-to-all
+    calls weigh the same; the router's own split sizes differ from rank to rank."""
+    base = [sys.executable, "-m", "sparse_train", "bench", "dispatch", "--json", "--ep", "2", "--steps", "2"]
+    proc = subprocess.run([*base, "--warmup", "1", "--balanced-routing"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = (json.loads(line) for line in proc.stdout.splitlines())
+    per_rank = row["all_to_all_call_bytes_per_rank"]
+    assert row["balanced_routing"] and per_rank[0] > 0 and per_rank == [per_rank[0]] * 2, row
+
+
 def test_bad_dispatch_bench_arguments_exit_2(capsys):
     from sparse_train.cli import main
 
